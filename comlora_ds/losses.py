@@ -1,0 +1,153 @@
+"""ComLoRA's losses (paper, section 3.4) and the per-sample, per-component LM loss they are built on.
+
+Shapes: ``losses [K, B]`` is L[k, b], the mean response-token NLL of sample b under component k;
+``sims [B, K]`` are the selector's scores.
+
+Sign decisions (DESIGN.md section 1), fixed here, not user knobs:
+  * L_align carries a *plus* sign: it reinforces the components the selector prefers. With the minus
+    sign of one extraction of eq. 5 the preferred component would be pushed towards gradient ascent.
+  * In L_pairwise, D_lm[i, j] = Lt[j] - Lt[i], so a *lower* loss earns a *higher* score, which is what
+    the paper's text asks for (its printed eq. 7 has the opposite sign).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+ALIGN_SIGN = 1.0
+
+
+def annealing_eta(schedule: str, step: int, total_steps: int, rate: float = 5.0) -> float:
+    """eta(t) of the alignment loss at optimizer step t of T (t is clamped to [0, T])."""
+    frac = min(max(step / total_steps, 0.0), 1.0) if total_steps > 0 else 1.0
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 - math.cos(math.pi * frac))
+    if schedule == "exponential":
+        return 1.0 - math.exp(-rate * frac)
+    if schedule == "linear":
+        return frac
+    raise ValueError(f"unknown annealing schedule {schedule!r}")
+
+
+def _response_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row, position, target) of every supervised next-token prediction; position t predicts t+1."""
+    targets = labels[:, 1:]
+    rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    return rows, cols, targets[rows, cols]
+
+
+def _per_row_mean(token_nll: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+    counts = torch.bincount(rows, minlength=num_rows)
+    if (counts == 0).any():
+        empty = (counts == 0).nonzero().flatten().tolist()
+        raise ValueError(f"rows {empty} of the batch have no supervised (response) token; the data "
+                         f"pipeline must drop such examples")
+    summed = torch.zeros(num_rows, dtype=token_nll.dtype, device=token_nll.device).index_add_(0, rows, token_nll)
+    return summed / counts
+
+
+def _chunk_nll(hidden: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+    return F.cross_entropy(lm_head(hidden).float(), targets, reduction="none")
+
+
+def response_nll(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module,
+                 chunk_size: int = 1024) -> torch.Tensor:
+    """Mean response-token NLL per row, [R], fp32, from final hidden states [R, L, H].
+
+    Logits are computed only at supervised positions, ``chunk_size`` tokens at a time, each chunk
+    under activation checkpointing: its fp32 logits are freed after the forward and recomputed in the
+    backward, so the peak is one chunk's logits instead of the whole replicated batch's R x L x V.
+    """
+    rows, cols, targets = _response_positions(labels)
+    selected = hidden[rows, cols]                                               # [N, H]
+    pieces = []
+    for start in range(0, selected.shape[0], chunk_size):
+        h, y = selected[start:start + chunk_size], targets[start:start + chunk_size]
+        if torch.is_grad_enabled():
+            pieces.append(checkpoint(_chunk_nll, h, y, lm_head, use_reentrant=False))
+        else:
+            pieces.append(_chunk_nll(h, y, lm_head))
+    return _per_row_mean(torch.cat(pieces), rows, labels.shape[0])
+
+
+def response_nll_full_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The naive reference: fp32 logits for every position [R, L, V]. Kept for tests and benchmarks."""
+    rows, cols, targets = _response_positions(labels)
+    token_nll = F.cross_entropy(logits[:, :-1].float()[rows, cols], targets, reduction="none")
+    return _per_row_mean(token_nll, rows, labels.shape[0])
+
+
+class ObjectiveTerms(NamedTuple):
+    total: torch.Tensor
+    lm: torch.Tensor
+    align: torch.Tensor
+    pairwise: torch.Tensor
+
+
+class ComLoRAObjective:
+    """L_total = L_LM + L_align + L_pairwise with the paper's ablation switches.
+
+    Without a selector (K = 1, or the no_selector ablation) only L_LM is defined.
+    """
+
+    def __init__(self, num_components: int, top_n: int | None = None, noise: float = 0.1,
+                 use_lm: bool = True, use_align: bool = True, use_pairwise: bool = True):
+        self.num_components = num_components
+        self.top_n = top_n or num_components
+        self.noise = noise
+        self.use_lm, self.use_align, self.use_pairwise = use_lm, use_align, use_pairwise
+
+    def lm_loss(self, losses: torch.Tensor) -> torch.Tensor:
+        """L_LM = mean over k and b of L[k, b]."""
+        return losses.mean()
+
+    def top_n_weights(self, sims: torch.Tensor) -> torch.Tensor:
+        """p [K, B]: softmax over each sample's top-N sims (detached), 0 outside the top N."""
+        sims = sims.detach()
+        top = sims.topk(self.top_n, dim=1)
+        p = torch.zeros_like(sims).scatter_(1, top.indices, top.values.softmax(dim=1))
+        return p.t()
+
+    def align_loss(self, losses: torch.Tensor, sims: torch.Tensor, eta: float) -> torch.Tensor:
+        """L_align = +eta * mean_b sum_{k in topN(b)} p[k, b] L[k, b]   (plus sign: see module doc)."""
+        return ALIGN_SIGN * eta * (self.top_n_weights(sims) * losses).sum(0).mean()
+
+    def pairwise_loss(self, losses: torch.Tensor, sims: torch.Tensor) -> torch.Tensor:
+        """mean_b || log_softmax(D_sim) - log_softmax(D_lm) ||_1 over all K*K pairs; trains the selector."""
+        noisy = losses.detach().t().float()                                     # [B, K]
+        if self.noise > 0:
+            noisy = noisy + self.noise * torch.randn(noisy.shape, device=noisy.device)
+        d_sim = sims[:, :, None] - sims[:, None, :]                             # sim_i - sim_j
+        d_lm = noisy[:, None, :] - noisy[:, :, None]                            # Lt_j - Lt_i
+        log_p_sim = d_sim.flatten(1).log_softmax(dim=1)
+        log_p_lm = d_lm.flatten(1).log_softmax(dim=1)
+        return (log_p_sim - log_p_lm).abs().sum(dim=1).mean()
+
+    def component_weights(self, sims: torch.Tensor | None, eta: float, batch_size: int) -> torch.Tensor:
+        """w [K, B] with d(L_LM + L_align)/dL[k, b] = w[k, b]: the backward weight of each component's
+        per-sample loss, used by the component-sequential execution mode."""
+        k = self.num_components
+        device = sims.device if sims is not None else None
+        use_lm = self.use_lm or sims is None
+        w = torch.full((k, batch_size), float(use_lm) / (k * batch_size), device=device)
+        if sims is not None and self.use_align:
+            w = w + ALIGN_SIGN * eta * self.top_n_weights(sims) / batch_size
+        return w
+
+    def __call__(self, losses: torch.Tensor, sims: torch.Tensor | None, eta: float,
+                 with_pairwise: bool = True) -> ObjectiveTerms:
+        zero = losses.new_zeros(())
+        lm = self.lm_loss(losses) if self.use_lm or sims is None else zero
+        align = self.align_loss(losses, sims, eta) if sims is not None and self.use_align else zero
+        with_pairwise = with_pairwise and sims is not None and self.use_pairwise
+        pair = self.pairwise_loss(losses, sims) if with_pairwise else zero
+        return ObjectiveTerms(lm + align + pair, lm, align, pair)

@@ -1,0 +1,85 @@
+"""The one module handed to ``deepspeed.initialize``: the patched causal LM plus the selector.
+
+``ComLoRAModel.forward`` computes L[k, b] (mean response-token NLL of sample b under component k)
+for all K components in one replicated batch, or for one component, plus the selector's scores.
+Combining them into the training loss is ``losses.ComLoRAObjective``'s job, so the same forward
+serves the batched and the component-sequential execution modes, validation and consolidation.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from .adapters.inject import active_component, adapter_layers, inject_adapters
+from .config import RunConfig
+from .losses import ComLoRAObjective, response_nll
+from .selector import Selector
+
+
+class ComponentForward(NamedTuple):
+    losses: torch.Tensor               # [k, B] fp32: k = K (batched) or 1 (one component)
+    sims: torch.Tensor | None          # [B, K] fp32, or None without a selector
+
+
+class ComLoRAModel(nn.Module):
+    def __init__(self, llm: PreTrainedModel, num_components: int, selector: Selector | None = None,
+                 ce_chunk_size: int = 1024):
+        super().__init__()
+        self.llm = llm
+        self.selector = selector
+        self.num_components = num_components
+        self.ce_chunk_size = ce_chunk_size
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                component: int | None = None, use_selector: bool = True) -> ComponentForward:
+        """component=None: all K components on the batch replicated K times (component-major);
+        component=k: only component k. use_selector=False skips the selector (sims=None)."""
+        token_embeddings = self.llm.get_input_embeddings()(input_ids)
+        sims = None
+        if self.selector is not None and use_selector:
+            sims = self.selector(token_embeddings, attention_mask)
+        n = self.num_components if component is None else 1
+        with active_component(self.llm, component):
+            hidden = self.llm.get_decoder()(
+                inputs_embeds=_replicate(token_embeddings, n),
+                attention_mask=_replicate(attention_mask, n),
+                use_cache=False,
+            ).last_hidden_state
+        losses = response_nll(hidden, _replicate(labels, n), self.llm.get_output_embeddings(), self.ce_chunk_size)
+        return ComponentForward(losses.view(n, input_ids.shape[0]), sims)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def adapter_layers(self):
+        return adapter_layers(self.llm)
+
+
+def _replicate(t: torch.Tensor, n: int) -> torch.Tensor:
+    return t if n == 1 else t.repeat(n, *([1] * (t.dim() - 1)))
+
+
+def build_model(cfg: RunConfig, llm: PreTrainedModel) -> ComLoRAModel:
+    """Freeze ``llm``, inject the K-component adapters, add the selector (ComLoRA only), and turn on
+    non-reentrant gradient checkpointing if asked (it needs no input grads with a frozen base)."""
+    a, c = cfg.adapter, cfg.comlora
+    inject_adapters(llm, a.target_modules, a.num_components, a.rank, a.alpha, a.dropout, a.use_rslora)
+    if cfg.model.gradient_checkpointing:
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    selector = None
+    if cfg.is_comlora and not c.no_selector:
+        selector = Selector(a.num_components, llm.config.hidden_size, c.selector_hidden_size,
+                            c.selector_num_heads, c.selector_ffn_size, c.selector_dropout,
+                            model_num_heads=llm.config.num_attention_heads)
+        selector.to(device=llm.device)
+    return ComLoRAModel(llm, a.num_components, selector, cfg.train.ce_chunk_size)
+
+
+def build_objective(cfg: RunConfig) -> ComLoRAObjective:
+    c = cfg.comlora
+    return ComLoRAObjective(cfg.adapter.num_components, cfg.top_n, c.noise,
+                            use_lm=not c.no_lm, use_align=not c.no_align, use_pairwise=not c.no_pairwise)

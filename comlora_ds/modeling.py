@@ -1,0 +1,59 @@
+"""Loading the frozen base model: attention implementation, dtype, tokenizer."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def choose_attn_implementation(requested: str = "auto") -> str:
+    """auto -> flash_attention_2 when flash-attn imports and CUDA is present, else sdpa.
+
+    Decided before the model is built: a failed flash-attn load leaves the config object set to it.
+    """
+    flash_ok = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    if requested == "auto":
+        return "flash_attention_2" if flash_ok else "sdpa"
+    if requested == "flash_attention_2" and not flash_ok:
+        raise ValueError("model.attn_implementation = 'flash_attention_2' needs CUDA and the flash-attn "
+                         "package (pip install 'comlora_ds[flash-attn]'); use 'auto' or 'sdpa'")
+    return requested
+
+
+def fast_bf16_available() -> bool:
+    """bf16 where the hardware runs it fast: CUDA with bf16 support. CPUs without AMX/avx512_bf16 run
+    bf16 ~26x slower than fp32 (measured, see docs), so CPU counts as no."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def resolve_dtype(requested: str) -> torch.dtype:
+    if requested == "auto":
+        return torch.bfloat16 if fast_bf16_available() else torch.float32
+    return _DTYPES[requested]
+
+
+def load_base_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The causal LM named by ``cfg.name_or_path`` (a folder, a hub id or a built-in) and its tokenizer."""
+    from .builtin_models import resolve_model_path
+
+    path = resolve_model_path(cfg.name_or_path, cfg.cache_dir)
+    if Path(path).exists() and not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"model.name_or_path = {cfg.name_or_path!r}: {path} has no config.json")
+    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, config=config, dtype=resolve_dtype(cfg.dtype),
+        attn_implementation=choose_attn_implementation(cfg.attn_implementation),
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    return model, tokenizer

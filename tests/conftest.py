@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny LLaMA models built in milliseconds, batches with response masks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def tiny_llama_config(**overrides) -> LlamaConfig:
+    """2 layers, hidden 64, GQA (4 query heads over 2 key/value heads), untied embeddings."""
+    kwargs = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                  tie_word_embeddings=False, attn_implementation="sdpa")
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
+
+
+def make_batch(batch_size: int = 3, seq_len: int = 12, vocab: int = 128, seed: int = 0,
+               prompt_len: int = 4, pad_tail: tuple[int, ...] = ()) -> dict[str, torch.Tensor]:
+    """Random tokens; labels = -100 on the first prompt_len tokens; row i gets pad_tail[i] pad tokens
+    (id 0, mask 0, label -100) at its end."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1, vocab, (batch_size, seq_len), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    labels = input_ids.clone()
+    labels[:, :prompt_len] = -100
+    for row, n in enumerate(pad_tail):
+        if n:
+            input_ids[row, -n:] = 0
+            attention_mask[row, -n:] = 0
+            labels[row, -n:] = -100
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA

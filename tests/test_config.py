@@ -1,0 +1,95 @@
+"""Typed configuration: YAML + overrides, and a field-named error for every invalid value."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from comlora_ds.config import ConfigError, RunConfig, load_config
+
+
+def test_defaults_are_valid_and_paper_like():
+    cfg = load_config()
+    assert cfg.adapter.num_components == 2 and cfg.adapter.rank == 8 and cfg.is_comlora
+    assert cfg.top_n == 2 and cfg.comlora.annealing == "exponential" and cfg.comlora.noise == 0.1
+    assert cfg.adapter.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def test_yaml_then_overrides_in_all_forms(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("adapter:\n  rank: 4\n  num_components: 4\ntrain:\n  learning_rate: 1.0e-3\n")
+    cfg = load_config(path, ["adapter.rank=16", "--comlora.top_n", "2", "--train.max_steps=7",
+                             "adapter.target_modules=[q_proj,v_proj]"])
+    assert (cfg.adapter.rank, cfg.adapter.num_components, cfg.top_n) == (16, 4, 2)
+    assert cfg.train.learning_rate == 1e-3 and cfg.train.max_steps == 7
+    assert cfg.adapter.target_modules == ["q_proj", "v_proj"]
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(overrides=["adapter.rank=4", "comlora.annealing=cosine"])
+    cfg.save(tmp_path / "run_config.yaml")
+    assert load_config(tmp_path / "run_config.yaml") == cfg
+
+
+@pytest.mark.parametrize("override,message", [
+    ("adapter.num_components=0", "adapter.num_components = 0: K must be >= 1"),
+    ("comlora.top_n=3", "comlora.top_n = 3: must be between 1 and K = 2"),
+    ("adapter.rank=0", "adapter.rank = 0: must be > 0"),
+    ("adapter.alpha=0", "adapter.alpha = 0.0: must be > 0"),
+    ("adapter.dropout=1.5", "adapter.dropout = 1.5: must be in [0, 1)"),
+    ("adapter.target_modules=[q_proj,qkv]", "adapter.target_modules = 'qkv': unknown target module"),
+    ("adapter.method=dora", "adapter.method = 'dora': must be one of lora, lora_pro, lora_dash"),
+    ("comlora.annealing=sigmoid", "comlora.annealing = 'sigmoid': must be one of"),
+    ("comlora.noise=-0.1", "comlora.noise = -0.1: must be >= 0"),
+    ("comlora.execution=parallel", "comlora.execution = 'parallel'"),
+    ("train.learning_rate=0", "train.learning_rate = 0.0: must be > 0"),
+    ("train.micro_batch_size=0", "train.micro_batch_size = 0"),
+    ("train.warmup_ratio=1.0", "train.warmup_ratio = 1.0"),
+    ("train.bf16=maybe", "train.bf16 = 'maybe'"),
+    ("data.max_length=0", "data.max_length = 0"),
+    ("data.train_files=[/nonexistent/train.json]", "data.train_files = '/nonexistent/train.json': no such file"),
+    ("logging.wandb_mode=cloud", "logging.wandb_mode = 'cloud'"),
+    ("model.attn_implementation=flash", "model.attn_implementation = 'flash'"),
+])
+def test_invalid_values_name_field_and_value(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[override])
+    assert message in str(err.value)
+
+
+def test_contradictory_ablations_are_refused():
+    with pytest.raises(ConfigError, match="nothing would train the LoRA components"):
+        load_config(overrides=["comlora.no_lm=true", "comlora.no_align=true"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("adapter.rnk=3", "adapter.rnk"),
+    ("adapter.rank=abc", "could not be converted to Integer"),
+    ("rank", "expected key=value"),
+])
+def test_unknown_keys_and_bad_types(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override])
+
+
+def test_bad_yaml_file_is_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("adapter:\n  rank: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_validation_fails_fast():
+    start = time.perf_counter()
+    with pytest.raises(ConfigError):
+        load_config(overrides=["adapter.rank=-1"])
+    assert time.perf_counter() - start < 1.0
+
+
+def test_k1_is_not_comlora():
+    cfg = RunConfig()
+    cfg.adapter.num_components = 1
+    assert not cfg.validate().is_comlora

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .adapters.inject import active_component, adapter_layers, inject_adapters
+from .adapters.inject import adapter_layers, inject_adapters
 from .config import RunConfig
 from .losses import ComLoRAObjective, response_nll
 from .selector import Selector
@@ -33,29 +33,34 @@ class ComLoRAModel(nn.Module):
         self.selector = selector
         self.num_components = num_components
         self.ce_chunk_size = ce_chunk_size
+        self._adapter_layers = list(adapter_layers(llm).values())
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 component: int | None = None, use_selector: bool = True) -> ComponentForward:
         """component=None: all K components on the batch replicated K times (component-major);
-        component=k: only component k. use_selector=False skips the selector (sims=None)."""
+        component=k: only component k. use_selector=False skips the selector (sims=None).
+
+        The adapter layers are left in the mode this forward set, on purpose: activation checkpointing
+        re-runs the decoder layers during the backward, which must see the same mode."""
         token_embeddings = self.llm.get_input_embeddings()(input_ids)
         sims = None
         if self.selector is not None and use_selector:
             sims = self.selector(token_embeddings, attention_mask)
         n = self.num_components if component is None else 1
-        with active_component(self.llm, component):
-            hidden = self.llm.get_decoder()(
-                inputs_embeds=_replicate(token_embeddings, n),
-                attention_mask=_replicate(attention_mask, n),
-                use_cache=False,
-            ).last_hidden_state
+        for layer in self._adapter_layers:
+            layer.active_component = component
+        hidden = self.llm.get_decoder()(
+            inputs_embeds=_replicate(token_embeddings, n),
+            attention_mask=_replicate(attention_mask, n),
+            use_cache=False,
+        ).last_hidden_state
         losses = response_nll(hidden, _replicate(labels, n), self.llm.get_output_embeddings(), self.ce_chunk_size)
         return ComponentForward(losses.view(n, input_ids.shape[0]), sims)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
-    def adapter_layers(self):
+    def adapter_layers(self) -> dict:
         return adapter_layers(self.llm)
 
 

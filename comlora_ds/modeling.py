@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
-import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import ModelConfig
-
-log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -36,24 +33,31 @@ def fast_bf16_available() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def resolve_dtype(requested: str) -> torch.dtype:
+def resolve_dtype(requested: str, bf16: bool | None = None) -> torch.dtype:
+    """model.dtype; "auto" follows the training precision (bf16 when it is on), else the hardware."""
     if requested == "auto":
-        return torch.bfloat16 if fast_bf16_available() else torch.float32
+        use_bf16 = fast_bf16_available() if bf16 is None else bf16
+        return torch.bfloat16 if use_bf16 else torch.float32
     return _DTYPES[requested]
 
 
-def load_base_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The causal LM named by ``cfg.name_or_path`` (a folder, a hub id or a built-in) and its tokenizer."""
-    from .builtin_models import resolve_model_path
+def resolve_model_path(cfg: ModelConfig) -> str:
+    """A local folder (checked for config.json), a built-in name (converted once), or a hub id."""
+    from .builtin_models import resolve_model_path as resolve_builtin
 
-    path = resolve_model_path(cfg.name_or_path, cfg.cache_dir)
+    path = resolve_builtin(cfg.name_or_path, cfg.cache_dir)
     if Path(path).exists() and not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"model.name_or_path = {cfg.name_or_path!r}: {path} has no config.json")
-    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, config=config, dtype=resolve_dtype(cfg.dtype),
-        attn_implementation=choose_attn_implementation(cfg.attn_implementation),
+    return path
+
+
+def load_tokenizer(path: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+
+
+def load_base_model(path: str, cfg: ModelConfig, dtype: torch.dtype) -> PreTrainedModel:
+    """The frozen base causal LM, with the attention implementation chosen before it is built."""
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation=choose_attn_implementation(cfg.attn_implementation),
         trust_remote_code=cfg.trust_remote_code,
     )
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-    return model, tokenizer

@@ -5,8 +5,10 @@
 
 Batched mode replicates the micro-batch K times and backpropagates L_total once. Sequential mode
 runs K passes of one component each and backpropagates ``sum_b w[k, b] L[k, b]`` after each, with
-``w = dL_total/dL`` (the selector's outputs are constants for the adapters), then the pairwise loss
-through the selector: the same gradients with 1/K of the activation memory.
+``w = dL_total/dL`` (the selector's outputs are constants for the adapters): the same gradients with
+1/K of the activation memory. The selector runs in the first pass (for w) and again in the last (for
+the pairwise loss, once every L[k] is known), so that no graph spans two backward calls. With
+selector dropout > 0 the two runs draw different masks; the default dropout is 0.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ class StepOutput(NamedTuple):
 
 
 def forward_backward(model: Callable, batch: dict[str, torch.Tensor], objective: ComLoRAObjective,
-                     eta: float, backward: Callable[[torch.Tensor], None],
-                     execution: str = "batched") -> StepOutput:
+                     eta: float, backward: Callable[[torch.Tensor], None], execution: str = "batched",
+                     between_passes: Callable[[], None] | None = None) -> StepOutput:
+    """``between_passes`` runs after each sequential pass but the last (DeepSpeed: ``engine.step``,
+    each pass being one of its gradient-accumulation micro-steps)."""
     if execution == "batched":
         out = model(**batch)
         terms = objective(out.losses, out.sims, eta)
@@ -36,22 +40,34 @@ def forward_backward(model: Callable, batch: dict[str, torch.Tensor], objective:
     if execution != "sequential":
         raise ValueError(f"unknown execution mode {execution!r}")
 
-    batch_size = batch["input_ids"].shape[0]
-    per_component, sims, weights = [], None, None
-    for k in range(objective.num_components):
-        out = model(**batch, component=k, use_selector=(k == 0))
+    k_total = objective.num_components
+    per_component, sims, weights, pairwise = [], None, None, None
+    for k in range(k_total):
+        last = k == k_total - 1
+        out = model(**batch, component=k, use_selector=(k == 0 or last))
+        loss_k = out.losses[0]
+        per_component.append(loss_k.detach())
         if k == 0:
-            sims = out.sims
-            weights = objective.component_weights(_maybe_detach(sims), eta, batch_size)
-        backward((weights[k] * out.losses[0]).sum())
-        per_component.append(out.losses[0].detach())
+            sims = _maybe_detach(out.sims)
+            weights = objective.component_weights(sims, eta, batch["input_ids"].shape[0])
+        loss = (weights[k] * loss_k).sum()
+        if out.sims is not None and objective.use_pairwise:
+            if last:
+                pairwise = objective.pairwise_loss(torch.stack(per_component), out.sims)
+                loss = loss + pairwise
+            else:
+                # An exactly-zero selector gradient in the first pass: DeepSpeed ZeRO-3 (0.19.8,
+                # stage3.partition_grads) adds a parameter's first gradient of a step onto a stale
+                # buffer when it arrives after the first micro-step.
+                loss = loss + 0.0 * out.sims.sum()
+        backward(loss)
+        if not last and between_passes is not None:
+            between_passes()
     losses = torch.stack(per_component)
-    terms = objective(losses, _maybe_detach(sims), eta, with_pairwise=False)
-    if sims is not None and objective.use_pairwise:
-        pairwise = objective.pairwise_loss(losses, sims)
-        backward(pairwise)
+    terms = objective(losses, sims, eta, with_pairwise=False)
+    if pairwise is not None:
         terms = terms._replace(total=terms.total + pairwise.detach(), pairwise=pairwise.detach())
-    return StepOutput(_detach(terms), losses, _maybe_detach(sims))
+    return StepOutput(_detach(terms), losses, sims)
 
 
 def _maybe_detach(t: torch.Tensor | None) -> torch.Tensor | None:

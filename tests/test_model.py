@@ -87,7 +87,9 @@ def test_only_adapters_and_selector_receive_gradients():
     assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
 
 
-def test_gradient_checkpointing_gives_same_gradients():
+@pytest.mark.parametrize("execution", ["batched", "sequential"])
+def test_gradient_checkpointing_gives_same_gradients(execution):
+    """The checkpointed layers are recomputed in the backward: they must run the same component(s)."""
     plain, cfg = _model(num_components=2)
     ckpt, _ = _model(num_components=2, overrides=("model.gradient_checkpointing=true",))
     ckpt.train(), plain.train()
@@ -96,7 +98,7 @@ def test_gradient_checkpointing_gives_same_gradients():
     batch = make_batch()
     for m in (plain, ckpt):
         torch.manual_seed(0)
-        forward_backward(m, batch, objective, eta=0.5, backward=torch.Tensor.backward)
+        forward_backward(m, batch, objective, eta=0.5, backward=torch.Tensor.backward, execution=execution)
     g_plain, g_ckpt = _grads(plain), _grads(ckpt)
     assert g_plain.keys() == g_ckpt.keys()
     for name in g_plain:

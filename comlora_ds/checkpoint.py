@@ -1,0 +1,137 @@
+"""Training checkpoints: complete or invisible.
+
+Layout under ``<output_dir>/checkpoints/``::
+
+    latest                       the tag of the newest *complete* checkpoint (written last, atomically)
+    step_00000200/               DeepSpeed's files (trainable tensors only, optimizer, scheduler),
+                                 rng_state_rank{r}.pt per rank, run_config.yaml, ds_config.json, tokenizer
+    zero_to_fp32.py              DeepSpeed's recovery script
+
+Every rank calls ``save_checkpoint``: DeepSpeed writes into ``tmp-<tag>/``; after a barrier rank 0
+renames it to ``<tag>/``, then replaces ``latest``, then deletes checkpoints beyond the last M. A run
+killed at any point leaves either the previous ``latest`` or the new one, never a partial checkpoint
+behind ``latest``; leftover ``tmp-*`` folders are ignored and cleaned by the next save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+TAG_PATTERN = re.compile(r"^step_(\d{8})$")
+TMP_PREFIX = "tmp-"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def read_latest(save_dir: str | Path) -> str | None:
+    """The tag ``latest`` names, if that checkpoint folder exists; else None."""
+    latest = Path(save_dir) / "latest"
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    return tag if (Path(save_dir) / tag).is_dir() else None
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(engine, save_dir: str | Path, step: int, client_state: dict,
+                    write_extras: Callable[[Path], None] | None = None, keep_last: int = 2) -> Path:
+    """Collective: every rank must call it at the same step. Returns the published folder."""
+    save_dir, tag = Path(save_dir), tag_for(step)
+    tmp_dir, final_dir = save_dir / f"{TMP_PREFIX}{tag}", save_dir / tag
+    rank = dist.get_rank()
+    if rank == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    dist.barrier()
+    engine.save_checkpoint(str(save_dir), tag=tmp_dir.name, client_state=client_state, save_latest=False,
+                           exclude_frozen_parameters=True)
+    torch.save(_rng_state(), tmp_dir / f"rng_state_rank{rank}.pt")
+    if rank == 0 and write_extras is not None:
+        write_extras(tmp_dir)
+    dist.barrier()
+    if rank == 0:
+        if final_dir.exists():
+            shutil.rmtree(final_dir)
+        os.replace(tmp_dir, final_dir)
+        _write_atomic(save_dir / "latest", tag)
+        _rotate(save_dir, keep_last, keep=tag)
+    dist.barrier()
+    return final_dir
+
+
+def _rotate(save_dir: Path, keep_last: int, keep: str) -> None:
+    tags = sorted(p.name for p in save_dir.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name))
+    for name in tags[:-keep_last]:
+        if name != keep:
+            shutil.rmtree(save_dir / name, ignore_errors=True)
+    for stale in save_dir.glob(f"{TMP_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def resolve_resume(resume: str | None, save_dir: str | Path) -> tuple[Path, str] | None:
+    """``train.resume``: None -> no resume; 'auto' -> latest complete checkpoint in save_dir if any;
+    a path -> that checkpoint folder (``.../step_N``) or checkpoints folder (uses its ``latest``)."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        tag = read_latest(save_dir)
+        return (Path(save_dir), tag) if tag else None
+    path = Path(resume)
+    if (path / "latest").is_file():
+        tag = read_latest(path)
+        if tag is None:
+            raise FileNotFoundError(f"train.resume = {resume!r}: 'latest' names a checkpoint that does not exist")
+        return path, tag
+    if path.is_dir() and TAG_PATTERN.match(path.name):
+        return path.parent, path.name
+    raise FileNotFoundError(f"train.resume = {resume!r} is neither a checkpoints folder with 'latest' nor a "
+                            f"step_NNNNNNNN checkpoint folder")
+
+
+def load_checkpoint(engine, save_dir: str | Path, tag: str) -> dict:
+    """Collective. Restores module (trainable tensors), optimizer, scheduler and this rank's RNG;
+    returns the client state saved with it."""
+    load_path, client_state = engine.load_checkpoint(str(save_dir), tag=tag, load_module_strict=False,
+                                                     load_optimizer_states=True, load_lr_scheduler_states=True)
+    if load_path is None:
+        raise FileNotFoundError(f"DeepSpeed could not load checkpoint {Path(save_dir) / tag}")
+    rng_file = Path(save_dir) / tag / f"rng_state_rank{dist.get_rank()}.pt"
+    if not rng_file.is_file():
+        raise FileNotFoundError(f"{rng_file} is missing: resume with the world size the checkpoint was "
+                                f"written with ({client_state.get('world_size')} ranks)")
+    _set_rng_state(torch.load(rng_file, weights_only=True))
+    return client_state
+
+
+def write_json(path: Path, obj: dict) -> None:
+    _write_atomic(path, json.dumps(obj, indent=2, sort_keys=True))

@@ -1,0 +1,106 @@
+"""Reading training data files: the LLM-Adapters instruction format.
+
+An LLM-Adapters file (``AGI-Edgerunners/LLM-Adapters``, ``dataset/<task>/{train,test}.json``) is one JSON
+array of objects ``{"instruction", "input", "output", "answer"}``. ``instruction`` and ``output`` are required
+non-empty strings; ``input`` and ``answer`` may be absent, null or empty. The same objects, one per line,
+are accepted as JSON Lines when the file name ends in ``.jsonl`` or ``.ndjson``.
+
+Every problem with a file raises :class:`DataError`, whose message names the file, the row (0-based
+position in the array; for JSON Lines also the 1-based line) and the field, e.g.::
+
+    train.json row 17: field 'output' must be a non-empty string, got None
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+LLM_ADAPTERS_FIELDS = ("instruction", "input", "output", "answer")
+REQUIRED_FIELDS = ("instruction", "output")
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the row, the field and the offending value."""
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _validate_row(row: Any, where: str) -> dict[str, str]:
+    """Check one object and return it normalised to exactly the four LLM-Adapters string fields."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object with fields {', '.join(LLM_ADAPTERS_FIELDS)}, "
+                        f"got {type(row).__name__} {_short(row)}")
+    out: dict[str, str] = {}
+    for name in LLM_ADAPTERS_FIELDS:
+        value = row.get(name)
+        if name in REQUIRED_FIELDS:
+            if not isinstance(value, str) or not value.strip():
+                got = "a missing field" if name not in row else _short(value)
+                raise DataError(f"{where}: field '{name}' must be a non-empty string, got {got}")
+        elif value is None:
+            value = ""
+        elif not isinstance(value, str):
+            raise DataError(f"{where}: field '{name}' must be a string (or absent), got "
+                            f"{type(value).__name__} {_short(value)}")
+        out[name] = value
+    return out
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty")
+    return text
+
+
+def _parse_json_array(path: Path, text: str) -> list[Any]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: the top level must be a JSON array of objects, got {type(data).__name__}")
+    return data
+
+
+def _parse_json_lines(path: Path, text: str) -> tuple[list[Any], list[int]]:
+    rows, lines = [], []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: malformed JSON at line {lineno} column {err.colno}: {err.msg}") from None
+        lines.append(lineno)
+    return rows, lines
+
+
+def load_llm_adapters(path: str | Path) -> list[dict[str, str]]:
+    """Read an LLM-Adapters JSON (or JSON Lines) file into a list of validated rows.
+
+    Each returned row has exactly the keys ``instruction``, ``input``, ``output``, ``answer`` (all strings;
+    absent or null ``input``/``answer`` become ``""``; other keys are dropped). Raises :class:`DataError`.
+    """
+    path = Path(path)
+    text = _read_text(path)
+    if path.suffix.lower() in JSONL_SUFFIXES:
+        raw, lines = _parse_json_lines(path, text)
+        where = [f"{path} line {line} (row {i})" for i, line in enumerate(lines)]
+    else:
+        raw = _parse_json_array(path, text)
+        where = [f"{path} row {i}" for i in range(len(raw))]
+    if not raw:
+        raise DataError(f"{path}: contains no rows")
+    return [_validate_row(row, w) for row, w in zip(raw, where)]

@@ -1,0 +1,141 @@
+"""The user's DeepSpeed JSON, with its ``"auto"`` values filled from the run config.
+
+Same rules as the transformers DeepSpeed integration (``HfTrainerDeepSpeedConfig.fill_match``):
+an ``"auto"`` value is filled from the run config; an explicit value that contradicts the run config
+is an error naming both, raised before any model is loaded; an ``"auto"`` we cannot fill is an error.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import RunConfig
+from .modeling import fast_bf16_available
+
+AUTO = "auto"
+
+
+class DeepSpeedConfigError(ValueError):
+    pass
+
+
+def load_ds_config(source: str | Path | dict) -> dict:
+    if isinstance(source, dict):
+        return copy.deepcopy(source)
+    path = Path(source)
+    if not path.is_file():
+        raise DeepSpeedConfigError(f"DeepSpeed config {path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DeepSpeedConfigError(f"DeepSpeed config {path}: invalid JSON at line {err.lineno} "
+                                   f"column {err.colno}: {err.msg}") from None
+
+
+def _get(ds: dict, dotted: str) -> Any:
+    node = ds
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def _set(ds: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = ds
+    for key in parents:
+        node = node[key]
+    node[leaf] = value
+
+
+def _fill_match(ds: dict, dotted: str, value: Any, source: str, required: bool = False) -> None:
+    """``"auto"`` (or absent, when required) -> value; an explicit different value is an error."""
+    parent = dotted.rpartition(".")[0]
+    if parent and _get(ds, parent) is None:
+        return
+    current = _get(ds, dotted)
+    if current == AUTO or (current is None and required):
+        _set(ds, dotted, value)
+    elif current is not None and current != value:
+        raise DeepSpeedConfigError(f"DeepSpeed config {dotted} = {current!r} contradicts the run config "
+                                   f"{source} = {value!r}; set it to \"auto\" or make them agree")
+
+
+def _fill_only(ds: dict, dotted: str, value: Any) -> None:
+    """Model-derived sizes: fill ``"auto"``, keep whatever the user chose."""
+    if _get(ds, dotted) == AUTO:
+        _set(ds, dotted, value)
+
+
+def resolve_bf16(cfg: RunConfig, ds: dict) -> bool:
+    """bf16 on or off: the run config decides unless it says auto and the DS config is explicit."""
+    requested = str(cfg.train.bf16).lower()
+    ds_value = _get(ds, "bf16.enabled")
+    if requested == "auto":
+        enabled = ds_value if isinstance(ds_value, bool) else fast_bf16_available()
+    else:
+        enabled = requested == "true"
+    if enabled and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise DeepSpeedConfigError(f"bf16 requested (train.bf16 = {cfg.train.bf16!r}, DeepSpeed bf16.enabled = "
+                                   f"{ds_value!r}) but {torch.cuda.get_device_name()} does not support bf16")
+    return enabled
+
+
+def backward_passes(cfg: RunConfig) -> int:
+    """Backward calls per micro-batch: K in component-sequential mode (each pass is one DeepSpeed
+    gradient-accumulation micro-step), else 1."""
+    return cfg.adapter.num_components if cfg.comlora.execution == "sequential" else 1
+
+
+def fill_ds_config(source: str | Path | dict, cfg: RunConfig, world_size: int, hidden_size: int,
+                   total_steps: int, warmup_steps: int) -> dict:
+    ds = load_ds_config(source)
+    t = cfg.train
+    gas = t.gradient_accumulation_steps * backward_passes(cfg)
+    if _get(ds, "fp16.enabled") is True:
+        raise DeepSpeedConfigError("DeepSpeed config fp16.enabled = true is not supported (dynamic loss "
+                                   "scaling with K components is untested); use bf16")
+    _fill_match(ds, "train_micro_batch_size_per_gpu", t.micro_batch_size, "train.micro_batch_size", True)
+    _fill_match(ds, "gradient_accumulation_steps", gas,
+                "train.gradient_accumulation_steps (x K in sequential mode)", True)
+    _fill_match(ds, "train_batch_size", t.micro_batch_size * gas * world_size,
+                f"train.micro_batch_size x gradient_accumulation_steps (x K in sequential mode) x {world_size} "
+                f"ranks", True)
+    _fill_match(ds, "gradient_clipping", t.max_grad_norm, "train.max_grad_norm", True)
+    bf16 = resolve_bf16(cfg, ds)
+    ds.setdefault("bf16", {})["enabled"] = bf16
+
+    _fill_match(ds, "optimizer.params.lr", t.learning_rate, "train.learning_rate")
+    _fill_match(ds, "optimizer.params.betas", [t.adam_beta1, t.adam_beta2], "train.adam_beta1/2")
+    _fill_match(ds, "optimizer.params.eps", t.adam_epsilon, "train.adam_epsilon")
+    _fill_match(ds, "optimizer.params.weight_decay", t.weight_decay, "train.weight_decay")
+    _fill_match(ds, "scheduler.params.warmup_min_lr", 0, "0")
+    _fill_match(ds, "scheduler.params.warmup_max_lr", t.learning_rate, "train.learning_rate")
+    _fill_match(ds, "scheduler.params.warmup_num_steps", warmup_steps, "train.warmup_ratio x steps")
+    _fill_match(ds, "scheduler.params.total_num_steps", total_steps, "total optimizer steps")
+
+    _fill_only(ds, "zero_optimization.reduce_bucket_size", hidden_size * hidden_size)
+    _fill_only(ds, "zero_optimization.stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size))
+    _fill_only(ds, "zero_optimization.stage3_param_persistence_threshold", 10 * hidden_size)
+
+    leftover = [key for key in _auto_keys(ds)]
+    if leftover:
+        raise DeepSpeedConfigError(f"DeepSpeed config keys {leftover} are \"auto\" but comlora_ds has no value "
+                                   f"for them; set them explicitly")
+    return ds
+
+
+def _auto_keys(node: Any, prefix: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [k for key, value in node.items() for k in _auto_keys(value, f"{prefix}{key}.")]
+    return [prefix.rstrip(".")] if node == AUTO else []
+
+
+def zero_stage(ds: dict) -> int:
+    return int(_get(ds, "zero_optimization.stage") or 0)

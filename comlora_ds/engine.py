@@ -1,0 +1,266 @@
+"""The one object that owns the DeepSpeed engine: set-up, the training loop, checkpoints.
+
+Read ``Trainer.train`` top to bottom: each optimizer step runs ``gradient_accumulation_steps``
+micro-batches of ``forward_backward`` (all K components, the ComLoRA objective with eta(t)), then
+one all-reduce of the step's statistics (so every rank takes the same decisions), then the optimizer
+step, logging and, every ``save_steps``, a checkpoint written collectively by all ranks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import random
+import signal
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+from transformers import AutoConfig, get_scheduler
+
+from . import checkpoint as ckpt
+from .config import RunConfig
+from .data import ResponseCollator, build_datasets, prepare_tokenizer
+from .ds_config import backward_passes, fill_ds_config, load_ds_config, resolve_bf16, zero_stage
+from .losses import annealing_eta
+from .model import build_model, build_objective
+from .modeling import load_base_model, load_tokenizer, resolve_dtype, resolve_model_path
+from .step import forward_backward
+from .tracking import RunLogger, StepAccumulator
+from .validation import score_validation
+
+
+def init_distributed() -> None:
+    """Initialise torch.distributed through DeepSpeed (nccl on GPUs, gloo on CPU). A plain
+    ``python launch/train.py`` without a launcher becomes a world of one."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    deepspeed.init_distributed(dist_init_required=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class TrainState:
+    global_step: int = 0          # optimizer steps done (the annealing clock t)
+    epoch: int = 0
+    batches_in_epoch: int = 0     # micro-batches of this epoch already consumed
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    global_step: int
+    checkpoint: Path | None
+    stopped_early: bool
+    validation: dict | None
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, ds_config: str | Path | dict):
+        self.cfg = cfg
+        self.output_dir = Path(cfg.train.output_dir)
+        self.save_dir = self.output_dir / "checkpoints"
+        raw_ds = load_ds_config(ds_config)                     # fail on a bad file before any model work
+        init_distributed()
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
+            else torch.device("cpu")
+        self.bf16 = resolve_bf16(cfg, raw_ds)
+
+        model_path = resolve_model_path(cfg.model)
+        self.tokenizer = prepare_tokenizer(load_tokenizer(model_path, cfg.model))
+        self.train_rows, self.val_rows, self.data_report = build_datasets(cfg.data, self.tokenizer)
+        self.collate = ResponseCollator(self.tokenizer.pad_token_id)
+        self.sampler = DistributedSampler(self.train_rows, num_replicas=self.world, rank=self.rank, shuffle=True,
+                                          seed=cfg.data.seed, drop_last=True)
+        self.loader = DataLoader(self.train_rows, batch_size=cfg.train.micro_batch_size, sampler=self.sampler,
+                                 collate_fn=self.collate, drop_last=True)
+        gas = cfg.train.gradient_accumulation_steps
+        self.steps_per_epoch = len(self.loader) // gas
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(self.train_rows)} training rows give no full optimizer step of "
+                             f"{cfg.train.micro_batch_size} x {gas} x {self.world} ranks; lower train.micro_batch_size "
+                             f"or train.gradient_accumulation_steps")
+        self.total_steps = cfg.train.max_steps or math.ceil(cfg.train.num_epochs * self.steps_per_epoch)
+        warmup = int(cfg.train.warmup_ratio * self.total_steps)
+
+        hidden_size = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code).hidden_size
+        self.ds_config = fill_ds_config(raw_ds, cfg, self.world, hidden_size, self.total_steps, warmup)
+
+        seed_everything(cfg.train.seed)
+        llm = load_base_model(model_path, cfg.model, resolve_dtype(cfg.model.dtype, self.bf16))
+        self.model = build_model(cfg, llm)
+        self.objective = build_objective(cfg)
+        optimizer = scheduler = None
+        if "optimizer" not in self.ds_config:
+            optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.train.learning_rate,
+                                          betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
+                                          eps=cfg.train.adam_epsilon, fused=torch.cuda.is_available())
+        if "scheduler" not in self.ds_config:
+            def scheduler(opt):
+                return get_scheduler(cfg.train.lr_scheduler, opt, num_warmup_steps=warmup,
+                                     num_training_steps=self.total_steps)
+        self.engine, *_ = deepspeed.initialize(model=self.model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               model_parameters=self._param_groups(), config=self.ds_config)
+        self.passes = backward_passes(cfg)
+        self.state = TrainState()
+        self._stop_requested = False
+
+    def _param_groups(self) -> list[dict]:
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.cfg.train.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def client_state(self, logger: RunLogger) -> dict:
+        return {"global_step": self.state.global_step, "epoch": self.state.epoch,
+                "batches_in_epoch": self.state.batches_in_epoch, "total_steps": self.total_steps,
+                "world_size": self.world, "winner_window": list(logger.window),
+                "num_components": self.cfg.adapter.num_components}
+
+    def _write_extras(self, folder: Path) -> None:
+        self.cfg.save(folder / "run_config.yaml")
+        ckpt.write_json(folder / "ds_config.json", self.ds_config)
+        ckpt.write_json(folder / "data_report.json", self.data_report.to_dict())
+        self.tokenizer.save_pretrained(folder / "tokenizer")
+
+    def save(self, logger: RunLogger) -> Path:
+        folder = ckpt.save_checkpoint(self.engine, self.save_dir, self.state.global_step, self.client_state(logger),
+                                      self._write_extras, keep_last=self.cfg.train.save_total_limit)
+        logger.message(f"checkpoint: {folder}")
+        return folder
+
+    def resume(self) -> list[int] | None:
+        """Restores the engine and the loop state from train.resume; returns the winner-count window."""
+        found = ckpt.resolve_resume(self.cfg.train.resume, self.save_dir)
+        if found is None:
+            return None
+        save_dir, tag = found
+        state = ckpt.load_checkpoint(self.engine, save_dir, tag)
+        if state.get("num_components") != self.cfg.adapter.num_components:
+            raise ValueError(f"checkpoint {save_dir / tag} has K = {state.get('num_components')} components, the "
+                             f"run config has adapter.num_components = {self.cfg.adapter.num_components}")
+        if state["total_steps"] != self.total_steps:
+            raise ValueError(f"checkpoint {save_dir / tag} was written for {state['total_steps']} steps, this run "
+                             f"plans {self.total_steps}: keep train.max_steps/num_epochs and the data unchanged")
+        self.state = TrainState(state["global_step"], state["epoch"], state["batches_in_epoch"])
+        if self.rank == 0:
+            print(f"resumed from {save_dir / tag} at step {self.state.global_step}", flush=True)
+        return list(state["winner_window"])
+
+    # ------------------------------------------------------------------------------------ training
+    def _backward(self, loss: torch.Tensor) -> None:
+        # DeepSpeed divides by its accumulation steps, which count the K passes in sequential mode.
+        self.engine.backward(loss * self.passes if self.passes > 1 else loss)
+
+    def _request_stop(self, signum, frame) -> None:
+        self._stop_requested = True
+
+    def _micro_batches(self):
+        """This epoch's remaining micro-batches, cut to whole optimizer steps."""
+        self.sampler.set_epoch(self.state.epoch)
+        usable = self.steps_per_epoch * self.cfg.train.gradient_accumulation_steps
+        return itertools.islice(iter(self.loader), self.state.batches_in_epoch, usable)
+
+    def train(self) -> TrainResult:
+        cfg, engine = self.cfg, self.engine
+        window = self.resume()
+        logger = RunLogger(cfg, self.output_dir, self.total_steps, self.state.global_step, enabled=self.rank == 0)
+        if window is not None:
+            logger.window = window
+        if self.rank == 0:
+            logger.message(f"{self.data_report.summary()}; {self.total_steps} optimizer steps, "
+                           f"{self.world} rank(s), ZeRO stage {zero_stage(self.ds_config)}, "
+                           f"{'bf16' if self.bf16 else 'fp32'}, output in {self.output_dir}")
+        previous = signal.signal(signal.SIGTERM, self._request_stop)
+        accumulator = StepAccumulator(cfg.adapter.num_components, self.device)
+        last_checkpoint, stopped = None, False
+        engine.train()
+        try:
+            while self.state.global_step < self.total_steps and not stopped:
+                for batch in self._micro_batches():
+                    batch = {name: t.to(self.device) for name, t in batch.items()}
+                    eta = annealing_eta(cfg.comlora.annealing, self.state.global_step, self.total_steps,
+                                        cfg.comlora.annealing_rate)
+                    out = forward_backward(engine, batch, self.objective, eta, self._backward,
+                                           cfg.comlora.execution, between_passes=engine.step)
+                    accumulator.add(out, batch)
+                    self.state.batches_in_epoch += 1
+                    if not engine.is_gradient_accumulation_boundary():
+                        engine.step()
+                        continue
+                    metrics = accumulator.reduce(self._stop_requested)
+                    accumulator.reset()
+                    _check_finite(metrics, self.state.global_step + 1)
+                    lr = engine.get_lr()[0]
+                    engine.step()
+                    self.state.global_step += 1
+                    logger.log_step(self.state.global_step, metrics, lr, eta)
+                    stopped = metrics["stop_requested"]
+                    done = self.state.global_step >= self.total_steps
+                    if stopped or done or (cfg.train.save_steps and self.state.global_step % cfg.train.save_steps == 0):
+                        last_checkpoint = self.save(logger)
+                    if stopped or done:
+                        break
+                else:
+                    self.state.epoch += 1
+                    self.state.batches_in_epoch = 0
+            if stopped:
+                logger.message(f"SIGTERM: stopped at step {self.state.global_step} after writing {last_checkpoint}; "
+                               f"resume with train.resume=auto")
+                return TrainResult(self.output_dir, self.state.global_step, last_checkpoint, True, None)
+            validation = self.validate(logger)
+            return TrainResult(self.output_dir, self.state.global_step, last_checkpoint, False, validation)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            logger.close()
+
+    def close(self) -> None:
+        """Collective: leave the process group cleanly (gloo aborts the process at exit otherwise)."""
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+    def validate(self, logger: RunLogger) -> dict | None:
+        """Scores the validation split with every component and the selector (collective)."""
+        if len(self.val_rows) == 0:
+            return None
+        self.engine.eval()
+        scores = score_validation(self.engine, self.val_rows, self.collate, self.cfg.adapter.num_components,
+                                  self.cfg.train.micro_batch_size, self.device)
+        self.engine.train()
+        result = {"step": self.state.global_step, **scores.as_dict()}
+        if self.rank == 0:
+            ckpt.write_json(self.output_dir / "validation.json", result)
+            logger.write({"validation": result, "step": self.state.global_step})
+            logger.message(f"validation: component losses {[round(x, 4) for x in result['mean_loss']]}, "
+                           f"winner {result['winner']} (by {result['winner_by']})")
+        return result
+
+
+def _check_finite(metrics: dict, step: int) -> None:
+    losses = metrics["component_loss"]
+    bad = [k for k, value in enumerate(losses) if not math.isfinite(value)]
+    if bad or not math.isfinite(metrics["loss"]):
+        raise FloatingPointError(f"non-finite loss at optimizer step {step}: total {metrics['loss']}, "
+                                 f"component(s) {bad} have losses {[losses[k] for k in bad]}; the optimizer step "
+                                 f"was not applied and the last checkpoint is intact")

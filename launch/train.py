@@ -1,0 +1,50 @@
+"""Train ComLoRA / LoRA / LoRA-Pro / LoRA-Dash with DeepSpeed.
+
+    deepspeed --num_gpus 8 launch/train.py --deepspeed ds_configs/zero2.json --config my.yaml adapter.rank=16
+    python launch/train.py                      # the embedded demo: SmolLM2-135M on built-in commonsense data
+
+Without --config the demo preset launch/configs/demo.yaml is used. Overrides are dotted keys
+(``adapter.rank=16`` or ``--adapter.rank 16``); see docs/configuration.md for every field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from comlora_ds.config import ConfigError, load_config  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--deepspeed", default=str(REPO / "ds_configs" / "zero2.json"), help="DeepSpeed JSON config")
+    parser.add_argument("--config", default=None, help="run config YAML (default: launch/configs/demo.yaml)")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
+    args, overrides = parser.parse_known_args(argv)
+    return args, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(argv)
+    try:
+        cfg = load_config(args.config or REPO / "launch" / "configs" / "demo.yaml", overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from comlora_ds.engine import Trainer
+
+    trainer = Trainer(cfg, args.deepspeed)
+    result = trainer.train()
+    trainer.close()
+    if result.checkpoint is not None:
+        print(f"checkpoint: {result.checkpoint}\nnext: python launch/consolidate.py {result.checkpoint.parent} "
+              f"--out {result.output_dir / 'export'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

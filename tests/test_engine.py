@@ -1,0 +1,210 @@
+"""The DeepSpeed engine on CPU (gloo): 2 ranks vs 1 process, ZeRO-2/3, fp32/bf16, save/resume, kill.
+
+Every run is the real CLI (``launch/train.py``) under ``torchrun``, on the real tiny pretrained
+LLaMA stories260K and real LLM-Adapters rows from ../shared/data. Noise and dropout are 0 so runs
+with different world sizes see identical numbers up to the order of floating-point reductions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import SHARED_DATA
+
+pytestmark = pytest.mark.distributed
+
+REPO = Path(__file__).resolve().parents[1]
+FP32_TOL = 1e-5   # fp32: same math, different all-reduce order
+BF16_TOL = 2e-2   # bf16: 8 mantissa bits; per-rank partial sums round differently
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+
+
+def base_overrides(output_dir: Path, **extra) -> list[str]:
+    items = {
+        "model.name_or_path": SHARED_DATA / "models" / "stories260K",
+        "data.train_files": f"[{SHARED_DATA / 'commonsense' / 'train' / 'ARC-Challenge.json'}]",
+        "data.max_train_samples": 48, "data.val_size": 8, "data.max_length": 64,
+        "adapter.num_components": 2, "adapter.rank": 4, "adapter.dropout": 0.0, "comlora.noise": 0.0,
+        "train.max_steps": 6, "train.save_steps": 3, "train.save_total_limit": 3, "train.learning_rate": 5e-3,
+        "train.output_dir": output_dir, "logging.wandb_mode": "disabled", "train.micro_batch_size": 4,
+    }
+    items.update(extra)
+    return [f"{key}={value}" for key, value in items.items()]
+
+
+def ds_config(tmp_path: Path, stage: int) -> Path:
+    """The shipped config, with ZeRO-3 forced to partition even tiny tensors (else it tests nothing)."""
+    cfg = json.loads((REPO / "ds_configs" / f"zero{stage}.json").read_text())
+    if stage == 3:
+        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path = tmp_path / f"zero{stage}.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def launch(overrides: list[str], nproc: int, ds: Path, timeout: int = 300, wait: bool = True):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_port()}",
+           str(REPO / "launch" / "train.py"), "--deepspeed", str(ds), *overrides]
+    if not wait:
+        return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True, text=True)
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+def step_losses(output_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def assert_trajectories_match(got: dict, want: dict, tol: float) -> None:
+    assert got.keys() == want.keys(), (got, want)
+    for step in want:
+        assert abs(got[step] - want[step]) <= tol * max(1.0, abs(want[step])), (step, got, want)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """One process, global batch 4, ZeRO-2 fp32, 6 steps with checkpoints at 3 and 6."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    launch(base_overrides(out), nproc=1, ds=ds_config(out.parent, 2))
+    return out
+
+
+def test_single_process_run_writes_everything(reference):
+    losses = step_losses(reference)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    assert losses[6] < losses[1]
+    ckpts = reference / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_00000006"
+    step_dir = ckpts / "step_00000006"
+    for name in ("run_config.yaml", "ds_config.json", "rng_state_rank0.pt", "tokenizer", "data_report.json"):
+        assert (step_dir / name).exists(), name
+    assert json.loads((step_dir / "ds_config.json").read_text())["train_batch_size"] == 4
+    # the frozen base is excluded: only adapters, selector and optimizer state are stored
+    assert sum(f.stat().st_size for f in step_dir.glob("*.pt")) < 3e6
+    validation = json.loads((reference / "validation.json").read_text())
+    assert validation["num_samples"] == 8 and len(validation["mean_loss"]) == 2
+
+
+@pytest.mark.parametrize("stage,extra", [
+    (2, {}), (3, {}),
+    (2, {"comlora.execution": "sequential"}),
+    (3, {"comlora.execution": "sequential", "model.gradient_checkpointing": "true"}),
+])
+def test_two_ranks_match_single_process(reference, tmp_path, stage, extra):
+    """Same global batch on 2 ranks (ZeRO-2/3, batched or component-sequential execution, with or
+    without activation checkpointing) gives the single-process loss trajectory."""
+    out = tmp_path / "run"
+    launch(base_overrides(out, **{"train.micro_batch_size": 2}, **extra), nproc=2, ds=ds_config(tmp_path, stage))
+    assert_trajectories_match(step_losses(out), step_losses(reference), FP32_TOL)
+    assert json.loads((out / "validation.json").read_text())["mean_loss"] == pytest.approx(
+        json.loads((reference / "validation.json").read_text())["mean_loss"], rel=FP32_TOL)
+
+
+def test_gradient_accumulation_matches_larger_micro_batch(reference, tmp_path):
+    out = tmp_path / "run"
+    launch(base_overrides(out, **{"train.micro_batch_size": 2, "train.gradient_accumulation_steps": 2}),
+           nproc=1, ds=ds_config(tmp_path, 2))
+    assert_trajectories_match(step_losses(out), step_losses(reference), FP32_TOL)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_ranks_bf16_match_single_process_bf16(tmp_path, stage):
+    short = {"train.max_steps": 3, "train.save_steps": 0}
+    ref = tmp_path / "ref"
+    launch(base_overrides(ref, **short, **{"train.bf16": "true"}), nproc=1, ds=ds_config(tmp_path, stage))
+    out = tmp_path / "run"
+    launch(base_overrides(out, **short, **{"train.bf16": "true", "train.micro_batch_size": 2}), nproc=2,
+           ds=ds_config(tmp_path, stage))
+    assert_trajectories_match(step_losses(out), step_losses(ref), BF16_TOL)
+
+
+@pytest.mark.parametrize("stage,nproc", [(2, 1), (3, 2)])
+def test_resume_continues_the_uninterrupted_trajectory(reference, tmp_path, stage, nproc):
+    """Train 6 steps with a checkpoint at 3 (same world size), resume from step 3: steps 4-6 match."""
+    micro = 4 // nproc
+    first = tmp_path / "first"
+    launch(base_overrides(first, **{"train.micro_batch_size": micro}), nproc=nproc, ds=ds_config(tmp_path, stage))
+    resumed = tmp_path / "resumed"
+    launch(base_overrides(resumed, **{"train.micro_batch_size": micro,
+                                      "train.resume": first / "checkpoints" / "step_00000003"}),
+           nproc=nproc, ds=ds_config(tmp_path, stage))
+    want = {s: v for s, v in step_losses(reference).items() if s > 3}
+    assert_trajectories_match(step_losses(resumed), want, FP32_TOL)
+
+
+def test_killed_run_resumes_from_last_complete_checkpoint(reference, tmp_path):
+    """SIGKILL a 2-rank run after its first checkpoint; a leftover partial checkpoint is never used;
+    resume=auto continues and matches the uninterrupted run."""
+    out = tmp_path / "run"
+    overrides = base_overrides(out, **{"train.micro_batch_size": 2, "train.save_steps": 2, "train.max_steps": 6})
+    proc = launch(overrides, nproc=2, ds=ds_config(tmp_path, 2), wait=False)
+    latest = out / "checkpoints" / "latest"
+    deadline = time.time() + 240
+    while not latest.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert latest.exists(), proc.stdout.read()[-3000:]
+    tag = latest.read_text()
+    # a crash in the middle of the next save leaves a tmp- folder behind: it must be ignored
+    shutil.copytree(out / "checkpoints" / tag, out / "checkpoints" / "tmp-step_00000099")
+    launch(overrides + ["train.resume=auto"], nproc=2, ds=ds_config(tmp_path, 2))
+    losses = step_losses(out)   # metrics.jsonl appends: the resumed steps overwrite the killed run's
+    assert_trajectories_match(losses, step_losses(reference), FP32_TOL)
+    assert not list((out / "checkpoints").glob("tmp-*"))
+
+
+def test_sigterm_writes_a_checkpoint_before_exit(tmp_path):
+    out = tmp_path / "run"
+    overrides = base_overrides(out, **{"train.max_steps": 400, "train.save_steps": 0})
+    proc = launch(overrides, nproc=1, ds=ds_config(tmp_path, 2), wait=False)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while (not metrics.exists() or metrics.stat().st_size == 0) and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)   # like Slurm preemption: every process of the job gets it
+    output, _ = proc.communicate(timeout=120)
+    # (torchrun's own agent reports the signal with a non-zero code; the trainer itself exits cleanly)
+    tag = (out / "checkpoints" / "latest").read_text()
+    assert 1 <= int(tag.split("_")[1]) < 400 and "SIGTERM" in output
+
+
+def test_two_nodes_on_loopback(tmp_path):
+    """Two "nodes" of one rank each on 127.0.0.1 with the deepspeed launcher: trains and checkpoints."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    out = tmp_path / "run"
+    port = _port()
+    overrides = base_overrides(out, **{"train.micro_batch_size": 2, "train.max_steps": 2, "train.save_steps": 2})
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
+         "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
+         str(REPO / "launch" / "train.py"), "--deepspeed", str(ds_config(tmp_path, 2)), *overrides],
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000002"
+    assert json.loads((out / "checkpoints" / "step_00000002" / "ds_config.json").read_text())["train_batch_size"] == 4

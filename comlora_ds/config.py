@@ -109,9 +109,8 @@ class DataConfig:
                                  "data (paper: 120).", default_factory=list)
     val_size: int = _help("Rows held out of the training data for winner selection.", default=120)
     max_length: int = _help("Maximum tokens per example (prompt + response).", default=256)
-    overlong: str = _help("Examples longer than max_length: truncate (keep the response, cut the prompt "
-                                "from the left) or drop.",
-                          default="truncate")
+    overlong: str = _help("Examples longer than max_length: truncate (keep the response, cut the "
+                          "prompt from the left) or drop.", default="truncate")
     train_on_prompt: bool = _help("Also train on prompt tokens (default: response tokens only).",
                                   default=False)
     max_train_samples: Optional[int] = _help("Use only the first N training rows (after shuffling).",

@@ -141,6 +141,8 @@ class Trainer:
         self.cfg.save(folder / "run_config.yaml")
         ckpt.write_json(folder / "ds_config.json", self.ds_config)
         ckpt.write_json(folder / "data_report.json", self.data_report.to_dict())
+        if len(self.val_rows):   # consolidation scores exactly these rows, even if the data files move
+            self.val_rows.to_json(folder / "validation_rows.jsonl", lines=True)
         self.tokenizer.save_pretrained(folder / "tokenizer")
 
     def save(self, logger: RunLogger) -> Path:

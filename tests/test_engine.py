@@ -99,7 +99,8 @@ def test_single_process_run_writes_everything(reference):
     ckpts = reference / "checkpoints"
     assert (ckpts / "latest").read_text() == "step_00000006"
     step_dir = ckpts / "step_00000006"
-    for name in ("run_config.yaml", "ds_config.json", "rng_state_rank0.pt", "tokenizer", "data_report.json"):
+    for name in ("run_config.yaml", "ds_config.json", "rng_state_rank0.pt", "tokenizer", "data_report.json",
+                 "validation_rows.jsonl"):
         assert (step_dir / name).exists(), name
     assert json.loads((step_dir / "ds_config.json").read_text())["train_batch_size"] == 4
     # the frozen base is excluded: only adapters, selector and optimizer state are stored

@@ -28,6 +28,7 @@ from .config import RunConfig
 from .data import ResponseCollator, build_datasets, prepare_tokenizer
 from .ds_config import backward_passes, fill_ds_config, load_ds_config, resolve_bf16, zero_stage
 from .losses import annealing_eta
+from .methods import get_method
 from .model import build_model, build_objective
 from .modeling import load_base_model, load_tokenizer, resolve_dtype, resolve_model_path
 from .step import forward_backward
@@ -101,13 +102,16 @@ class Trainer:
 
         hidden_size = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code).hidden_size
         self.ds_config = fill_ds_config(raw_ds, cfg, self.world, hidden_size, self.total_steps, warmup)
+        self.method = get_method(cfg)
+        self.method.check_ds_config(self.ds_config)
 
         seed_everything(cfg.train.seed)
         llm = load_base_model(model_path, cfg.model, resolve_dtype(cfg.model.dtype, self.bf16))
         self.model = build_model(cfg, llm)
         self.objective = build_objective(cfg)
-        optimizer = scheduler = None
-        if "optimizer" not in self.ds_config:
+        optimizer = self.method.build_optimizer(self.model, self._param_groups())
+        scheduler = None
+        if optimizer is None and "optimizer" not in self.ds_config:
             optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.train.learning_rate,
                                           betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
                                           eps=cfg.train.adam_epsilon, fused=torch.cuda.is_available())
@@ -216,6 +220,7 @@ class Trainer:
                     lr = engine.get_lr()[0]
                     engine.step()
                     self.state.global_step += 1
+                    self.method.on_optimizer_step(engine.module, self.state.global_step)
                     logger.log_step(self.state.global_step, metrics, lr, eta)
                     stopped = metrics["stop_requested"]
                     done = self.state.global_step >= self.total_steps

@@ -1,0 +1,37 @@
+"""The small interface a method implements; plain LoRA is the default that changes nothing.
+
+A method may (1) use its own adapter layer class (extra parameters/buffers created before
+``deepspeed.initialize``, an extra forward term, its merged delta), (2) bring its own optimizer,
+(3) act after every optimizer step, and (4) refuse DeepSpeed settings it does not support. Its extra
+state lives in module buffers or optimizer state, so DeepSpeed's checkpoints carry it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..adapters.layer import ComLoRALinear
+from ..config import RunConfig
+
+
+class AdapterMethod:
+    name = "base"
+    layer_cls: type[ComLoRALinear] = ComLoRALinear
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+
+    def check_ds_config(self, ds_config: dict) -> None:
+        """Raise ValueError for DeepSpeed settings the method cannot train correctly under."""
+
+    def build_optimizer(self, model: nn.Module, param_groups: list[dict]) -> torch.optim.Optimizer | None:
+        """The method's optimizer, or None for the default (AdamW, or the DeepSpeed config's)."""
+        return None
+
+    def on_optimizer_step(self, model: nn.Module, step: int) -> None:
+        """Called on every rank after optimizer step ``step`` (1-based) was applied."""
+
+
+class LoRAMethod(AdapterMethod):
+    name = "lora"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 
@@ -81,7 +82,7 @@ class RunLogger:
             import wandb
 
             id_file = output_dir / "wandb_run_id"
-            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
             id_file.write_text(run_id)
             os.environ.setdefault("WANDB_SILENT", "true")
             self.wandb = wandb.init(project=cfg.logging.wandb_project, name=cfg.logging.run_name or output_dir.name,

@@ -88,7 +88,7 @@ def assert_trajectories_match(got: dict, want: dict, tol: float) -> None:
 def reference(tmp_path_factory) -> Path:
     """One process, global batch 4, ZeRO-2 fp32, 6 steps with checkpoints at 3 and 6."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    launch(base_overrides(out), nproc=1, ds=ds_config(out.parent, 2))
+    launch(base_overrides(out, **{"logging.wandb_mode": "offline"}), nproc=1, ds=ds_config(out.parent, 2))
     return out
 
 
@@ -105,6 +105,7 @@ def test_single_process_run_writes_everything(reference):
     assert json.loads((step_dir / "ds_config.json").read_text())["train_batch_size"] == 4
     # the frozen base is excluded: only adapters, selector and optimizer state are stored
     assert sum(f.stat().st_size for f in step_dir.glob("*.pt")) < 3e6
+    assert list((reference / "wandb").glob("offline-run-*/run-*.wandb")), "wandb offline files"
     validation = json.loads((reference / "validation.json").read_text())
     assert validation["num_samples"] == 8 and len(validation["mean_loss"]) == 2
 

@@ -1,0 +1,118 @@
+"""Loading the thing to evaluate: a merged model folder, a PEFT adapter folder, or a built-in model name.
+
+:func:`describe_target` decides what ``MODEL_OR_ADAPTER`` is, without loading weights:
+
+* a folder with ``adapter_config.json``: a PEFT adapter (what consolidation exports for the winner, or any
+  PEFT LoRA). Its base is ``base_model_name_or_path`` from that file unless ``base`` overrides it; the base is
+  loaded with ``AutoModelForCausalLM.from_pretrained`` and the adapter with ``peft.PeftModel.from_pretrained``
+  (kept unmerged: the outputs are the same and no weights are modified). The tokenizer comes from the adapter
+  folder when it has one, else from the base.
+* a folder with ``config.json``: a merged Hugging Face model (``AutoModelForCausalLM.from_pretrained``).
+* a training checkpoint (a folder with ``latest``, a ``checkpoints/`` folder with one, or a ``step_NNNNNNNN``
+  folder): :class:`TrainingCheckpointError` — its K components must first be consolidated into a winner;
+  evaluating one chosen component straight from a checkpoint (``component=``) is not implemented yet.
+* a built-in model name (``smollm2-135m``, :mod:`comlora_ds.builtin_models`): converted once, then as a folder.
+* anything else: passed to ``from_pretrained`` as a hub id (works offline only when it is in the local cache).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_STEP_DIR = "step_"
+
+
+class TrainingCheckpointError(ValueError):
+    """MODEL_OR_ADAPTER is a training checkpoint, which cannot be evaluated directly (yet)."""
+
+
+@dataclass
+class Target:
+    """What is evaluated: ``kind`` is "merged", "adapter" or "hub"; ``base`` is set for adapters."""
+
+    kind: str
+    path: str
+    base: Optional[str] = None
+    tokenizer: Optional[str] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _is_training_checkpoint(path: Path) -> bool:
+    if (path / "latest").is_file() or (path / "checkpoints" / "latest").is_file():
+        return True
+    return path.name.startswith(_STEP_DIR) and path.name[len(_STEP_DIR):].isdigit()
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+
+
+def describe_target(model_or_adapter: str, base: Optional[str] = None, component: Optional[int] = None) -> Target:
+    """Classify ``model_or_adapter`` (see module doc); raises for training checkpoints and unusable folders."""
+    from ..builtin_models import BUILTIN_MODELS, resolve_model_path
+
+    path = Path(model_or_adapter).expanduser()
+    if path.is_dir() and _is_training_checkpoint(path):
+        raise TrainingCheckpointError(
+            f"{path} is a training checkpoint; training checkpoints: consolidate first (launch/consolidate.py "
+            "writes the winner as a PEFT adapter and a merged model, both evaluable), or pass --component once "
+            "supported" + (f" (--component {component} was given)" if component is not None else ""))
+    if component is not None:
+        raise TrainingCheckpointError(f"--component applies to training checkpoints only, and {path} is not one")
+    if path.is_dir():
+        if (path / "adapter_config.json").is_file():
+            config = json.loads((path / "adapter_config.json").read_text())
+            base_id = base or config.get("base_model_name_or_path")
+            if not base_id:
+                raise ValueError(f"{path}/adapter_config.json has no base_model_name_or_path; pass --base")
+            base_id = resolve_model_path(base_id) if base_id in BUILTIN_MODELS else base_id
+            return Target("adapter", str(path), base=str(base_id),
+                          tokenizer=str(path) if _has_tokenizer(path) else str(base_id))
+        if (path / "config.json").is_file():
+            if base:
+                raise ValueError(f"--base applies to adapter folders only; {path} is a full model")
+            return Target("merged", str(path), tokenizer=str(path))
+        raise ValueError(f"{path}: neither a model folder (config.json) nor a PEFT adapter folder "
+                         "(adapter_config.json) nor a training checkpoint")
+    if model_or_adapter in BUILTIN_MODELS:
+        folder = resolve_model_path(model_or_adapter)
+        return Target("merged", folder, tokenizer=folder)
+    if path.exists():
+        raise ValueError(f"{path}: expected a folder")
+    return Target("hub", model_or_adapter, tokenizer=model_or_adapter)
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """fp32 on CPU (bf16 matmuls are very slow there), bf16 on a GPU that supports it, else fp16."""
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_for_eval(model_or_adapter: str, base: Optional[str] = None, component: Optional[int] = None,
+                  dtype: Optional[str] = None, device: Optional[str] = None) -> tuple[Any, Any, Target]:
+    """(model in eval mode on ``device``, tokenizer, :class:`Target`)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = describe_target(model_or_adapter, base, component)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+    torch_dtype = DTYPES[dtype] if dtype else default_dtype(device)
+    model_path = target.base if target.kind == "adapter" else target.path
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
+    if target.kind == "adapter":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, target.path, is_trainable=False)
+    model.to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(target.tokenizer)
+    return model, tokenizer, target

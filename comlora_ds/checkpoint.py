@@ -35,11 +35,14 @@ def tag_for(step: int) -> str:
 
 
 def read_latest(save_dir: str | Path) -> str | None:
-    """The tag ``latest`` names, if that checkpoint folder exists; else None."""
+    """The tag ``latest`` names, if that checkpoint folder exists; else None. A ``latest`` that names
+    anything but a ``step_NNNNNNNN`` folder (e.g. ``../elsewhere``) is refused."""
     latest = Path(save_dir) / "latest"
     if not latest.is_file():
         return None
     tag = latest.read_text().strip()
+    if not TAG_PATTERN.match(tag):
+        raise ValueError(f"{latest} names {tag!r}, not a step_NNNNNNNN checkpoint folder")
     return tag if (Path(save_dir) / tag).is_dir() else None
 
 
@@ -63,8 +66,43 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+class OutputDirError(OSError):
+    """The output directory cannot take the run: not writable, holds another run, or is full."""
+
+
+def check_output_dir(output_dir: str | Path, resuming: bool) -> None:
+    """Before any expensive work: the directory must be creatable and writable, and must not hold
+    another run's checkpoints or metrics unless we are resuming it (nothing is overwritten)."""
+    output_dir = Path(output_dir)
+    save_dir = output_dir / "checkpoints"
+    if not resuming and (save_dir.is_dir() and any(save_dir.iterdir()) or (output_dir / "metrics.jsonl").exists()):
+        raise OutputDirError(f"train.output_dir = {str(output_dir)!r} already holds a run; continue it with "
+                             f"train.resume=auto, or choose another output_dir (nothing was changed)")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".write-probe-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise OutputDirError(f"train.output_dir = {str(output_dir)!r} is not writable: {err}") from None
+
+
+def ensure_free_space(save_dir: Path, needed_bytes: int) -> None:
+    """Collective: refuse to start a checkpoint that cannot fit, on every rank together, before a
+    byte is written (a save that dies half-way inside DeepSpeed can leave ranks waiting on each other)."""
+    free = shutil.disk_usage(save_dir).free
+    verdict = torch.tensor([1.0 if free >= needed_bytes else 0.0])
+    dist.all_reduce(verdict, op=dist.ReduceOp.MIN)
+    if verdict.item() == 0.0:
+        last = read_latest(save_dir)
+        raise OutputDirError(f"not enough free space in {save_dir} for a checkpoint: need ~{needed_bytes / 2**20:.1f} "
+                             f"MiB, {free / 2**20:.1f} MiB free on this rank's filesystem; the last complete "
+                             f"checkpoint ({last or 'none'}) is untouched")
+
+
 def save_checkpoint(engine, save_dir: str | Path, step: int, client_state: dict,
-                    write_extras: Callable[[Path], None] | None = None, keep_last: int = 2) -> Path:
+                    write_extras: Callable[[Path], None] | None = None, keep_last: int = 2,
+                    needed_bytes: int = 0) -> Path:
     """Collective: every rank must call it at the same step. Returns the published folder."""
     save_dir, tag = Path(save_dir), tag_for(step)
     tmp_dir, final_dir = save_dir / f"{TMP_PREFIX}{tag}", save_dir / tag
@@ -73,6 +111,7 @@ def save_checkpoint(engine, save_dir: str | Path, step: int, client_state: dict,
         save_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp_dir, ignore_errors=True)
     dist.barrier()
+    ensure_free_space(save_dir, needed_bytes)
     engine.save_checkpoint(str(save_dir), tag=tmp_dir.name, client_state=client_state, save_latest=False,
                            exclude_frozen_parameters=True)
     torch.save(_rng_state(), tmp_dir / f"rng_state_rank{rank}.pt")
@@ -116,6 +155,35 @@ def resolve_resume(resume: str | None, save_dir: str | Path) -> tuple[Path, str]
         return path.parent, path.name
     raise FileNotFoundError(f"train.resume = {resume!r} is neither a checkpoints folder with 'latest' nor a "
                             f"step_NNNNNNNN checkpoint folder")
+
+
+class ResumeError(ValueError):
+    """The checkpoint does not belong to this run configuration."""
+
+
+# What must not change between a checkpoint and the run that resumes it.
+RESUME_FIELDS = ("model.name_or_path", "adapter.method", "adapter.num_components", "adapter.rank",
+                 "adapter.alpha", "adapter.use_rslora", "adapter.target_modules", "comlora.no_selector",
+                 "comlora.selector_hidden_size", "comlora.selector_num_heads", "comlora.selector_ffn_size")
+
+
+def check_resume_compatible(folder: Path, cfg, world_size: int, total_steps: int) -> None:
+    """Before the model is loaded: the checkpoint's saved run config and trainer state must match."""
+    from .config import load_config
+
+    saved = load_config(folder / "run_config.yaml")
+    state = json.loads((folder / "trainer_state.json").read_text())
+    for dotted in RESUME_FIELDS:
+        group, name = dotted.split(".")
+        old, new = getattr(getattr(saved, group), name), getattr(getattr(cfg, group), name)
+        if old != new:
+            raise ResumeError(f"checkpoint {folder} was trained with {dotted} = {old!r}, this run has {new!r}")
+    if state["world_size"] != world_size:
+        raise ResumeError(f"checkpoint {folder} was written by {state['world_size']} ranks, this run has "
+                          f"{world_size}: resume with the same world size")
+    if state["total_steps"] != total_steps:
+        raise ResumeError(f"checkpoint {folder} was written for {state['total_steps']} steps, this run plans "
+                          f"{total_steps}: keep train.max_steps/num_epochs and the data unchanged")
 
 
 def load_checkpoint(engine, save_dir: str | Path, tag: str) -> dict:

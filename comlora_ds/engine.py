@@ -24,16 +24,20 @@ from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoConfig, get_scheduler
 
 from . import checkpoint as ckpt
-from .config import RunConfig
-from .data import ResponseCollator, build_datasets, prepare_tokenizer
-from .ds_config import backward_passes, fill_ds_config, load_ds_config, resolve_bf16, zero_stage
+from .config import ConfigError, RunConfig
+from .data import DataError, ResponseCollator, build_datasets, prepare_tokenizer
+from .ds_config import DeepSpeedConfigError, backward_passes, fill_ds_config, load_ds_config, resolve_bf16, zero_stage
 from .losses import annealing_eta
 from .methods import get_method
 from .model import build_model, build_objective
-from .modeling import load_base_model, load_tokenizer, resolve_dtype, resolve_model_path
+from .modeling import ModelError, load_base_model, load_tokenizer, resolve_dtype, resolve_model_path
 from .step import forward_backward
 from .tracking import RunLogger, StepAccumulator
 from .validation import score_validation
+
+
+# Errors that mean "the input is wrong" (the CLI prints them as one line); anything else is a bug.
+INPUT_ERRORS = (ConfigError, DataError, DeepSpeedConfigError, ckpt.OutputDirError, ckpt.ResumeError, ModelError)
 
 
 def init_distributed() -> None:
@@ -77,6 +81,7 @@ class Trainer:
         self.output_dir = Path(cfg.train.output_dir)
         self.save_dir = self.output_dir / "checkpoints"
         raw_ds = load_ds_config(ds_config)                     # fail on a bad file before any model work
+        ckpt.check_output_dir(self.output_dir, resuming=cfg.train.resume is not None)
         init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
@@ -94,11 +99,16 @@ class Trainer:
         gas = cfg.train.gradient_accumulation_steps
         self.steps_per_epoch = len(self.loader) // gas
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(self.train_rows)} training rows give no full optimizer step of "
+            raise ConfigError(f"{len(self.train_rows)} training rows give no full optimizer step of "
                              f"{cfg.train.micro_batch_size} x {gas} x {self.world} ranks; lower train.micro_batch_size "
                              f"or train.gradient_accumulation_steps")
         self.total_steps = cfg.train.max_steps or math.ceil(cfg.train.num_epochs * self.steps_per_epoch)
         warmup = int(cfg.train.warmup_ratio * self.total_steps)
+
+        self.resume_from = ckpt.resolve_resume(cfg.train.resume, self.save_dir)
+        if self.resume_from is not None:
+            ckpt.check_resume_compatible(self.resume_from[0] / self.resume_from[1], cfg, self.world,
+                                         self.total_steps)
 
         hidden_size = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code).hidden_size
         self.ds_config = fill_ds_config(raw_ds, cfg, self.world, hidden_size, self.total_steps, warmup)
@@ -141,33 +151,34 @@ class Trainer:
                 "world_size": self.world, "winner_window": list(logger.window),
                 "num_components": self.cfg.adapter.num_components}
 
-    def _write_extras(self, folder: Path) -> None:
+    def _write_extras(self, folder: Path, logger: RunLogger) -> None:
         self.cfg.save(folder / "run_config.yaml")
+        ckpt.write_json(folder / "trainer_state.json", self.client_state(logger))
         ckpt.write_json(folder / "ds_config.json", self.ds_config)
         ckpt.write_json(folder / "data_report.json", self.data_report.to_dict())
         if len(self.val_rows):   # consolidation scores exactly these rows, even if the data files move
             self.val_rows.to_json(folder / "validation_rows.jsonl", lines=True)
         self.tokenizer.save_pretrained(folder / "tokenizer")
 
+    def _checkpoint_bytes(self) -> int:
+        """A generous estimate of one checkpoint: fp32 weight + master + Adam m, v of every trainable
+        tensor (all ranks together), the tokenizer and a margin."""
+        trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.model.trainable_parameters())
+        return 16 * trainable + 32 * 2**20
+
     def save(self, logger: RunLogger) -> Path:
         folder = ckpt.save_checkpoint(self.engine, self.save_dir, self.state.global_step, self.client_state(logger),
-                                      self._write_extras, keep_last=self.cfg.train.save_total_limit)
+                                      lambda folder: self._write_extras(folder, logger),
+                                      keep_last=self.cfg.train.save_total_limit, needed_bytes=self._checkpoint_bytes())
         logger.message(f"checkpoint: {folder}")
         return folder
 
     def resume(self) -> list[int] | None:
         """Restores the engine and the loop state from train.resume; returns the winner-count window."""
-        found = ckpt.resolve_resume(self.cfg.train.resume, self.save_dir)
-        if found is None:
+        if self.resume_from is None:
             return None
-        save_dir, tag = found
+        save_dir, tag = self.resume_from
         state = ckpt.load_checkpoint(self.engine, save_dir, tag)
-        if state.get("num_components") != self.cfg.adapter.num_components:
-            raise ValueError(f"checkpoint {save_dir / tag} has K = {state.get('num_components')} components, the "
-                             f"run config has adapter.num_components = {self.cfg.adapter.num_components}")
-        if state["total_steps"] != self.total_steps:
-            raise ValueError(f"checkpoint {save_dir / tag} was written for {state['total_steps']} steps, this run "
-                             f"plans {self.total_steps}: keep train.max_steps/num_epochs and the data unchanged")
         self.state = TrainState(state["global_step"], state["epoch"], state["batches_in_epoch"])
         if self.rank == 0:
             print(f"resumed from {save_dir / tag} at step {self.state.global_step}", flush=True)

@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import ModelConfig
@@ -41,14 +42,41 @@ def resolve_dtype(requested: str, bf16: bool | None = None) -> torch.dtype:
     return _DTYPES[requested]
 
 
+def _looks_like_a_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
 def resolve_model_path(cfg: ModelConfig) -> str:
-    """A local folder (checked for config.json), a built-in name (converted once), or a hub id."""
+    """A local folder (checked: config.json present, every safetensors file complete), a built-in
+    name (converted once), or a hub id. Fails in milliseconds, before any data or weights are read."""
     from .builtin_models import resolve_model_path as resolve_builtin
 
     path = resolve_builtin(cfg.name_or_path, cfg.cache_dir)
-    if Path(path).exists() and not (Path(path) / "config.json").is_file():
-        raise FileNotFoundError(f"model.name_or_path = {cfg.name_or_path!r}: {path} has no config.json")
-    return path
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        if _looks_like_a_path(cfg.name_or_path):
+            raise ModelError(f"model.name_or_path = {cfg.name_or_path!r}: no such folder")
+        return path
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"model.name_or_path = {cfg.name_or_path!r}: {folder} has no config.json")
+    check_safetensors(folder)
+    return str(folder)
+
+
+class ModelError(ValueError):
+    """The base model named by the run config cannot be used."""
+
+
+def check_safetensors(folder: Path) -> None:
+    """Open every weight file's header: a truncated or corrupt file is named here, not deep inside
+    transformers after the data set was built."""
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise ModelError(f"{file} is not a complete safetensors file ({err}); re-download or re-save "
+                             f"the model") from None
 
 
 def load_tokenizer(path: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:

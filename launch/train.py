@@ -30,15 +30,19 @@ def parse_args(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
-    try:
+    try:   # validated before the heavy imports: a bad value fails in well under a second
         cfg = load_config(args.config or REPO / "launch" / "configs" / "demo.yaml", overrides)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from comlora_ds.engine import Trainer
+    from comlora_ds.engine import INPUT_ERRORS, Trainer
 
-    trainer = Trainer(cfg, args.deepspeed)
-    result = trainer.train()
+    try:
+        trainer = Trainer(cfg, args.deepspeed)
+        result = trainer.train()
+    except INPUT_ERRORS as err:   # bad input (or a full disk): one line naming the problem, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     trainer.close()
     if result.checkpoint is not None:
         print(f"checkpoint: {result.checkpoint}\nnext: python launch/consolidate.py {result.checkpoint.parent} "

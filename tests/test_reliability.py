@@ -1,0 +1,346 @@
+"""Bad input stops the run before expensive work with one line naming the problem, writing nothing;
+faults (a killed rank, a kill inside a checkpoint, a full disk, a diverging loss) never cost the run.
+
+Runs through the real CLI: in-process for the input errors (they happen before any engine exists),
+under torchrun for the faults. See docs/reliability.md for the catalogue.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from comlora_ds import checkpoint as ckpt
+from comlora_ds.config import load_config
+from comlora_ds.ds_config import DeepSpeedConfigError, resolve_bf16
+
+from conftest import SHARED_DATA
+from test_engine import (FP32_TOL, REPO, _env, _port, assert_trajectories_match, base_overrides, ds_config, launch,
+                         reference, step_losses)  # noqa: F401  (reference is a fixture)
+
+TRAIN_JSON = SHARED_DATA / "commonsense" / "train" / "ARC-Challenge.json"
+
+
+def _train_cli():
+    spec = importlib.util.spec_from_file_location("train_cli", REPO / "launch" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.fixture(scope="module")
+def run_cli():
+    """launch/train.py's main() in this process; restores the environment and the process group."""
+    saved = dict(os.environ)
+    main = _train_cli()
+    yield main
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    if not folder.exists():
+        return {}
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _bad_json(tmp):
+    path = _write(tmp / "train.json", '[{"instruction": "q", "output": "a"},')
+    return {"data.train_files": f"[{path}]"}
+
+
+def _empty_json(tmp):
+    return {"data.train_files": f"[{_write(tmp / 'train.json', '[]')}]"}
+
+
+def _missing_field(tmp):
+    rows = [{"instruction": "q", "output": "a"}] * 3 + [{"instruction": "q"}]
+    return {"data.train_files": f"[{_write(tmp / 'train.json', json.dumps(rows))}]"}
+
+
+def _val_too_big(tmp):
+    return {"data.max_train_samples": "null", "data.val_size": 5000}
+
+
+def _all_overlong(tmp):
+    return {"data.overlong": "drop", "data.max_length": 8}
+
+
+def _missing_model(tmp):
+    return {"model.name_or_path": tmp / "no-such-model"}
+
+
+def _truncated_weights(tmp):
+    model = tmp / "model"
+    shutil.copytree(SHARED_DATA / "models" / "stories260K", model)
+    data = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(data[: len(data) // 2])
+    return {"model.name_or_path": model}
+
+
+def _unwritable_output(tmp):
+    return {"train.output_dir": "/proc/comlora-ds-test/run"}
+
+
+BAD_INPUTS = {
+    "malformed JSON": (_bad_json, "train.json: malformed JSON at line 1 column 38"),
+    "empty data set": (_empty_json, "train.json"),
+    "missing field": (_missing_field, "row 3: field 'output'"),
+    "validation split larger than the data": (_val_too_big, "val_size"),
+    "every row longer than max_length": (_all_overlong, "max_length"),
+    "missing model folder": (_missing_model, "no-such-model': no such folder"),
+    "truncated safetensors": (_truncated_weights, "model.safetensors is not a complete safetensors file"),
+    "output directory not writable": (_unwritable_output, "is not writable"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_fails_fast_naming_the_problem_and_writes_nothing(run_cli, tmp_path, capsys, case):
+    make, expected = BAD_INPUTS[case]
+    out = tmp_path / "run"
+    overrides = {"train.output_dir": out, **make(tmp_path)}
+    start = time.perf_counter()
+    rc = run_cli(["--deepspeed", str(ds_config(tmp_path, 2)), *base_overrides(out, **overrides)])
+    err = capsys.readouterr().err
+    assert rc == 2 and expected in err, err
+    assert err.count("\n") == 1, "one line, no traceback"
+    assert time.perf_counter() - start < 30
+    assert _snapshot(out) == {}
+
+
+def test_ds_config_contradiction_is_refused(run_cli, tmp_path, capsys):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 16, "zero_optimization": {"stage": 2}}))
+    rc = run_cli(["--deepspeed", str(ds), *base_overrides(tmp_path / "run")])
+    assert rc == 2 and "contradicts the run config train.micro_batch_size = 4" in capsys.readouterr().err
+    assert _snapshot(tmp_path / "run") == {}
+
+
+def test_an_existing_run_is_never_overwritten(reference, run_cli, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    before = _snapshot(out)
+    rc = run_cli(["--deepspeed", str(ds_config(tmp_path, 2)), *base_overrides(out)])
+    assert rc == 2 and "already holds a run; continue it with train.resume=auto" in capsys.readouterr().err
+    assert _snapshot(out) == before
+
+
+@pytest.mark.parametrize("override,message", [
+    ("adapter.num_components=3", "adapter.num_components = 2, this run has 3"),
+    ("adapter.rank=8", "adapter.rank = 4, this run has 8"),
+    ("train.max_steps=9", "written for 6 steps, this run plans 9"),
+])
+def test_resume_from_an_incompatible_checkpoint_is_refused(reference, run_cli, tmp_path, capsys, override, message):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    before = _snapshot(out)
+    rc = run_cli(["--deepspeed", str(ds_config(tmp_path, 2)), *base_overrides(out), "train.resume=auto", override])
+    assert rc == 2 and message in capsys.readouterr().err
+    assert _snapshot(out) == before
+
+
+def test_bf16_on_a_gpu_without_bf16_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100")
+    with pytest.raises(DeepSpeedConfigError, match="Tesla V100 does not support bf16"):
+        resolve_bf16(load_config(overrides=["train.bf16=true"]), {})
+    assert resolve_bf16(load_config(), {}) is False           # auto -> off there
+
+
+def test_latest_naming_a_folder_outside_is_refused(tmp_path):
+    (tmp_path / "latest").write_text("../../elsewhere")
+    with pytest.raises(ValueError, match="not a step_NNNNNNNN checkpoint folder"):
+        ckpt.read_latest(tmp_path)
+
+
+def test_no_shell_and_no_pickle_in_our_code():
+    """Static guard: no shell strings, every torch.load of ours is weights_only=True."""
+    sources = [p for d in ("comlora_ds", "launch") for p in (REPO / d).rglob("*.py")]
+    for path in sources:
+        text = path.read_text()
+        assert "shell=True" not in text and "os.system(" not in text, path
+        for line in text.splitlines():
+            if "torch.load(" in line:
+                assert "weights_only=True" in line, f"{path}: {line.strip()}"
+
+
+# ------------------------------------------------------------------------------------------- faults
+def _child_pids(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in children.read_text().split()] if children.exists() else []
+
+
+def _rank_pid(agent_pid: int, rank: int) -> int | None:
+    for child in _child_pids(agent_pid):
+        env = Path(f"/proc/{child}/environ")
+        try:
+            if f"RANK={rank}".encode() in env.read_bytes().split(b"\0"):
+                return child
+        except OSError:
+            continue
+    return None
+
+
+def _wait_for(predicate, proc, timeout=240):
+    deadline = time.time() + timeout
+    while not predicate() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    return predicate()
+
+
+@pytest.mark.distributed
+def test_one_rank_killed_mid_step_resumes_from_last_checkpoint(reference, tmp_path):
+    out = tmp_path / "run"
+    overrides = base_overrides(out, **{"train.micro_batch_size": 2, "train.save_steps": 2})
+    proc = launch(overrides, nproc=2, ds=ds_config(tmp_path, 2), wait=False)
+    metrics = out / "metrics.jsonl"
+    assert _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, proc)
+    victim = _rank_pid(proc.pid, 1)
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)              # only rank 1; torchrun tears the rest down
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert ckpt.read_latest(out / "checkpoints") in {"step_00000002", "step_00000004"}
+    launch(overrides + ["train.resume=auto"], nproc=2, ds=ds_config(tmp_path, 2))
+    assert_trajectories_match(step_losses(out), step_losses(reference), FP32_TOL)
+
+
+@pytest.mark.distributed
+def test_rank_killed_inside_a_checkpoint_leaves_the_previous_one(reference, tmp_path):
+    """A fault injected (tests/faults/sitecustomize.py) right after rank 1 wrote its part of the step-4
+    checkpoint, before it is published: `latest` still names step 2, and resuming matches."""
+    out = tmp_path / "run"
+    overrides = base_overrides(out, **{"train.micro_batch_size": 2, "train.save_steps": 2})
+    proc = _launch_with_fault(overrides, 2, ds_config(tmp_path, 2), COMLORA_TEST_KILL_IN_CHECKPOINT="4:1")
+    assert proc.returncode != 0 and "fault injected" in proc.stdout + proc.stderr
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000002"
+    assert (out / "checkpoints" / "tmp-step_00000004").is_dir()          # the partial one, never published
+    launch(overrides + ["train.resume=auto"], nproc=2, ds=ds_config(tmp_path, 2))
+    assert_trajectories_match(step_losses(out), step_losses(reference), FP32_TOL)
+    assert not (out / "checkpoints" / "tmp-step_00000004").exists()
+
+
+@pytest.mark.distributed
+def test_non_finite_loss_stops_naming_step_and_component(tmp_path):
+    """Component 1's loss turns NaN in the 3rd forward (optimizer step 3): the run stops before that
+    step is applied, naming it; the step-2 checkpoint holds only finite tensors."""
+    out = tmp_path / "run"
+    proc = _launch_with_fault(base_overrides(out, **{"train.save_steps": 2}), 1, ds_config(tmp_path, 2),
+                              COMLORA_TEST_NAN_AT_FORWARD="3:1")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "non-finite loss at optimizer step 3" in output and "component(s) [1]" in output, output[-3000:]
+    assert "the optimizer step was not applied" in output
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    state = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"))
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000002"
+    assert all(torch.isfinite(t).all() for t in state.values())
+
+
+def _launch_with_fault(overrides: list[str], nproc: int, ds: Path, **fault_env) -> subprocess.CompletedProcess:
+    env = {**_env(), "PYTHONPATH": f"{REPO / 'tests' / 'faults'}:{REPO}", **fault_env}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_port()}",
+           str(REPO / "launch" / "train.py"), "--deepspeed", str(ds), *overrides]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+@pytest.mark.distributed
+def test_full_disk_refuses_the_checkpoint_and_keeps_the_previous(reference, tmp_path):
+    """The checkpoint filesystem fills up after step 2 (another job, say): the step-4 save is refused
+    on every rank before a byte is written, step 2 stays `latest`, and once there is room the run
+    resumes and matches the uninterrupted one."""
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "48m"):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        out = disk / "run"
+        overrides = base_overrides(out, **{"train.save_steps": 2})
+        proc = _launch_with_fault(overrides, 1, ds_config(tmp_path, 2), COMLORA_TEST_FILL_DISK_AFTER="2")
+        output = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and "not enough free space" in output, output[-2000:]
+        assert "the last complete checkpoint (step_00000002) is untouched" in output
+        assert (out / "checkpoints" / "latest").read_text() == "step_00000002"
+        assert not list((out / "checkpoints").glob("tmp-*"))
+        (disk / "ballast").unlink()
+        launch(overrides + ["train.resume=auto"], nproc=1, ds=ds_config(tmp_path, 2))
+        assert_trajectories_match(step_losses(out), step_losses(reference), FP32_TOL)
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _soak(overrides: list[str], tmp_path: Path, stop_after_step: int | None) -> list[tuple[int, int]]:
+    """Runs 2 ranks, sampling (step, summed rank RSS) twice a second; SIGTERM once stop_after_step passed."""
+    proc = launch(overrides, nproc=2, ds=ds_config(tmp_path, 2), wait=False)
+    metrics = Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("train.output_dir="))) / "metrics.jsonl"
+    samples, stopped = [], False
+    while proc.poll() is None:
+        time.sleep(0.5)
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        step = json.loads(lines[-1]).get("step", 0) if lines else 0
+        ranks = [p for p in (_rank_pid(proc.pid, r) for r in (0, 1)) if p]
+        try:
+            samples.append((step, sum(_rss_kib(p) for p in ranks)))
+        except OSError:
+            pass
+        if stop_after_step and step >= stop_after_step and not stopped:
+            os.killpg(proc.pid, signal.SIGTERM)
+            stopped = True
+    proc.communicate()
+    return samples
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_soak_two_ranks_hundreds_of_steps_with_resume(tmp_path):
+    """2 ranks, 400 steps, a checkpoint every 10, SIGTERM at ~200 and resume=auto: every step is
+    logged once, the run ends at 400, and resident memory stays flat (last quarter vs second quarter)."""
+    out = tmp_path / "run"
+    overrides = base_overrides(out, **{"train.max_steps": 400, "train.save_steps": 10, "train.save_total_limit": 2,
+                                       "train.micro_batch_size": 2, "data.max_train_samples": 200})
+    first = _soak(overrides, tmp_path, stop_after_step=200)
+    second = _soak(overrides + ["train.resume=auto"], tmp_path, stop_after_step=None)
+    losses = step_losses(out)
+    assert sorted(losses) == list(range(1, 401)) and all(map(lambda v: v == v, losses.values()))
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000400"
+    assert len([p for p in (out / "checkpoints").iterdir() if p.name.startswith("step_")]) == 2
+    for samples in (first, second):
+        steady = [rss for step, rss in samples if rss > 0]
+        quarter = len(steady) // 4
+        mid = sorted(steady[quarter:2 * quarter])[quarter // 2]
+        end = sorted(steady[-quarter:])[quarter // 2]
+        print(f"RSS median KiB: second quarter {mid}, last quarter {end}, ratio {end / mid:.3f}")
+        assert end <= 1.10 * mid, (mid, end)

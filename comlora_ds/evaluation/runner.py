@@ -45,6 +45,7 @@ class EvalSettings:
     prompt_format: str = "hendrycks"
     prompt: str = "train"
     rule: str = "llm-adapters"
+    choice: bool = False
     max_history: Optional[int] = None
     bertscore_model: Optional[str] = None
     bertscore_layers: Optional[int] = None
@@ -62,6 +63,8 @@ class EvalSettings:
             raise ValueError(f"shots = {self.shots}: must be 0 or 5")
         if self.shots and self.task != "mmlu":
             raise ValueError("shots applies to --task mmlu only")
+        if self.choice and self.task != "commonsense":
+            raise ValueError("choice applies to --task commonsense only")
         for name in ("limit", "batch_size", "max_new_tokens", "max_prompt_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -107,8 +110,10 @@ def _run_task(model: Any, tokenizer: Any, s: EvalSettings, max_new_tokens: int) 
         data = load_commonsense(s.data or None, s.tasks or None)
         result = evaluate_commonsense(model, tokenizer, data, limit=s.limit, batch_size=s.batch_size,
                                       max_new_tokens=max_new_tokens, rule=s.rule, prompt=s.prompt,
-                                      max_prompt_tokens=budget, progress=s.progress)
+                                      max_prompt_tokens=budget, progress=s.progress, choice=s.choice)
         metrics = {"per_task": result["per_task"], "average": result["average"]}
+        if s.choice:
+            metrics["choice_average"] = result["choice_average"]
         return metrics, result["examples"], commonsense_markdown(metrics)
     if s.task == "mmlu":
         from .mmlu import default_dev_source, evaluate_mmlu, load_mmlu
@@ -184,10 +189,12 @@ def run_evaluation(settings: EvalSettings, model: Any = None, tokenizer: Any = N
 
 
 def commonsense_markdown(metrics: dict[str, Any]) -> str:
-    rows = [[task, r["accuracy"], f"{r['correct']}/{r['n']}", r["no_answer"], r["source"]]
-            for task, r in metrics["per_task"].items()]
-    rows.append(["**average**", metrics["average"], "", "", ""])
-    return markdown_table(["task", "accuracy (%)", "correct/n", "no keyword", "data"], rows)
+    choice = "choice_average" in metrics
+    rows = [[task, r["accuracy"], f"{r['correct']}/{r['n']}", r["no_answer"]] + ([r["choice_accuracy"]] if choice else [])
+            + [r["source"]] for task, r in metrics["per_task"].items()]
+    rows.append(["**average**", metrics["average"], "", ""] + ([metrics["choice_average"]] if choice else []) + [""])
+    header = ["task", "accuracy (%)", "correct/n", "no keyword"] + (["choice accuracy (%)"] if choice else []) + ["data"]
+    return markdown_table(header, rows)
 
 
 def mmlu_markdown(metrics: dict[str, Any]) -> str:

@@ -1,0 +1,197 @@
+"""Offline consolidation: ZeRO checkpoint -> fp32 tensors -> winner -> PEFT adapter + streamed merge + report.
+
+Runs on a CPU with no launcher and no GPU (``launch/consolidate.py`` is its CLI). Read :func:`consolidate` top
+to bottom; the pieces live in ``comlora_ds/export/``:
+
+1. ``recover``: find the checkpoint, recover every trainable tensor in fp32 (DeepSpeed's zero_to_fp32) and check
+   each against the shapes the run config + base model imply (refusing empty/partial ZeRO-3 tensors).
+2. ``scoring``: rebuild the trained model and score the stored validation split: accumulated selector score
+   per component (the winner, DESIGN.md section 1), per-component validation LM loss, per-sample argmax counts.
+3. ``factors``: component k of each layer as LoRA factors (A', B', scaling), the one place a method extends.
+4. ``peft_adapter``: the winner (and optionally every component) as a standard PEFT LoRA adapter.
+5. ``merge``: the winner merged into the base, shard by shard, tensor by tensor, in fp32, cast to the base dtype.
+6. ``report``: report.json, report.md, plots.
+``outdir`` makes it all-or-nothing: built beside OUT, renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import gc
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from .export.errors import ConsolidationError
+from .export.factors import ComponentExporter
+from .export.merge import stream_merge
+from .export.outdir import check_output, fingerprint, publish, staging
+from .export.peft_adapter import copy_tokenizer, write_peft_adapter
+from .export.recover import check_tensors, expected_shapes, locate_checkpoint, recover_tensors
+from .export.report import read_training_metrics, write_plots, write_report
+from .export.scoring import build_live_model, load_validation_rows, resolve_score_dtype, score_checkpoint
+from .validation import ValidationScores
+
+__all__ = ["ConsolidationError", "consolidate", "choose_winner", "resolve_base"]
+
+
+def resolve_base(base: str | None, ref) -> tuple[str, Path]:
+    """(name recorded in adapter_config.json, local folder with config + safetensors). Default: the run's
+    ``model.name_or_path`` (built-in names resolve to their converted folder; hub ids to the local HF cache)."""
+    from .modeling import resolve_model_path
+
+    if base is None:
+        try:
+            base = resolve_model_path(ref.cfg.model)
+        except (FileNotFoundError, ImportError) as err:
+            raise ConsolidationError(f"base model of the run ({ref.cfg.model.name_or_path!r}): {err}; pass --base "
+                                     f"PATH if it moved") from None
+    path = Path(base).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConsolidationError(f"base model {path} has no config.json")
+        return str(path.resolve()), path.resolve()
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(base, allow_patterns=["*.json", "*.safetensors"])
+    except Exception as err:
+        raise ConsolidationError(f"base model {base!r} is neither a folder nor an available hub model: {err}") from None
+    return base, Path(local)
+
+
+def choose_winner(requested: int | None, scores: ValidationScores | None, num_components: int) -> tuple[int, str]:
+    if requested is not None:
+        return requested, "user (--winner)"
+    if num_components == 1:
+        return 0, "single component"
+    if scores is not None:
+        return scores.winner, "selector" if scores.sim_sum is not None else "validation_loss"
+    raise ConsolidationError(f"K = {num_components} and no validation split was scored (the checkpoint has no "
+                             f"validation_rows.jsonl, or scoring was skipped): pass --winner k")
+
+
+def consolidate(checkpoint: str | Path, out: str | Path, *, winner: int | None = None, base: str | None = None,
+                all_components: bool = False, adapter: bool = True, merged: bool = True, score: bool = True,
+                overwrite: bool = False, batch_size: int | None = None, device: str = "cpu",
+                score_dtype: str = "auto", log: Callable[[str], None] = lambda msg: None) -> dict:
+    """Consolidates ``checkpoint`` into ``out``; returns the report (also written as report.json).
+
+    Raises :class:`ConsolidationError` (with nothing written) for a missing/partial checkpoint, one that does
+    not match the base model, or an ``out`` that holds a different model (unless ``overwrite``)."""
+    clock = _Clock()
+    # 1. the checkpoint, its base model, every trainable tensor in fp32, checked twice against the model
+    ref = locate_checkpoint(checkpoint)
+    cfg, k_total = ref.cfg, ref.cfg.adapter.num_components
+    if winner is not None and not 0 <= winner < k_total:
+        raise ConsolidationError(f"--winner {winner}: the checkpoint has K = {k_total} components (0 .. {k_total - 1})")
+    base_name, base_dir = resolve_base(base, ref)
+    from transformers import AutoConfig
+
+    base_config = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=cfg.model.trust_remote_code)
+    log(f"checkpoint {ref.step_dir} (ZeRO stage {ref.zero_stage}, {ref.world_size} rank(s)); base {base_dir}")
+    expected = expected_shapes(cfg, base_config)
+    check_tensors(ref.recorded_shapes, expected, cfg, base_name)      # before DeepSpeed reads the shards
+    tensors = recover_tensors(ref)
+    check_tensors(tensors, expected, cfg, base_name)                  # what it actually rebuilt
+    log(f"recovered {len(tensors)} tensors ({sum(t.numel() for t in tensors.values())} elements), all full-shape")
+    clock.lap("recover")
+
+    # 2. may we write OUT? (refuse before the expensive part)
+    out = Path(out).expanduser().resolve()
+    options = {"winner": winner, "all_components": all_components, "adapter": adapter, "merged": merged,
+               "score": score}
+    fp = fingerprint(tensors, ref.step_dir, base_name, options)
+    check_output(out, fp, overwrite, protected=[ref.step_dir, base_dir])
+
+    # 3. score the validation split, choose the winner
+    scores = None
+    rows = load_validation_rows(ref.step_dir) if score else None
+    if rows:
+        model = build_live_model(cfg, str(base_dir), tensors, resolve_score_dtype(score_dtype, device), device)
+        scores = score_checkpoint(model, rows, ref.step_dir / "tokenizer", k_total,
+                                  batch_size or cfg.train.micro_batch_size, device)
+        del model
+        gc.collect()
+        log(f"validation ({scores.num_samples} rows): mean loss "
+            f"{[round(x, 4) for x in scores.mean_loss.tolist()]}, winner {scores.winner}")
+        clock.lap("score")
+    chosen, chosen_by = choose_winner(winner, scores, k_total)
+
+    # 4. write everything beside OUT, then publish it in one rename
+    exporter = ComponentExporter(tensors, cfg.adapter)
+    tokenizer_dir = ref.step_dir / "tokenizer"
+    outputs, written = {}, {}
+    with staging(out) as tmp:
+        if adapter:
+            written["adapter"] = write_peft_adapter(exporter, chosen, cfg.adapter, base_name, tmp / "adapter",
+                                                    tokenizer_dir)
+            outputs["adapter"] = "adapter"
+        if all_components:
+            outputs["components"] = [f"components/component_{k}" for k in range(k_total)]
+            for k, folder in enumerate(outputs["components"]):
+                write_peft_adapter(exporter, k, cfg.adapter, base_name, tmp / folder, tokenizer_dir)
+        clock.lap("adapters")
+        if merged:
+            shapes = {f"{m}.weight": (t["lora_B"].shape[1], t["lora_A"].shape[2]) for m, t in exporter.layers.items()}
+            written["merge"] = stream_merge(base_dir, tmp / "merged", exporter.weight_deltas(chosen), shapes)
+            copy_tokenizer(tokenizer_dir, tmp / "merged")
+            outputs["merged"] = "merged"
+            log(f"merged component {chosen} into {len(written['merge']['shards'])} shard(s)")
+            clock.lap("merge")
+        curves = read_training_metrics(ref.run_dir)
+        validation = scores.as_dict() if scores is not None else None
+        report = {**_summary(ref, base_name, base_dir, tensors, exporter), **written,
+                  "winner": chosen, "winner_by": chosen_by, "validation": validation,
+                  "selector_winner_is_lowest_loss": validation and validation["selector_winner_is_lowest_loss"],
+                  "training": _training_summary(curves), "outputs": outputs, "fingerprint": fp}
+        report["plots"] = write_plots(tmp, curves, validation, chosen)
+        clock.lap("report")
+        report["seconds"] = clock.seconds
+        write_report(tmp, report)
+        publish(tmp, out)
+    log(f"wrote {out}")
+    return report
+
+
+class _Clock:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name], self._last = round(now - self._last, 3), now
+
+
+def _summary(ref, base_name: str, base_dir: Path, tensors: dict, exporter: ComponentExporter) -> dict:
+    a = ref.cfg.adapter
+    return {"checkpoint": ref.describe(), "base_model": {"path": base_name, "folder": str(base_dir)},
+            "method": a.method, "num_components": a.num_components, "rank": a.rank, "alpha": a.alpha,
+            "use_rslora": a.use_rslora, "target_modules": list(a.target_modules),
+            "selector": any(name.startswith("selector.") for name in tensors),
+            "tensors": {"count": len(tensors), "elements": sum(t.numel() for t in tensors.values()),
+                        "adapted_layers": len(exporter.layers)},
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": _versions(),
+            "machine": platform.platform()}
+
+
+def _training_summary(curves: dict | None) -> dict | None:
+    if curves is None:
+        return None
+    return {"steps": len(curves["steps"]), "last_step": curves["steps"][-1],
+            "final_component_loss": [losses[-1] for losses in curves["component_loss"]],
+            "winner_windows": curves["winner_windows"]}
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("comlora_ds", "torch", "transformers", "peft", "deepspeed", "safetensors"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out

@@ -1,0 +1,64 @@
+"""Scoring the stored validation split offline: the real model (base + K adapters + selector) rebuilt from the
+run config and the recovered tensors, then ``comlora_ds.validation.score_validation`` (DESIGN.md section 1:
+accumulated selector similarity per component, per-component LM loss, per-sample argmax counts)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import RunConfig
+from ..data import ResponseCollator, prepare_tokenizer
+from ..model import ComLoRAModel, build_model
+from ..modeling import load_base_model
+from ..validation import ValidationScores, score_validation
+from .errors import ConsolidationError
+
+VALIDATION_ROWS = "validation_rows.jsonl"
+
+
+def resolve_score_dtype(name: str, device: str) -> torch.dtype:
+    """auto: bf16 on a CUDA device that supports it, else fp32 (bf16 is ~26x slower on CPUs without AMX)."""
+    if name == "auto":
+        fast = device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if fast else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_validation_rows(step_dir: Path) -> list[dict] | None:
+    path = step_dir / VALIDATION_ROWS
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for i, row in enumerate(rows):
+        if "input_ids" not in row or "labels" not in row:
+            raise ConsolidationError(f"{path} line {i + 1} has no input_ids/labels: not a tokenised validation split")
+    return rows
+
+
+def build_live_model(cfg: RunConfig, base_path: str, tensors: dict[str, torch.Tensor],
+                     dtype: torch.dtype = torch.float32, device: str = "cpu") -> ComLoRAModel:
+    """The trained ComLoRAModel: the base loaded from ``base_path`` in ``dtype``, adapters (fp32) and selector
+    injected as in training, the recovered tensors loaded. In eval mode (no dropout)."""
+    cfg = copy.deepcopy(cfg)
+    cfg.model.gradient_checkpointing = False
+    model = build_model(cfg, load_base_model(base_path, cfg.model, dtype))
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    not_loaded = sorted(trainable & set(missing))
+    if not_loaded or unexpected:
+        raise ConsolidationError(f"the recovered tensors do not fit the model: missing {not_loaded[:5]}, "
+                                 f"unexpected {sorted(unexpected)[:5]}")
+    return model.to(device).eval()
+
+
+def score_checkpoint(model: ComLoRAModel, rows: list[dict], tokenizer_dir: Path, num_components: int,
+                     batch_size: int, device: str = "cpu") -> ValidationScores:
+    from transformers import AutoTokenizer
+
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(str(tokenizer_dir)))
+    collate = ResponseCollator(tokenizer.pad_token_id)
+    return score_validation(model, rows, collate, num_components, batch_size, device)

@@ -1,0 +1,530 @@
+"""Consolidation of real ZeRO-2 / ZeRO-3 checkpoints written by 2-rank CPU runs (and a 1-rank run of the same
+training) on the real tiny pretrained LLaMA stories260K.
+
+References are independent of the code under test: the live engine's parameters (gathered with
+``GatheredParameters`` at the end of training, in the training processes), the validation scores the trainer
+computed through the DeepSpeed engine, the unmerged K-component model's logits (the training forward), stock
+transformers/peft loading the outputs in a process that never imports comlora_ds, and the 1-rank run.
+
+Run as a script (under torchrun) this file is the training driver that also dumps the live parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+# Logits are compared relative to their scale: max |got - want| <= TOL * max |want|. Rounding errors of a sum
+# in another order scale with the operands, not with each (possibly near-zero) result.
+FP32_TOL = 1e-5     # fp32: the same maths in another order ((W0 + s B A) x vs W0 x + s B (A x))
+ADAM_TOL = 5e-4     # A and B of a 2-rank vs a 1-rank run: gradients differ by reduction order (~1e-7 relative);
+#                     Adam divides by sqrt(v), which magnifies that where gradients are tiny (measured: 1.5e-4 of
+#                     the tensor's scale under ZeRO-3). The merged weights and losses still agree to 1e-5.
+BF16_MERGE_TOL = 1e-2   # merged bf16 weights evaluated in fp32 vs the fp32 computation: one rounding of each merged
+#                         weight to bf16 (2^-9 relative) compounded through 5 layers (measured 4.3e-3)
+BF16_TOL = 5e-2     # bf16 forward passes vs the fp32 computation: 8 mantissa bits in every activation; the base model
+#                     alone in bf16 is 1.7e-2 away from itself in fp32 (measured: merged 1.7e-2, PEFT 2.3e-2,
+#                     unmerged 2.4e-2; they differ from each other by up to 3.2e-2 as their roundings differ)
+STEP = "step_00000006"
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
+
+
+def _overrides(output_dir: Path, shared: Path, **extra) -> list[str]:
+    items = {
+        "model.name_or_path": shared / "models" / "stories260K",
+        "data.train_files": f"[{shared / 'commonsense' / 'train' / 'ARC-Challenge.json'}]",
+        "data.max_train_samples": 48, "data.val_size": 8, "data.max_length": 64,
+        "adapter.num_components": 2, "adapter.rank": 4, "adapter.dropout": 0.0, "comlora.noise": 0.0,
+        "train.max_steps": 6, "train.save_steps": 0, "train.learning_rate": 5e-3, "train.micro_batch_size": 4,
+        "train.output_dir": output_dir, "logging.wandb_mode": "disabled", "logging.winner_window": 2,
+    }
+    items.update(extra)
+    return [f"{key}={value}" for key, value in items.items()]
+
+
+def _zero_config(folder: Path, stage: int) -> Path:
+    cfg = json.loads((REPO / "ds_configs" / f"zero{stage}.json").read_text())
+    if stage == 3:   # else tiny tensors are never partitioned and ZeRO-3 is not tested
+        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path = folder / f"zero{stage}.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def train_and_dump(argv: list[str]) -> None:
+    """torchrun entry: train like launch/train.py, then gather the live trainable parameters of the engine
+    (ZeRO-3: GatheredParameters) and save them, with the persistent buffers, on rank 0 as
+    ``<output_dir>/live_parameters.pt``."""
+    sys.path.insert(0, str(REPO))
+    import deepspeed
+    import torch.distributed as dist
+
+    from comlora_ds.config import load_config
+    from comlora_ds.engine import Trainer
+
+    ds_config, overrides = argv[0], argv[1:]
+    cfg = load_config(REPO / "launch" / "configs" / "demo.yaml", overrides)
+    trainer = Trainer(cfg, ds_config)
+    trainer.train()
+    params = [(name, p) for name, p in trainer.engine.module.named_parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
+        live = {name: p.detach().clone().float() for name, p in params}
+    persistent = set(trainer.engine.module.state_dict())
+    live.update({name: b.detach().clone() for name, b in trainer.engine.module.named_buffers() if name in persistent})
+    if dist.get_rank() == 0:
+        torch.save(live, Path(cfg.train.output_dir) / "live_parameters.pt")
+    trainer.close()
+
+
+if __name__ == "__main__":
+    train_and_dump(sys.argv[1:])
+    sys.exit(0)
+
+# ------------------------------------------------------------------------------------------ pytest from here
+from comlora_ds.adapters.inject import active_component  # noqa: E402
+from comlora_ds.consolidate import ConsolidationError, consolidate  # noqa: E402
+from comlora_ds.data import ResponseCollator  # noqa: E402
+from comlora_ds.export.recover import locate_checkpoint, recover_tensors  # noqa: E402
+from comlora_ds.export.scoring import build_live_model, load_validation_rows  # noqa: E402
+
+from conftest import SHARED_DATA  # noqa: E402
+
+pytestmark = pytest.mark.distributed
+
+# name: (ZeRO stage, ranks, overrides); global batch 4 in all. "one" is the 1-rank twin of z2/z3; "lora" is plain
+# LoRA (K = 1, no selector); "nosel" is ComLoRA without a selector (winner by validation loss); "dash" is ComLoRA x
+# LoRA-Dash on ZeRO-3 (directions chosen after step 2, scales trained at step 3: exported as rank r + s_d).
+RUNS = {"z2": (2, 2, {}), "z3": (3, 2, {}), "one": (2, 1, {}),
+        "lora": (2, 1, {"adapter.num_components": 1, "train.max_steps": 3}),
+        "nosel": (2, 1, {"comlora.no_selector": "true", "train.max_steps": 3}),
+        "dash": (3, 2, {"adapter.method": "lora_dash", "lora_dash.t_steps": 2, "lora_dash.num_directions": 2,
+                        "train.max_steps": 3})}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for name, (stage, nproc, extra) in RUNS.items():
+        run = root / name
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_port()}",
+               __file__, str(_zero_config(root, stage)),
+               *_overrides(run, SHARED_DATA, **{"train.micro_batch_size": 4 // nproc, **extra})]
+        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        out[name] = run
+    return out
+
+
+@pytest.fixture(scope="module")
+def bf16_base(tmp_path_factory) -> Path:
+    """stories260K saved in bf16 in many small shards (a bf16, sharded base for the same checkpoints)."""
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path_factory.mktemp("base") / "stories260K-bf16"
+    model = AutoModelForCausalLM.from_pretrained(SHARED_DATA / "models" / "stories260K", dtype=torch.bfloat16)
+    model.save_pretrained(path, max_shard_size="200KB")
+    return path
+
+
+@contextmanager
+def dash_export_rule():
+    """LoRA-Dash's own export rule (comlora_ds.methods.lora_dash.export_factors), registered for the duration if the
+    method module does not register it itself yet."""
+    from comlora_ds.export import factors
+    from comlora_ds.methods import lora_dash
+
+    added = "lora_dash" not in factors._RULES
+    if added:
+        factors.register_factors("lora_dash")(lora_dash.export_factors)
+    try:
+        yield
+    finally:
+        if added:
+            factors.unregister_factors("lora_dash")
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "launch" / "consolidate.py"), *map(str, args)], env=_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def exports(runs, bf16_base, tmp_path_factory) -> dict[str, Path]:
+    """z3 through the CLI (with every component), the others through the library."""
+    root = tmp_path_factory.mktemp("exports")
+    proc = run_cli(runs["z3"] / "checkpoints", "--out", root / "z3", "--all-components")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "winner: component" in proc.stdout
+    consolidate(runs["z2"] / "checkpoints", root / "z2")
+    consolidate(runs["one"] / "checkpoints" / STEP, root / "one")
+    consolidate(runs["z2"], root / "z2_bf16", base=str(bf16_base))
+    for name in ("lora", "nosel"):
+        consolidate(runs[name] / "checkpoints", root / name)
+    with dash_export_rule():
+        consolidate(runs["dash"] / "checkpoints", root / "dash")
+    return {name: root / name for name in ("z2", "z3", "one", "z2_bf16", "lora", "nosel", "dash")}
+
+
+def assert_logits_close(got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
+    diff, scale = (got.float() - want.float()).abs().max().item(), want.float().abs().max().item()
+    assert diff <= tol * scale, f"max |difference| {diff:.3g} > {tol:g} x max |logit| {scale:.3g}"
+
+
+def validation_batch(run: Path) -> dict[str, torch.Tensor]:
+    rows = load_validation_rows(step_dir(run))
+    batch = ResponseCollator(0)(rows)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+STOCK_SCRIPT = r"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+jobs, batches = json.loads(sys.argv[1]), torch.load(sys.argv[2])
+out = {}
+for name, job in jobs.items():
+    dtype = getattr(torch, job["dtype"])
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(job["merged"], dtype=dtype).eval()
+        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(job["base"], dtype=dtype),
+                                         job["adapter"]).eval()
+        out[name] = {"merged": merged(**batches[name]).logits, "peft": peft(**batches[name]).logits,
+                     "merged_dtype": str(merged.dtype)}
+assert not [m for m in sys.modules if m.split(".")[0] == "comlora_ds"], "comlora_ds was imported"
+torch.save(out, sys.argv[3])
+"""
+
+
+@pytest.fixture(scope="module")
+def stock_logits(runs, exports, bf16_base, tmp_path_factory) -> dict:
+    """Logits of every merged model and PEFT adapter, loaded by stock transformers/peft in a fresh process that
+    never imports comlora_ds (run from a folder outside the repo, without PYTHONPATH)."""
+    root = tmp_path_factory.mktemp("stock")
+    base = str(SHARED_DATA / "models" / "stories260K")
+    jobs = {name: {"merged": str(exports[name] / "merged"), "adapter": str(exports[name] / "adapter"),
+                   "base": str(bf16_base) if name == "z2_bf16" else base,
+                   "dtype": "bfloat16" if name == "z2_bf16" else "float32"} for name in exports}
+    torch.save({name: validation_batch(runs[name.split("_")[0]]) for name in jobs}, root / "batches.pt")
+    env = {k: v for k, v in _env().items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", STOCK_SCRIPT, json.dumps(jobs), str(root / "batches.pt"),
+                           str(root / "logits.pt")], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(root / "logits.pt")
+
+
+def step_dir(run: Path) -> Path:
+    return locate_checkpoint(run / "checkpoints").step_dir
+
+
+def unmerged_logits(run: Path, export: Path, dtype=torch.float32, base: Path | None = None) -> torch.Tensor:
+    """The training-time forward: base + all K adapters, only the winner active (no merge, no PEFT)."""
+    ref = locate_checkpoint(run / "checkpoints")
+    report = json.loads((export / "report.json").read_text())
+    model = build_live_model(ref.cfg, str(base or ref.cfg.model.name_or_path), recover_tensors(ref), dtype)
+    with torch.no_grad(), active_component(model.llm, report["winner"]):
+        return model.llm(**validation_batch(run)).logits
+
+
+# --------------------------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("name", list(RUNS))
+def test_recovered_tensors_equal_the_live_engine_parameters(runs, name):
+    ref = locate_checkpoint(runs[name] / "checkpoints")
+    assert (ref.zero_stage, ref.world_size) == RUNS[name][:2]
+    recovered = recover_tensors(ref)
+    live = torch.load(runs[name] / "live_parameters.pt")
+    selector = 13 if ref.cfg.is_comlora and not ref.cfg.comlora.no_selector else 0
+    dash = 6 if ref.cfg.adapter.method == "lora_dash" else 0                           # dash_d + 5 buffers
+    assert recovered.keys() == live.keys() and len(live) == 5 * 7 * (2 + dash) + selector
+    for tensor_name, value in live.items():
+        assert recovered[tensor_name].dtype == (torch.float32 if value.is_floating_point() else value.dtype)
+        assert torch.equal(recovered[tensor_name], value), tensor_name
+
+
+@pytest.mark.parametrize("name", ["z2", "z3"])
+def test_offline_scores_match_the_trainers_validation(runs, exports, name):
+    """The engine scored the same rows at the end of training; the offline model gives the same numbers."""
+    report = json.loads((exports[name] / "report.json").read_text())
+    trained = json.loads((runs[name] / "validation.json").read_text())
+    v = report["validation"]
+    assert report["winner"] == trained["winner"] == v["winner"] and report["winner_by"] == "selector"
+    assert v["mean_loss"] == pytest.approx(trained["mean_loss"], rel=FP32_TOL)
+    assert v["sim_sum"] == pytest.approx(trained["sim_sum"], rel=FP32_TOL, abs=FP32_TOL)
+    assert v["selector_argmax_counts"] == trained["selector_argmax_counts"] and v["num_samples"] == 8
+    assert report["selector_winner_is_lowest_loss"] == (v["winner"] == v["lowest_loss_component"])
+
+
+@pytest.mark.parametrize("name", ["z2", "z3", "lora", "nosel", "dash"])
+def test_merged_model_and_peft_adapter_give_the_unmerged_winners_logits(runs, exports, stock_logits, name):
+    want = unmerged_logits(runs[name], exports[name])
+    got = stock_logits[name]
+    assert got["merged_dtype"] == "torch.float32"
+    assert_logits_close(got["merged"], want, FP32_TOL)
+    assert_logits_close(got["peft"], want, FP32_TOL)
+
+
+def test_lora_dash_exports_rank_r_plus_s(runs, exports):
+    """ComLoRA x LoRA-Dash on ZeRO-3: the directions were chosen (buffers in the checkpoint), the winner's adapter is a
+    rank-(r + s_d) PEFT LoRA (its logits are checked with the others above)."""
+    report = json.loads((exports["dash"] / "report.json").read_text())
+    tensors = recover_tensors(locate_checkpoint(runs["dash"] / "checkpoints"))
+    assert bool(tensors["llm.model.layers.2.mlp.up_proj.dash_active"]) and \
+        tensors["llm.model.layers.2.mlp.up_proj.dash_d"].abs().sum() > 0
+    config = json.loads((exports["dash"] / "adapter" / "adapter_config.json").read_text())
+    assert report["method"] == "lora_dash" and config["r"] == report["adapter"]["rank"] == 4 + 2
+
+
+@pytest.mark.parametrize("name,winner_by", [("lora", "single component"), ("nosel", "validation_loss")])
+def test_runs_without_a_selector(runs, exports, name, winner_by):
+    """K = 1: the winner is component 0. No selector: the lowest validation loss (as the trainer found it)."""
+    report = json.loads((exports[name] / "report.json").read_text())
+    trained = json.loads((runs[name] / "validation.json").read_text())
+    assert report["winner_by"] == winner_by and not report["selector"]
+    assert report["winner"] == trained["winner"] == report["validation"]["lowest_loss_component"]
+    assert report["validation"]["sim_sum"] is None and report["validation"]["winner_by"] == "validation_loss"
+    assert report["validation"]["mean_loss"] == pytest.approx(trained["mean_loss"], rel=FP32_TOL)
+    assert len(report["validation"]["mean_loss"]) == report["num_components"] == (1 if name == "lora" else 2)
+
+
+def test_bf16_sharded_base(runs, exports, stock_logits, bf16_base):
+    """A bf16 base in many shards: the same shard names and index, bf16 weights merged in fp32 then cast once.
+    Reference: the fp32 computation (the bf16 base weights upcast, fp32 adapters, only the winner active)."""
+    from transformers import AutoModelForCausalLM
+
+    export = exports["z2_bf16"]
+    report = json.loads((export / "report.json").read_text())
+    index = json.loads((bf16_base / "model.safetensors.index.json").read_text())
+    shards = list(dict.fromkeys(index["weight_map"].values()))
+    assert len(shards) > 1 and report["merge"]["shards"] == shards and report["merge"]["dtypes"] == ["BF16"]
+    assert (export / "merged" / "model.safetensors.index.json").read_bytes() == \
+        (bf16_base / "model.safetensors.index.json").read_bytes()
+    want = unmerged_logits(runs["z2"], export, torch.float32, bf16_base)
+    with torch.no_grad():
+        merged_fp32 = AutoModelForCausalLM.from_pretrained(export / "merged", dtype=torch.float32)
+        assert_logits_close(merged_fp32(**validation_batch(runs["z2"])).logits, want, BF16_MERGE_TOL)
+    got = stock_logits["z2_bf16"]
+    assert got["merged_dtype"] == "torch.bfloat16"
+    assert_logits_close(got["merged"], want, BF16_TOL)
+    assert_logits_close(got["peft"], want, BF16_TOL)
+    assert_logits_close(unmerged_logits(runs["z2"], export, torch.bfloat16, bf16_base), want, BF16_TOL)
+
+
+@pytest.mark.parametrize("name", ["z2", "z3"])
+def test_two_rank_consolidation_equals_one_rank(exports, name):
+    """Same training on 1 rank: same winner, scores and written weights (fp32, reduction order only)."""
+    from safetensors.torch import load_file
+
+    two, one = (json.loads((exports[n] / "report.json").read_text()) for n in (name, "one"))
+    assert two["winner"] == one["winner"] and two["tensors"] == one["tensors"]
+    assert two["validation"]["mean_loss"] == pytest.approx(one["validation"]["mean_loss"], rel=FP32_TOL)
+    assert two["validation"]["sim_sum"] == pytest.approx(one["validation"]["sim_sum"], rel=ADAM_TOL, abs=ADAM_TOL)
+    for path, tol in (("adapter/adapter_model.safetensors", ADAM_TOL), ("merged/model.safetensors", FP32_TOL)):
+        a, b = load_file(exports[name] / path), load_file(exports["one"] / path)
+        assert a.keys() == b.keys()
+        for key in a:
+            diff, scale = (a[key] - b[key]).abs().max().item(), b[key].abs().max().item()
+            assert diff <= tol * scale, f"{path} {key}: {diff:.3g} > {tol} x {scale:.3g}"
+
+
+def test_cli_writes_every_output_and_the_report(runs, exports):
+    from safetensors.torch import load_file
+
+    export, ref = exports["z3"], locate_checkpoint(runs["z3"] / "checkpoints")
+    report = json.loads((export / "report.json").read_text())
+    assert report["checkpoint"]["zero_stage"] == 3 and report["checkpoint"]["world_size"] == 2
+    assert report["outputs"] == {"adapter": "adapter", "merged": "merged",
+                                 "components": ["components/component_0", "components/component_1"]}
+    assert sorted(report["plots"]) == ["plots/training_loss.png", "plots/validation.png", "plots/winner_counts.png"]
+    assert [w["step"] for w in report["training"]["winner_windows"]] == [2, 4, 6]
+    md = (export / "report.md").read_text()
+    assert f"| {report['winner']} **(winner)** |" in md and "![validation](plots/validation.png)" in md
+    config = json.loads((export / "adapter" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"], config["use_rslora"], config["task_type"]) == \
+        (4, 16.0, 0.0, False, "CAUSAL_LM")
+    assert sorted(config["target_modules"]) == sorted(ref.cfg.adapter.target_modules)
+    assert config["base_model_name_or_path"] == str(SHARED_DATA / "models" / "stories260K")
+    tensors = recover_tensors(ref)
+    for k in range(2):
+        adapter = load_file(export / "components" / f"component_{k}" / "adapter_model.safetensors")
+        assert len(adapter) == 2 * 5 * 7
+        key = "base_model.model.model.layers.3.mlp.down_proj"
+        assert torch.equal(adapter[f"{key}.lora_A.weight"], tensors["llm.model.layers.3.mlp.down_proj.lora_A"][k])
+        assert torch.equal(adapter[f"{key}.lora_B.weight"], tensors["llm.model.layers.3.mlp.down_proj.lora_B"][k])
+    winner_dir = export / "components" / f"component_{report['winner']}"
+    assert (winner_dir / "adapter_model.safetensors").read_bytes() == \
+        (export / "adapter" / "adapter_model.safetensors").read_bytes()
+    for folder in ("adapter", "merged"):
+        assert (export / folder / "tokenizer.json").is_file()
+    assert not list(export.parent.glob(".z3.*"))
+
+
+def test_winner_override_and_an_existing_output(runs, tmp_path):
+    """Same consolidation again: fine (idempotent). Another winner into the same OUT: refused, OUT untouched;
+    with overwrite: replaced, and the report says who chose."""
+    out = tmp_path / "export"
+    first = consolidate(runs["z2"] / "checkpoints", out)
+    consolidate(runs["z2"] / "checkpoints", out)
+    other = 1 - first["winner"]
+    before = (out / "merged" / "model.safetensors").read_bytes()
+    with pytest.raises(ConsolidationError, match=rf"already holds a different model \(consolidated from .*{STEP}, "
+                                                 rf"winner {first['winner']}\); pass --overwrite"):
+        consolidate(runs["z2"] / "checkpoints", out, winner=other)
+    assert (out / "merged" / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    report = consolidate(runs["z2"] / "checkpoints", out, winner=other, overwrite=True)
+    assert report["winner"] == other and report["winner_by"] == "user (--winner)"
+    assert report["validation"]["winner"] == first["winner"]                 # still scored and reported
+    assert (out / "merged" / "model.safetensors").read_bytes() != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+def _copy_checkpoint(run: Path, dest: Path) -> Path:
+    step = dest / "checkpoints" / STEP
+    shutil.copytree(run / "checkpoints" / STEP, step)
+    (dest / "checkpoints" / "latest").write_text(STEP)
+    return step
+
+
+def _edit_run_config(step: Path, **adapter) -> None:
+    import yaml
+
+    cfg = yaml.safe_load((step / "run_config.yaml").read_text())
+    cfg["adapter"].update(adapter)
+    (step / "run_config.yaml").write_text(yaml.safe_dump(cfg))
+
+
+def _rewrite_zero3_shape(step: Path, name: str, shape: list[int]) -> None:
+    """Fabricate a consistent ZeRO-3 checkpoint in which tensor ``name`` has ``shape`` (e.g. [0], the empty-tensor
+    trap): its recorded shape on every rank and its slice of every rank's fp32 partition are rewritten."""
+    model_files = sorted(step.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"))
+    world = len(model_files)
+    states = [torch.load(f, weights_only=False) for f in model_files]
+    order = [(n, s) for group in states[0]["param_shapes"] for n, s in group.items()]
+    offset = 0
+    for n, s in order:
+        if n == name:
+            old_part = math.ceil(s.numel() / world)
+            break
+        offset += math.ceil(s.numel() / world)
+    new_part = math.ceil(math.prod(shape) / world)
+    for state, path in zip(states, model_files):
+        for group in state["param_shapes"]:
+            if name in group:
+                group[name] = torch.Size(shape)
+        torch.save(state, path)
+    for rank in range(world):
+        path = step / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+        optim = torch.load(path, weights_only=False)
+        groups = optim["optimizer_state_dict"]["fp32_flat_groups"]
+        start = 0
+        for i, flat in enumerate(groups):
+            if start <= offset < start + flat.numel():
+                local = offset - start
+                groups[i] = torch.cat([flat[:local], flat[local:local + new_part], flat[local + old_part:]])
+                break
+            start += flat.numel()
+        torch.save(optim, path)
+
+
+def _truncate_rank1_partition(step: Path) -> None:
+    path = step / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    optim = torch.load(path, weights_only=False)
+    optim["optimizer_state_dict"]["fp32_flat_groups"][0] = optim["optimizer_state_dict"]["fp32_flat_groups"][0][:-100]
+    torch.save(optim, path)
+
+
+Q_A = "llm.model.layers.0.self_attn.q_proj.lora_A"
+REFUSALS = {
+    "wrong_K": ("z2", lambda s, tmp: _edit_run_config(s, num_components=3), {},
+                r"adapters have K = \[2\] components, the run config and the model need K = 3"),
+    "wrong_target_modules": ("z2", lambda s, tmp: _edit_run_config(s, target_modules=["q_proj", "v_proj"]), {},
+                             r"adapts modules \['down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj', "
+                             r"'v_proj'\], the model needs \['q_proj', 'v_proj'\].*not in the model: "
+                             r"model.layers.0.mlp.down_proj"),
+    "wrong_base_shapes": ("z2", None, {"base": "smaller"},
+                          r"does not match the model .*\n  llm.model.layers.0.self_attn.q_proj.lora_A: expected "
+                          r"\[2, 4, 48\], found \[2, 4, 64\]"),
+    "missing_rank_shard": ("z3", lambda s, tmp: (s / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink(), {},
+                           r"partial checkpoint .*written by 2 rank\(s\) with ZeRO stage 3, but the shard files of "
+                           r"rank\(s\) \[1\] are missing"),
+    "truncated_shard": ("z3", lambda s, tmp: _truncate_rank1_partition(s), {},
+                        r"cannot recover the trainable tensors of .*ZeRO stage 3, 2 ranks\): the shard files are "
+                        r"inconsistent .*RuntimeError: shape"),
+    "zero3_empty_tensor": ("z3", lambda s, tmp: _rewrite_zero3_shape(s, Q_A, [0]), {},
+                           rf"empty tensors \(a ZeRO-3 partition saved without gathering.*\n  {Q_A}: expected "
+                           r"\[2, 4, 64\], found \[0\]"),
+    "zero3_partial_tensor": ("z3", lambda s, tmp: _rewrite_zero3_shape(s, Q_A, [1, 4, 64]), {},
+                             rf"partial tensors .*\n  {Q_A}: expected \[2, 4, 64\] \(512 elements\), "
+                             r"found \[1, 4, 64\]"),
+    "no_run_config": ("z2", lambda s, tmp: (s / "run_config.yaml").unlink(), {},
+                      r"partial checkpoint .*: run_config.yaml is missing"),
+    "missing_checkpoint": ("z2", lambda s, tmp: shutil.rmtree(s), {},
+                           rf"latest names checkpoint '{STEP}', which does not exist"),
+    "out_is_the_run": ("z2", None, {"out": "run"}, r"--out .* is or contains .*: replacing it would delete it"),
+    "winner_out_of_range": ("z2", None, {"winner": 2}, r"--winner 2: the checkpoint has K = 2 components"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_refusals_name_the_problem_and_write_nothing(runs, tmp_path, case):
+    from transformers import AutoModelForCausalLM
+
+    name, edit, options, message = REFUSALS[case]
+    run = tmp_path / "run"
+    step = _copy_checkpoint(runs[name], run)
+    if edit is not None:
+        edit(step, tmp_path)
+    out = tmp_path / "exports" / "out"
+    kwargs = {}
+    if options.get("base") == "smaller":   # stories260K with hidden 48 instead of 64
+        config = AutoModelForCausalLM.from_pretrained(SHARED_DATA / "models" / "stories260K").config
+        config.hidden_size, config.head_dim = 48, 6
+        AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "smaller")
+        kwargs["base"] = str(tmp_path / "smaller")
+    if options.get("out") == "run":
+        out = run
+    if "winner" in options:
+        kwargs["winner"] = options["winner"]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(ConsolidationError, match="(?s)" + message):
+        consolidate(run / "checkpoints", out, **kwargs)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before      # nothing written
+
+
+def test_cli_refusal_exit_code_and_message(tmp_path):
+    proc = run_cli(tmp_path / "nothing", "--out", tmp_path / "out")
+    assert proc.returncode == 2
+    assert f"error: no checkpoint at {tmp_path / 'nothing'}: no such file or folder" in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -14,6 +14,7 @@ Parsing and merging is done by OmegaConf (the library behind Hydra and torchtune
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -32,6 +33,9 @@ LR_SCHEDULERS = ("cosine", "linear", "constant")
 WANDB_MODES = ("offline", "online", "disabled")
 DATA_FORMATS = ("llm_adapters",)
 OVERLONG_POLICIES = ("truncate", "drop")
+LORA_PRO_MODES = ("auto", "full", "efficient")
+LORA_PRO_X_MODES = ("sylvester", "zero", "symmetry")
+LORA_PRO_CLIP_MODES = ("pre_adam", "official")
 
 
 class ConfigError(ValueError):
@@ -63,7 +67,9 @@ class ModelConfig:
 
 @dataclass
 class AdapterConfig:
-    method: str = _help("Per-component adapter method: lora, lora_pro or lora_dash.", default="lora")
+    method: str = _help("Per-component adapter method: lora, lora_pro (equivalent-gradient optimizer, settings in "
+                        "lora_pro.*) or lora_dash (task-specific directions after t steps, lora_dash.*). With "
+                        "K > 1 each component gets its own pair / directions (ComLoRA x method).", default="lora")
     num_components: int = _help("K, the number of competing LoRA components per layer. K >= 2 is ComLoRA "
                                 "(selector + competitive losses); K = 1 is the plain method.", default=2)
     rank: int = _help("r, the rank of every component.", default=8)
@@ -98,6 +104,32 @@ class ComLoRAConfig:
     no_pairwise: bool = _help("Ablation: drop L_pairwise.", default=False)
     no_selector: bool = _help("Ablation: no selector at all; the winner is the lowest validation LM loss.",
                               default=False)
+
+
+@dataclass
+class LoRAProConfig:
+    mode: str = _help("LoRA-Pro AdamW variant: full (Adam moments of the d_out x d_in equivalent gradient, "
+                      "K x full fine-tuning optimizer memory), efficient (adjusted gradients, then AdamW on the "
+                      "LoRA factors; LoRA-sized memory), auto (full for K = 1, efficient for K > 1).",
+                      default="auto")
+    x_mode: str = _help("How the free r x r matrix X splits the update between A and B: sylvester (closest to "
+                        "the raw LoRA gradients, the paper's choice), zero, symmetry.", default="sylvester")
+    delta: float = _help("Tikhonov term added to B^T B and A A^T before inverting (official: 1e-8).", default=1e-8)
+    clip_mode: str = _help("Gradient clipping with train.max_grad_norm. pre_adam: clip what enters the Adam "
+                           "moments (full: the equivalent gradients; efficient: the adjusted factor gradients) by "
+                           "their global norm together with the other trainable parameters' gradients. official: "
+                           "the norm of the raw LoRA gradients scales the final update (ZeRO stage 0 only).",
+                           default="pre_adam")
+
+
+@dataclass
+class LoRADashConfig:
+    t_steps: int = _help("Pre-launch length t in optimizer steps: the directions are chosen right after "
+                         "optimizer step t (paper: 100). Counted in optimizer steps and checkpointed.", default=100)
+    num_directions: int = _help("s_d, the number of task-specific singular directions of W0 given a learnable "
+                                "scale, per component (paper: 8).", default=8)
+    sigma_eps: float = _help("Guard in the change rate |u_i^T dW v_i| / (sigma_i + eps) for singular values "
+                             "near 0.", default=1e-12)
 
 
 @dataclass
@@ -155,6 +187,8 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     comlora: ComLoRAConfig = field(default_factory=ComLoRAConfig)
+    lora_pro: LoRAProConfig = field(default_factory=LoRAProConfig)
+    lora_dash: LoRADashConfig = field(default_factory=LoRADashConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -234,6 +268,17 @@ def _validate(cfg: RunConfig) -> None:
         _fail("comlora.no_align", c.no_align, "with comlora.no_lm nothing would train the LoRA components")
     if cfg.is_comlora and c.no_selector and c.no_lm:
         _fail("comlora.no_lm", c.no_lm, "with comlora.no_selector, L_LM is the only loss left")
+
+    pro, dash = cfg.lora_pro, cfg.lora_dash
+    _choice("lora_pro.mode", pro.mode, LORA_PRO_MODES)
+    _choice("lora_pro.x_mode", pro.x_mode, LORA_PRO_X_MODES)
+    _positive("lora_pro.delta", pro.delta)
+    _choice("lora_pro.clip_mode", pro.clip_mode, LORA_PRO_CLIP_MODES)
+    _positive("lora_dash.t_steps", dash.t_steps)
+    _positive("lora_dash.num_directions", dash.num_directions)
+    _positive("lora_dash.sigma_eps", dash.sigma_eps, allow_zero=True)
+    if t.max_steps is not None and a.method == "lora_dash" and dash.t_steps >= t.max_steps:
+        _fail("lora_dash.t_steps", dash.t_steps, f"the switch would never happen: train.max_steps = {t.max_steps}")
 
     _choice("data.format", d.format, DATA_FORMATS)
     _choice("data.overlong", d.overlong, OVERLONG_POLICIES)
@@ -317,3 +362,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     except OmegaConfBaseException as err:
         raise _explain(err, "command line") from None
     return cfg.validate()
+
+
+def markdown_reference() -> str:
+    """The field reference of docs/configuration.md, generated from the dataclasses (a test keeps the
+    doc in sync)."""
+    lines = []
+    for group in dataclasses.fields(RunConfig):
+        lines += [f"### `{group.name}`", "", "| key | default | meaning |", "|---|---|---|"]
+        for f in dataclasses.fields(getattr(RunConfig(), group.name)):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            lines.append(f"| `{group.name}.{f.name}` | `{default!r}` | {f.metadata['help']} |")
+        lines.append("")
+    return "\n".join(lines)

@@ -229,6 +229,7 @@ class Trainer:
                     accumulator.reset()
                     _check_finite(metrics, self.state.global_step + 1)
                     lr = engine.get_lr()[0]
+                    self.method.before_optimizer_step(engine, self.state.global_step + 1)
                     engine.step()
                     self.state.global_step += 1
                     self.method.on_optimizer_step(engine.module, self.state.global_step)

@@ -59,23 +59,49 @@ def _chunk_nll(hidden: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module) 
     return F.cross_entropy(lm_head(hidden).float(), targets, reduction="none")
 
 
+class _ChunkNllWithGrad(torch.autograd.Function):
+    """Token NLLs of one chunk through a frozen lm_head; the gradient w.r.t. the hidden states is computed
+    in the forward, while the chunk's logits are alive, and only that [chunk, H] tensor is kept."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+        with torch.enable_grad():
+            leaf = hidden.detach().requires_grad_(True)
+            nll = _chunk_nll(leaf, targets, lm_head)
+            (grad_hidden,) = torch.autograd.grad(nll, leaf, torch.ones_like(nll))
+        ctx.save_for_backward(grad_hidden)
+        return nll.detach()
+
+    @staticmethod
+    def backward(ctx, grad_nll: torch.Tensor):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_nll.unsqueeze(1).to(grad_hidden.dtype), None, None
+
+
 def response_nll(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module,
                  chunk_size: int = 1024) -> torch.Tensor:
     """Mean response-token NLL per row, [R], fp32, from final hidden states [R, L, H].
 
-    Logits are computed only at supervised positions, ``chunk_size`` tokens at a time, each chunk
-    under activation checkpointing: its fp32 logits are freed after the forward and recomputed in the
-    backward, so the peak is one chunk's logits instead of the whole replicated batch's R x L x V.
+    Logits are computed only at supervised positions, ``chunk_size`` tokens at a time, and freed before
+    the next chunk, so the peak is one chunk's fp32 logits instead of the whole replicated batch's
+    R x L x V. With the lm_head frozen (always, for the LoRA-type methods) each chunk's gradient w.r.t.
+    its hidden states is taken in the forward (``_ChunkNllWithGrad``): two lm_head matmuls per step
+    instead of the three of activation checkpointing (forward, recompute, backward); the lm_head is the
+    largest matmul of a small-hidden, large-vocabulary model (bench/profile_step.py). A trainable lm_head
+    falls back to checkpointing each chunk.
     """
     rows, cols, targets = _response_positions(labels)
     selected = hidden[rows, cols]                                               # [N, H]
+    frozen_head = not any(p.requires_grad for p in lm_head.parameters())
     pieces = []
     for start in range(0, selected.shape[0], chunk_size):
         h, y = selected[start:start + chunk_size], targets[start:start + chunk_size]
-        if torch.is_grad_enabled():
-            pieces.append(checkpoint(_chunk_nll, h, y, lm_head, use_reentrant=False))
-        else:
+        if not (torch.is_grad_enabled() and h.requires_grad):
             pieces.append(_chunk_nll(h, y, lm_head))
+        elif frozen_head:
+            pieces.append(_ChunkNllWithGrad.apply(h, y, lm_head))
+        else:
+            pieces.append(checkpoint(_chunk_nll, h, y, lm_head, use_reentrant=False))
     return _per_row_mean(torch.cat(pieces), rows, labels.shape[0])
 
 

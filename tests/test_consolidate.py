@@ -18,7 +18,6 @@ import shutil
 import socket
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -158,23 +157,6 @@ def bf16_base(tmp_path_factory) -> Path:
     return path
 
 
-@contextmanager
-def dash_export_rule():
-    """LoRA-Dash's own export rule (comlora_ds.methods.lora_dash.export_factors), registered for the duration if the
-    method module does not register it itself yet."""
-    from comlora_ds.export import factors
-    from comlora_ds.methods import lora_dash
-
-    added = "lora_dash" not in factors._RULES
-    if added:
-        factors.register_factors("lora_dash")(lora_dash.export_factors)
-    try:
-        yield
-    finally:
-        if added:
-            factors.unregister_factors("lora_dash")
-
-
 def run_cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "launch" / "consolidate.py"), *map(str, args)], env=_env(),
                           capture_output=True, text=True, timeout=300)
@@ -192,8 +174,7 @@ def exports(runs, bf16_base, tmp_path_factory) -> dict[str, Path]:
     consolidate(runs["z2"], root / "z2_bf16", base=str(bf16_base))
     for name in ("lora", "nosel"):
         consolidate(runs[name] / "checkpoints", root / name)
-    with dash_export_rule():
-        consolidate(runs["dash"] / "checkpoints", root / "dash")
+    consolidate(runs["dash"] / "checkpoints", root / "dash")
     return {name: root / name for name in ("z2", "z3", "one", "z2_bf16", "lora", "nosel", "dash")}
 
 

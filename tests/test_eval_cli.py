@@ -51,13 +51,11 @@ def test_describe_targets(adapter_dir, tmp_path):
         ckpt = tmp_path / layout.replace("/", "_")
         (ckpt / Path(layout).parent).mkdir(parents=True, exist_ok=True)
         (ckpt / layout).write_text("step_00000010")
-        with pytest.raises(TrainingCheckpointError, match="training checkpoints: consolidate first.*--component"):
-            describe_target(str(ckpt), component=0)
+        with pytest.raises(TrainingCheckpointError, match="training checkpoints: consolidate first.*--all-components"):
+            describe_target(str(ckpt))
     (tmp_path / "step_00000010").mkdir()
     with pytest.raises(TrainingCheckpointError, match="consolidate first"):
         describe_target(str(tmp_path / "step_00000010"))
-    with pytest.raises(TrainingCheckpointError, match="training checkpoints only"):
-        describe_target(str(STORIES), component=1)
     with pytest.raises(ValueError, match="neither a model folder"):
         describe_target(str(tmp_path))
 

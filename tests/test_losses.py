@@ -128,17 +128,19 @@ def test_component_weights_are_the_gradient_of_lm_plus_align():
                                torch.full((3, 2), 1 / 6))
 
 
-def test_chunked_response_nll_equals_full_logits_values_and_gradients():
+@pytest.mark.parametrize("frozen_head", [True, False], ids=["frozen-head-grad-in-forward", "trainable-head-checkpoint"])
+def test_chunked_response_nll_equals_full_logits_values_and_gradients(frozen_head):
     torch.manual_seed(0)
-    head = nn.Linear(16, 50, bias=False)
+    head = nn.Linear(16, 50, bias=False).requires_grad_(not frozen_head)
     hidden = torch.randn(4, 9, 16, requires_grad=True)
     labels = torch.randint(0, 50, (4, 9))
     labels[:, :3] = -100
     labels[2, 7:] = -100
+    row_weights = torch.tensor([0.5, -1.0, 2.0, 0.25])          # an uneven upstream gradient per row
     chunked = response_nll(hidden, labels, head, chunk_size=5)
-    (g_chunked,) = torch.autograd.grad(chunked.sum(), hidden)
+    (g_chunked,) = torch.autograd.grad((chunked * row_weights).sum(), hidden)
     full = response_nll_full_logits(head(hidden), labels)
-    (g_full,) = torch.autograd.grad(full.sum(), hidden)
+    (g_full,) = torch.autograd.grad((full * row_weights).sum(), hidden)
     torch.testing.assert_close(chunked, full, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(g_chunked, g_full, atol=1e-6, rtol=1e-6)
     # By hand for row 2: mean NLL of positions 3..6 predicting tokens 3..6 (shifted).

@@ -9,8 +9,9 @@
   folder when it has one, else from the base.
 * a folder with ``config.json``: a merged Hugging Face model (``AutoModelForCausalLM.from_pretrained``).
 * a training checkpoint (a folder with ``latest``, a ``checkpoints/`` folder with one, or a ``step_NNNNNNNN``
-  folder): :class:`TrainingCheckpointError` — its K components must first be consolidated into a winner;
-  evaluating one chosen component straight from a checkpoint (``component=``) is not implemented yet.
+  folder): :class:`TrainingCheckpointError` — its K components must first be consolidated
+  (``launch/consolidate.py``: the validation winner, and with ``--all-components`` every component, as PEFT
+  adapters and a merged model); a checkpoint holds ZeRO partitions and optimizer state, not a model.
 * a built-in model name (``smollm2-135m``, :mod:`comlora_ds.builtin_models`): converted once, then as a folder.
 * anything else: passed to ``from_pretrained`` as a hub id (works offline only when it is in the local cache).
 """
@@ -55,18 +56,16 @@ def _has_tokenizer(path: Path) -> bool:
     return any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
 
 
-def describe_target(model_or_adapter: str, base: Optional[str] = None, component: Optional[int] = None) -> Target:
+def describe_target(model_or_adapter: str, base: Optional[str] = None) -> Target:
     """Classify ``model_or_adapter`` (see module doc); raises for training checkpoints and unusable folders."""
     from ..builtin_models import BUILTIN_MODELS, resolve_model_path
 
     path = Path(model_or_adapter).expanduser()
     if path.is_dir() and _is_training_checkpoint(path):
         raise TrainingCheckpointError(
-            f"{path} is a training checkpoint; training checkpoints: consolidate first (launch/consolidate.py "
-            "writes the winner as a PEFT adapter and a merged model, both evaluable), or pass --component once "
-            "supported" + (f" (--component {component} was given)" if component is not None else ""))
-    if component is not None:
-        raise TrainingCheckpointError(f"--component applies to training checkpoints only, and {path} is not one")
+            f"{path} is a training checkpoint; training checkpoints: consolidate first (python launch/consolidate.py "
+            f"{path} --out DIR writes the winner as a PEFT adapter and a merged model, both evaluable; add "
+            "--all-components to evaluate every component)")
     if path.is_dir():
         if (path / "adapter_config.json").is_file():
             config = json.loads((path / "adapter_config.json").read_text())
@@ -97,12 +96,11 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.float32
 
 
-def load_for_eval(model_or_adapter: str, base: Optional[str] = None, component: Optional[int] = None,
-                  dtype: Optional[str] = None, device: Optional[str] = None) -> tuple[Any, Any, Target]:
+def load_for_eval(model_or_adapter: str, base: Optional[str] = None, dtype: Optional[str] = None, device: Optional[str] = None) -> tuple[Any, Any, Target]:
     """(model in eval mode on ``device``, tokenizer, :class:`Target`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = describe_target(model_or_adapter, base, component)
+    target = describe_target(model_or_adapter, base)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose from {', '.join(DTYPES)}")

@@ -12,6 +12,14 @@ def register_method(cls: type[AdapterMethod]) -> type[AdapterMethod]:
     return cls
 
 
+# torch-only modules (no DeepSpeed import at module level)
+from .lora_dash import LoRADashMethod  # noqa: E402
+from .lora_pro import LoRAProMethod  # noqa: E402
+
+register_method(LoRAProMethod)
+register_method(LoRADashMethod)
+
+
 def get_method(cfg) -> AdapterMethod:
     """The method object for ``cfg.adapter.method`` (importing a method's module registers it)."""
     name = cfg.adapter.method
@@ -20,4 +28,4 @@ def get_method(cfg) -> AdapterMethod:
     return _METHODS[name](cfg)
 
 
-__all__ = ["AdapterMethod", "LoRAMethod", "get_method", "register_method"]
+__all__ = ["AdapterMethod", "LoRADashMethod", "LoRAMethod", "LoRAProMethod", "get_method", "register_method"]

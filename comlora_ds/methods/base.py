@@ -2,8 +2,9 @@
 
 A method may (1) use its own adapter layer class (extra parameters/buffers created before
 ``deepspeed.initialize``, an extra forward term, its merged delta), (2) bring its own optimizer,
-(3) act after every optimizer step, and (4) refuse DeepSpeed settings it does not support. Its extra
-state lives in module buffers or optimizer state, so DeepSpeed's checkpoints carry it.
+(3) act before and after every optimizer step, and (4) refuse DeepSpeed settings it does not support.
+Its extra state lives in module buffers or optimizer state, so DeepSpeed's checkpoints carry it. Export
+turns a layer's recovered tensors into LoRA factors through ``comlora_ds.export.register_factors``.
 """
 
 from __future__ import annotations
@@ -23,11 +24,19 @@ class AdapterMethod:
         self.cfg = cfg
 
     def check_ds_config(self, ds_config: dict) -> None:
-        """Raise ValueError for DeepSpeed settings the method cannot train correctly under."""
+        """Raise ValueError for DeepSpeed settings the method cannot train correctly under. May also edit
+        ``ds_config`` in place to take over a setting the method implements itself (LoRA-Pro sets
+        ``gradient_clipping`` to 0 and clips inside its optimizer); the engine initialises with the result."""
 
     def build_optimizer(self, model: nn.Module, param_groups: list[dict]) -> torch.optim.Optimizer | None:
         """The method's optimizer, or None for the default (AdamW, or the DeepSpeed config's)."""
         return None
+
+    def before_optimizer_step(self, engine, step: int) -> None:
+        """Called on every rank once per optimizer step, after the step's last backward and before
+        ``engine.step()``: the gradients are accumulated and reduced. Read and write them with DeepSpeed's
+        ``deepspeed.utils.safe_get_full_grad`` / ``safe_set_full_grad`` (any ZeRO stage; collectives, so every
+        rank must make the same calls in the same order). ``step`` is the 1-based step about to be taken."""
 
     def on_optimizer_step(self, model: nn.Module, step: int) -> None:
         """Called on every rank after optimizer step ``step`` (1-based) was applied."""

@@ -1,0 +1,183 @@
+"""Reproduce the paper's commonsense comparison at a scale this machine can run: ComLoRA vs LoRA.
+
+    python bench/reproduce_commonsense.py --out outputs/repro              # everything, resumable
+    python bench/reproduce_commonsense.py --out outputs/repro --chunk-minutes 40   # stop after ~40 min
+    python bench/reproduce_commonsense.py --out outputs/repro --report docs/results.md
+
+Trains each variant x seed (default: LoRA r=8, LoRA r=16, ComLoRA K=2 r=8 with exponential annealing,
+top-N = K, noise 0.1) on the LLM-Adapters commonsense training rows with the paper's 120-row
+validation split, consolidates the ZeRO checkpoint (every ComLoRA component as its own adapter too),
+evaluates the merged winner and each component on the LLM-Adapters test sets, and writes a results
+page (paper Table 3 and Table 10 shaped).
+
+Every stage is skipped when its output exists, and training resumes from its last checkpoint: the
+script can be stopped at any time (Ctrl-C, or --chunk-minutes sends the trainer SIGTERM, which writes
+a checkpoint) and run again to continue. The same script takes a larger model and the full
+commonsense_170k on GPUs, e.g.
+
+    python bench/reproduce_commonsense.py --out runs/llama3 --model meta-llama/Meta-Llama-3-8B \\
+        --train-files commonsense_170k.json --epochs 3 --max-steps 0 --micro-batch 4 --lr 1e-4 \\
+        --launcher "deepspeed --num_gpus 8" --ds-config ds_configs/zero2.json --test-dir dataset --eval-limit 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data" / "commonsense"
+TRAIN_TASKS = ("boolq", "ARC-Challenge", "ARC-Easy", "openbookqa")
+TEST_TASKS = ("boolq", "piqa", "social_i_qa", "ARC-Challenge", "ARC-Easy", "openbookqa")
+VARIANTS = {
+    "lora_r8": ["adapter.num_components=1", "adapter.rank=8", "adapter.alpha=16"],
+    "lora_r16": ["adapter.num_components=1", "adapter.rank=16", "adapter.alpha=32"],
+    "comlora_k2_r8": ["adapter.num_components=2", "adapter.rank=8", "adapter.alpha=16",
+                      "comlora.annealing=exponential", "comlora.noise=0.1"],
+}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--train-files", nargs="+", default=[str(SHARED / "train" / f"{t}.json") for t in TRAIN_TASKS])
+    p.add_argument("--test-dir", default=str(SHARED / "test"))
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--max-steps", type=int, default=500, help="0: use --epochs")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--extra", nargs="*", default=[], help="more run-config overrides for every variant")
+    p.add_argument("--tag", default="", help="suffix of the run folders (for sweeps: --tag lr1e-4)")
+    p.add_argument("--launcher", default=f"{sys.executable}", help="e.g. 'deepspeed --num_gpus 8'")
+    p.add_argument("--ds-config", default=str(REPO / "ds_configs" / "zero2.json"))
+    p.add_argument("--eval-limit", type=int, default=200, help="first N test rows per task; 0 = all")
+    p.add_argument("--eval-batch", type=int, default=16)
+    p.add_argument("--chunk-minutes", type=float, default=0, help="stop (resumably) after this long; 0 = never")
+    p.add_argument("--report", type=Path, help="write the results page here (e.g. docs/results.md)")
+    p.add_argument("--report-only", action="store_true")
+    return p.parse_args()
+
+
+class Budget:
+    def __init__(self, minutes: float):
+        self.deadline = time.time() + 60 * minutes if minutes else None
+
+    def left(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.time()
+
+    def exhausted(self) -> bool:
+        left = self.left()
+        return left is not None and left <= 0
+
+
+def run(cmd: list[str], budget: Budget, log: Path) -> bool:
+    """Runs cmd (logging to a file); on budget exhaustion sends SIGTERM (the trainer checkpoints). True
+    when it finished on its own with exit code 0."""
+    print("$", shlex.join(cmd), flush=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+        try:
+            while proc.poll() is None:
+                time.sleep(2)
+                if budget.exhausted():
+                    proc.send_signal(signal.SIGTERM)
+                    proc.wait()
+                    return False
+        except KeyboardInterrupt:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait()
+            raise
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {shlex.join(cmd)}; see {log}")
+    return True
+
+
+def run_dir(args, variant: str, seed: int) -> Path:
+    return args.out / f"{variant}{'-' + args.tag if args.tag else ''}-seed{seed}"
+
+
+def train(args, variant: str, seed: int, budget: Budget) -> bool:
+    folder = run_dir(args, variant, seed)
+    if (folder / "validation.json").exists():
+        return True
+    steps = [f"train.max_steps={args.max_steps}"] if args.max_steps else [f"train.num_epochs={args.epochs}"]
+    overrides = [f"model.name_or_path={args.model}", f"data.train_files=[{','.join(args.train_files)}]",
+                 f"data.max_length={args.max_length}", "data.val_size=120", "data.seed=42", f"train.seed={seed}",
+                 f"train.output_dir={folder}", f"train.micro_batch_size={args.micro_batch}",
+                 f"train.gradient_accumulation_steps={args.grad_accum}", f"train.learning_rate={args.lr}",
+                 "train.lr_scheduler=linear", "train.warmup_ratio=0.03", "train.save_steps=50",
+                 "train.save_total_limit=1", "train.resume=auto", "logging.wandb_mode=offline",
+                 "logging.winner_window=25", *steps, *VARIANTS[variant], *args.extra]
+    cmd = [*shlex.split(args.launcher), str(REPO / "launch" / "train.py"), "--deepspeed", args.ds_config, *overrides]
+    return run(cmd, budget, folder.parent / "logs" / f"{folder.name}.train.log")
+
+
+def consolidate(args, variant: str, seed: int, budget: Budget) -> bool:
+    folder = run_dir(args, variant, seed)
+    if (folder / "export" / "report.json").exists():
+        return True
+    cmd = [sys.executable, str(REPO / "launch" / "consolidate.py"), str(folder / "checkpoints"), "--out",
+           str(folder / "export"), "--all-components", "--no-adapter"]
+    return run(cmd, budget, folder.parent / "logs" / f"{folder.name}.consolidate.log")
+
+
+def evaluate(args, model: str, out: Path, budget: Budget, choice: bool = False) -> bool:
+    if (out / "results.json").exists():
+        return True
+    cmd = [sys.executable, str(REPO / "launch" / "evaluate.py"), model, "--task", "commonsense", "--data",
+           args.test_dir, "--tasks", ",".join(TEST_TASKS), "--batch-size", str(args.eval_batch),
+           "--max-new-tokens", "16", "--out", str(out), "--no-progress"]
+    if args.eval_limit:
+        cmd += ["--limit", str(args.eval_limit)]
+    if choice:
+        cmd.append("--choice")
+    return run(cmd, budget, args.out / "logs" / f"{out.parent.name}.{out.name}.eval.log")
+
+
+def evaluations(args, variant: str, seed: int) -> list[tuple[str, Path]]:
+    """(model to evaluate, results folder): the merged winner, and each other component's adapter."""
+    folder = run_dir(args, variant, seed)
+    winner = json.loads((folder / "export" / "report.json").read_text())["winner"]
+    jobs = [(str(folder / "export" / "merged"), folder / "eval" / "winner")]
+    components = sorted((folder / "export" / "components").glob("component_*"))
+    jobs += [(str(c), folder / "eval" / c.name) for c in components if c.name != f"component_{winner}"]
+    return jobs
+
+
+def main() -> None:
+    args = parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    budget = Budget(args.chunk_minutes)
+    if not args.report_only:
+        if not evaluate(args, args.model, args.out / "base" / "eval", budget, choice=True):
+            return print("stopped (time budget); run again to continue")
+        for seed in args.seeds:
+            for variant in args.variants:
+                for stage in (train, consolidate):
+                    if not stage(args, variant, seed, budget):
+                        return print("stopped (time budget); run again to continue")
+                for model, out in evaluations(args, variant, seed):
+                    if not evaluate(args, model, out, budget):
+                        return print("stopped (time budget); run again to continue")
+    if args.report:
+        from reproduce_report import write_report
+
+        write_report(args, VARIANTS, TEST_TASKS, run_dir)
+        print(f"wrote {args.report}")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    main()

@@ -1,0 +1,161 @@
+"""The results page of bench/reproduce_commonsense.py: paper Table 3 and Table 10 shaped, plus curves."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from safetensors import safe_open
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _base_params(merged: Path) -> int:
+    total = 0
+    for shard in merged.glob("*.safetensors"):
+        with safe_open(str(shard), framework="pt") as f:
+            total += sum(_numel(f.get_slice(name).get_shape()) for name in f.keys())
+    return total
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def _accuracies(results: dict, tasks) -> dict[str, float]:
+    per = results["metrics"]["per_task"]
+    out = {t: per[t]["accuracy"] for t in tasks if t in per}
+    out["average"] = results["metrics"]["average"]
+    return out
+
+
+def _component_eval(folder: Path, k: int, winner: int) -> dict | None:
+    return _load(folder / "eval" / ("winner" if k == winner else f"component_{k}") / "results.json")
+
+
+def _plot_curves(args, variants, run_dir, path: Path) -> bool:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    drawn = False
+    for variant in variants:
+        for seed in args.seeds:
+            metrics = run_dir(args, variant, seed) / "metrics.jsonl"
+            if not metrics.exists():
+                continue
+            records = {}
+            for line in metrics.read_text().splitlines():
+                r = json.loads(line)
+                if "component_loss" in r:
+                    records[r["step"]] = r
+            steps = sorted(records)
+            k = len(records[steps[0]]["component_loss"]) if steps else 0
+            for c in range(k):
+                ys = [records[s]["component_loss"][c] for s in steps]
+                smooth = [sum(ys[max(0, i - 19):i + 1]) / len(ys[max(0, i - 19):i + 1]) for i in range(len(ys))]
+                label = f"{variant} s{seed}" + (f" comp {c}" if k > 1 else "")
+                axes[0].plot(steps, smooth, label=label, linewidth=1)
+                drawn = True
+            windows = [(s, records[s]["winner_counts"]) for s in steps if "winner_counts" in records[s]]
+            if k > 1 and windows:
+                for c in range(k):
+                    axes[1].plot([s for s, _ in windows], [w[c] / sum(w) for _, w in windows], marker="o",
+                                 label=f"{variant} s{seed} comp {c}")
+    axes[0].set(title="training LM loss per component (20-step mean)", xlabel="optimizer step", ylabel="loss")
+    axes[1].set(title="share of samples whose selector argmax is the component", xlabel="optimizer step",
+                ylabel="share per window", ylim=(0, 1))
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return drawn
+
+
+def write_report(args, variants: dict, tasks: tuple, run_dir) -> None:
+    lines = ["# Results", ""]
+    lines += ["Measured accuracy of the models this project trains. Machine: "
+              f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} CPU cores, no GPU. "
+              f"Written {time.strftime('%Y-%m-%d')} by:", "", "```bash",
+              "python " + " ".join(sys.argv), "```", ""]
+    lines += ["## ComLoRA vs LoRA on SmolLM2-135M (commonsense, paper Table 3 at small scale)", "",
+              f"Training: {args.max_steps or args.epochs} {'steps' if args.max_steps else 'epochs'}, micro-batch "
+              f"{args.micro_batch} x accumulation {args.grad_accum}, lr {args.lr} (linear decay, 3% warm-up), "
+              f"max length {args.max_length}, on the LLM-Adapters training rows of "
+              f"{', '.join(Path(f).stem for f in args.train_files)} ({args.model}); 120 rows held out for "
+              f"validation (seed 42). Seeds {args.seeds}. Test: the first "
+              f"{args.eval_limit or 'all'} rows of each LLM-Adapters test set, greedy generation, first answer "
+              "keyword (no keyword = wrong). PIQA and SIQA have no training rows here: they measure transfer.", ""]
+    header = ["method", "Params (%) L/S"] + list(tasks) + ["average"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    base = _load(args.out / "base" / "eval" / "results.json")
+    if base:
+        acc = _accuracies(base, tasks)
+        lines.append("| SmolLM2-135M zero-shot | 0/0 | " + " | ".join(f"{acc.get(t, float('nan')):.1f}" for t in tasks)
+                     + f" | {acc['average']:.1f} |")
+        per = base["metrics"]["per_task"]
+        if "choice_average" in base["metrics"]:
+            lines.append("| SmolLM2-135M zero-shot, rank classification | 0/0 | "
+                         + " | ".join(f"{per[t]['choice_accuracy']:.1f}" for t in tasks if t in per)
+                         + f" | {base['metrics']['choice_average']:.1f} |")
+    component_rows, notes = [], []
+    for variant in variants:
+        scores: dict[str, list[float]] = {}
+        share = ""
+        for seed in args.seeds:
+            folder = run_dir(args, variant, seed)
+            report = _load(folder / "export" / "report.json")
+            winner_eval = _load(folder / "eval" / "winner" / "results.json")
+            if not report or not winner_eval:
+                continue
+            for key, value in _accuracies(winner_eval, tasks).items():
+                scores.setdefault(key, []).append(value)
+            total = _base_params(folder / "export" / "merged")
+            adapters = report["adapter"]["parameters"] * report["num_components"]
+            selector = report["tensors"]["elements"] - adapters
+            share = f"{100 * adapters / total:.2f}/{100 * selector / total:.2f}"
+            if report["num_components"] > 1:
+                evals = [_component_eval(folder, k, report["winner"]) for k in range(report["num_components"])]
+                averages = [e["metrics"]["average"] if e else None for e in evals]
+                known = [a for a in averages if a is not None]
+                best = max(range(len(averages)), key=lambda k: averages[k] if averages[k] is not None else -1)
+                val = report["validation"]
+                component_rows.append(
+                    f"| {variant} seed {seed} | " + " | ".join("–" if a is None else f"{a:.1f}" for a in averages)
+                    + f" | {report['winner']} ({report['winner_by']}) | {val['lowest_loss_component']} | "
+                    f"{[round(x, 4) for x in val['mean_loss']]} | {val['selector_argmax_counts']} | "
+                    f"{best if len(known) == len(averages) else '–'} | "
+                    f"{'yes' if len(known) == len(averages) and best == report['winner'] else 'no'} |")
+        if scores:
+            lines.append(f"| {variant} (n={len(scores['average'])}) | {share} | "
+                         + " | ".join(_fmt(scores.get(t, [])) for t in tasks) + f" | {_fmt(scores['average'])} |")
+    lines += ["", "Mean ± standard deviation over seeds. L = trainable adapter parameters (all K components during "
+              "training), S = selector, in % of the base model's parameters. At inference every row costs the "
+              "same as its rank: ComLoRA K=2 r=8 deploys one r=8 component.", ""]
+    if component_rows:
+        lines += ["## ComLoRA's components (paper Table 10)", "",
+                  "| run | test average per component | selector winner | lowest validation loss | "
+                  "validation loss per component | selector argmax counts (validation) | best on test | "
+                  "winner = best? |", "|---|---|---|---|---|---|---|---|", *component_rows, ""]
+    if _plot_curves(args, variants, run_dir, Path("docs/img/reproduce_curves.png")):
+        lines += ["## Training curves", "", "![per-component losses and winner shares](img/reproduce_curves.png)", ""]
+    args.report.write_text("\n".join(lines) + "\n")

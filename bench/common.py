@@ -41,7 +41,7 @@ DOC_HEADER = ("# Benchmarks\n\nMeasured numbers of comlora_ds. Each section name
 
 from comlora_ds.config import LLAMA_LINEAR_MODULES, RunConfig  # noqa: E402
 from comlora_ds.losses import ComLoRAObjective, response_nll_full_logits  # noqa: E402
-from comlora_ds.model import ComLoRAModel, ComponentForward, _replicate, build_model, build_objective  # noqa: E402
+from comlora_ds.model import ComLoRAModel, build_model, build_objective  # noqa: E402
 from comlora_ds.step import forward_backward  # noqa: E402
 
 MODELS = {
@@ -186,19 +186,8 @@ class NaiveCEModel(ComLoRAModel):
     """The naive baseline of the CE: fp32 logits for the whole replicated batch [K*B, L, V], then the
     per-sample masked mean (``losses.response_nll_full_logits``). Everything else is ComLoRAModel's."""
 
-    def forward(self, input_ids, attention_mask, labels, component=None, use_selector=True):
-        token_embeddings = self.llm.get_input_embeddings()(input_ids)
-        sims = None
-        if self.selector is not None and use_selector:
-            sims = self.selector(token_embeddings, attention_mask)
-        n = self.num_components if component is None else 1
-        for layer in self._adapter_layers:
-            layer.active_component = component
-        hidden = self.llm.get_decoder()(inputs_embeds=_replicate(token_embeddings, n),
-                                        attention_mask=_replicate(attention_mask, n), use_cache=False).last_hidden_state
-        logits = self.llm.get_output_embeddings()(hidden).float()
-        losses = response_nll_full_logits(logits, _replicate(labels, n))
-        return ComponentForward(losses.view(n, input_ids.shape[0]), sims)
+    def row_losses(self, hidden, labels):
+        return response_nll_full_logits(self.llm.get_output_embeddings()(hidden).float(), labels)
 
 
 def run_config(spec: Spec) -> RunConfig:
@@ -518,6 +507,13 @@ def update_doc_section(title: str, body: str, doc: Path = DOC) -> None:
         end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
         lines = lines[:start] + new + lines[end:]
     doc.write_text("\n".join(lines).rstrip() + "\n")
+
+
+def publish(section: str, intro: str, sub: str, body: str, write: bool) -> None:
+    """Print a result block; with ``write`` (the scripts' --doc) also put it into docs/benchmarks.md."""
+    print(f"\n### {sub}\n\n{body}")
+    if write:
+        update_doc_subsection(section, intro, sub, body)
 
 
 def update_doc_subsection(section: str, intro: str, sub: str, body: str, doc: Path = DOC) -> None:

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import REPO, SHARED_DATA, command_line, machine, table, today, update_doc_subsection, wait_quiet  # noqa: E402
+from common import REPO, SHARED_DATA, command_line, machine, table, today, publish, wait_quiet  # noqa: E402
 
 SECTION = "DeepSpeed throughput"
 INTRO = """\
@@ -146,9 +146,7 @@ def main(argv=None) -> int:
             + table(["ZeRO", "ranks", "threads/rank", "tokens/step (global)", "step min s", "step median s",
                      "tokens/s best", "tokens/s median", f"vs {ref_n} rank (best)", f"vs {ref_n} rank (median)"], rows))
     sub = f"{args.model}, ranks {args.nprocs}, ZeRO {args.stages}, {'GPU' if torch.cuda.is_available() else 'CPU'}"
-    print(f"\n### {sub}\n\n{body}")
-    if args.doc:
-        update_doc_subsection(SECTION, INTRO, sub, body)
+    publish(SECTION, INTRO, sub, body, args.doc)
     return 0
 
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from common import (BaseModel, Spec, command_line, device, interleaved, machine, make_batch, run_config,  # noqa: E402
-                    supervised_tokens, table, today, update_doc_subsection)
+                    supervised_tokens, table, today, publish)
 
 from comlora_ds.methods import get_method  # noqa: E402
 from comlora_ds.methods.lora_dash import dash_layers, switch_to_dash  # noqa: E402
@@ -158,9 +158,7 @@ def main(argv=None) -> int:
         body = (f"{machine()}, {today()}. `{command_line().replace(' --doc', '')} --doc`. Base "
                 f"{str(base.dtype).replace('torch.', '')}; {args.rounds} rounds x {args.steps_per_round} steps after "
                 f"{args.warmup} warm-up.\n\n{text}")
-        print(f"\n### {sub}\n\n{body}")
-        if args.doc:
-            update_doc_subsection(SECTION, INTRO, sub, body)
+        publish(SECTION, INTRO, sub, body, args.doc)
     return 0
 
 

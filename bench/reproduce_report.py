@@ -17,11 +17,12 @@ def _load(path: Path) -> dict | None:
 
 
 def _base_params(merged: Path) -> int:
-    total = 0
-    for shard in merged.glob("*.safetensors"):
-        with safe_open(str(shard), framework="pt") as f:
-            total += sum(_numel(f.get_slice(name).get_shape()) for name in f.keys())
-    return total
+    return sum(_file_params(shard) for shard in merged.glob("*.safetensors"))
+
+
+def _file_params(path: Path) -> int:
+    with safe_open(str(path), framework="pt") as f:
+        return sum(_numel(f.get_slice(name).get_shape()) for name in f.keys())
 
 
 def _numel(shape) -> int:
@@ -84,7 +85,8 @@ def _plot_curves(args, variants, run_dir, path: Path) -> bool:
     axes[1].set(title="share of samples whose selector argmax is the component", xlabel="optimizer step",
                 ylabel="share per window", ylim=(0, 1))
     for ax in axes:
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -97,7 +99,8 @@ def write_report(args, variants: dict, tasks: tuple, run_dir) -> None:
               f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} CPU cores, no GPU. "
               f"Written {time.strftime('%Y-%m-%d')} by:", "", "```bash",
               "python " + " ".join(sys.argv), "```", ""]
-    lines += ["## ComLoRA vs LoRA on SmolLM2-135M (commonsense, paper Table 3 at small scale)", "",
+    model = Path(args.model).name
+    lines += [f"## ComLoRA vs LoRA on {model} (commonsense, paper Table 3 at small scale)", "",
               f"Training: {args.max_steps or args.epochs} {'steps' if args.max_steps else 'epochs'}, micro-batch "
               f"{args.micro_batch} x accumulation {args.grad_accum}, lr {args.lr} (linear decay, 3% warm-up), "
               f"max length {args.max_length}, on the LLM-Adapters training rows of "
@@ -110,14 +113,14 @@ def write_report(args, variants: dict, tasks: tuple, run_dir) -> None:
     base = _load(args.out / "base" / "eval" / "results.json")
     if base:
         acc = _accuracies(base, tasks)
-        lines.append("| SmolLM2-135M zero-shot | 0/0 | " + " | ".join(f"{acc.get(t, float('nan')):.1f}" for t in tasks)
+        lines.append(f"| {model} zero-shot | 0/0 | " + " | ".join(f"{acc.get(t, float('nan')):.1f}" for t in tasks)
                      + f" | {acc['average']:.1f} |")
         per = base["metrics"]["per_task"]
         if "choice_average" in base["metrics"]:
-            lines.append("| SmolLM2-135M zero-shot, rank classification | 0/0 | "
+            lines.append(f"| {model} zero-shot, rank classification | 0/0 | "
                          + " | ".join(f"{per[t]['choice_accuracy']:.1f}" for t in tasks if t in per)
                          + f" | {base['metrics']['choice_average']:.1f} |")
-    component_rows, notes = [], []
+    component_rows = []
     for variant in variants:
         scores: dict[str, list[float]] = {}
         share = ""
@@ -130,7 +133,8 @@ def write_report(args, variants: dict, tasks: tuple, run_dir) -> None:
             for key, value in _accuracies(winner_eval, tasks).items():
                 scores.setdefault(key, []).append(value)
             total = _base_params(folder / "export" / "merged")
-            adapters = report["adapter"]["parameters"] * report["num_components"]
+            component = folder / "export" / "components" / "component_0" / "adapter_model.safetensors"
+            adapters = _file_params(component) * report["num_components"]
             selector = report["tensors"]["elements"] - adapters
             share = f"{100 * adapters / total:.2f}/{100 * selector / total:.2f}"
             if report["num_components"] > 1:
@@ -140,7 +144,7 @@ def write_report(args, variants: dict, tasks: tuple, run_dir) -> None:
                 best = max(range(len(averages)), key=lambda k: averages[k] if averages[k] is not None else -1)
                 val = report["validation"]
                 component_rows.append(
-                    f"| {variant} seed {seed} | " + " | ".join("–" if a is None else f"{a:.1f}" for a in averages)
+                    f"| {variant} seed {seed} | " + " / ".join("–" if a is None else f"{a:.1f}" for a in averages)
                     + f" | {report['winner']} ({report['winner_by']}) | {val['lowest_loss_component']} | "
                     f"{[round(x, 4) for x in val['mean_loss']]} | {val['selector_argmax_counts']} | "
                     f"{best if len(known) == len(averages) else '–'} | "
@@ -156,6 +160,19 @@ def write_report(args, variants: dict, tasks: tuple, run_dir) -> None:
                   "| run | test average per component | selector winner | lowest validation loss | "
                   "validation loss per component | selector argmax counts (validation) | best on test | "
                   "winner = best? |", "|---|---|---|---|---|---|---|---|", *component_rows, ""]
-    if _plot_curves(args, variants, run_dir, Path("docs/img/reproduce_curves.png")):
+    if _plot_curves(args, variants, run_dir, args.report.parent / "img" / "reproduce_curves.png"):
         lines += ["## Training curves", "", "![per-component losses and winner shares](img/reproduce_curves.png)", ""]
-    args.report.write_text("\n".join(lines) + "\n")
+    notes = _kept_notes(args.report)
+    args.report.write_text("\n".join(lines) + "\n" + (f"\n{notes}" if notes else ""))
+
+
+NOTES_HEADING = "## Notes"
+
+
+def _kept_notes(report: Path) -> str:
+    """The hand-written ``## Notes`` section (to the end of the page) of an existing report: kept on rewrite."""
+    if not report.exists():
+        return ""
+    text = report.read_text()
+    start = text.find(f"\n{NOTES_HEADING}\n")
+    return text[start + 1:] if start >= 0 else ""

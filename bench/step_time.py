@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (BaseModel, add_timing_args, timing_setup, Spec, build_variant, command_line, device, interleaved, machine,  # noqa: E402
-                    make_batch, supervised_tokens, table, today, update_doc_subsection, verdict)
+                    make_batch, supervised_tokens, table, today, publish, verdict)
 
 SECTION = "Training step time"
 INTRO = """\
@@ -155,9 +155,7 @@ def main(argv=None) -> int:
         body = (f"{machine()}, {today()}. `{command_line().replace(' --doc', '')} --doc`. "
                 f"Base {str(base.dtype).replace('torch.', '')}{sup}; {args.rounds} rounds x "
                 f"{args.steps_per_round} steps after {args.warmup} warm-up; {clock}.\n\n{text}")
-        print(f"\n### {sub}\n\n{body}")
-        if args.doc:
-            update_doc_subsection(SECTION, INTRO, sub, body)
+        publish(SECTION, INTRO, sub, body, args.doc)
     return 0
 
 

@@ -23,6 +23,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from .export.errors import ConsolidationError
 from .export.factors import ComponentExporter
 from .export.merge import stream_merge
@@ -33,7 +35,7 @@ from .export.report import read_training_metrics, write_plots, write_report
 from .export.scoring import build_live_model, load_validation_rows, resolve_score_dtype, score_checkpoint
 from .validation import ValidationScores
 
-__all__ = ["ConsolidationError", "consolidate", "choose_winner", "resolve_base"]
+__all__ = ["ConsolidationError", "consolidate", "choose_winner", "recover_checked", "resolve_base"]
 
 
 def resolve_base(base: str | None, ref) -> tuple[str, Path]:
@@ -61,6 +63,24 @@ def resolve_base(base: str | None, ref) -> tuple[str, Path]:
     return base, Path(local)
 
 
+def recover_checked(ref, base: str | None = None, log: Callable[[str], None] = lambda msg: None
+                    ) -> tuple[str, Path, dict[str, torch.Tensor]]:
+    """(base name, base folder, every trainable tensor in fp32), the shapes checked against the base model
+    before DeepSpeed reads the shards and again after."""
+    cfg = ref.cfg
+    base_name, base_dir = resolve_base(base, ref)
+    from transformers import AutoConfig
+
+    base_config = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=cfg.model.trust_remote_code)
+    log(f"checkpoint {ref.step_dir} (ZeRO stage {ref.zero_stage}, {ref.world_size} rank(s)); base {base_dir}")
+    expected = expected_shapes(cfg, base_config)
+    check_tensors(ref.recorded_shapes, expected, cfg, base_name)
+    tensors = recover_tensors(ref)
+    check_tensors(tensors, expected, cfg, base_name)
+    log(f"recovered {len(tensors)} tensors ({sum(t.numel() for t in tensors.values())} elements), all full-shape")
+    return base_name, base_dir, tensors
+
+
 def choose_winner(requested: int | None, scores: ValidationScores | None, num_components: int) -> tuple[int, str]:
     if requested is not None:
         return requested, "user (--winner)"
@@ -86,16 +106,7 @@ def consolidate(checkpoint: str | Path, out: str | Path, *, winner: int | None =
     cfg, k_total = ref.cfg, ref.cfg.adapter.num_components
     if winner is not None and not 0 <= winner < k_total:
         raise ConsolidationError(f"--winner {winner}: the checkpoint has K = {k_total} components (0 .. {k_total - 1})")
-    base_name, base_dir = resolve_base(base, ref)
-    from transformers import AutoConfig
-
-    base_config = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=cfg.model.trust_remote_code)
-    log(f"checkpoint {ref.step_dir} (ZeRO stage {ref.zero_stage}, {ref.world_size} rank(s)); base {base_dir}")
-    expected = expected_shapes(cfg, base_config)
-    check_tensors(ref.recorded_shapes, expected, cfg, base_name)      # before DeepSpeed reads the shards
-    tensors = recover_tensors(ref)
-    check_tensors(tensors, expected, cfg, base_name)                  # what it actually rebuilt
-    log(f"recovered {len(tensors)} tensors ({sum(t.numel() for t in tensors.values())} elements), all full-shape")
+    base_name, base_dir, tensors = recover_checked(ref, base, log)
     clock.lap("recover")
 
     # 2. may we write OUT? (refuse before the expensive part)

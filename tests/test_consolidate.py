@@ -275,6 +275,27 @@ def test_merged_model_and_peft_adapter_give_the_unmerged_winners_logits(runs, ex
     assert_logits_close(got["peft"], want, FP32_TOL)
 
 
+@pytest.mark.parametrize("name", ["z3", "dash"])
+def test_evaluating_a_component_straight_from_the_checkpoint(runs, exports, stock_logits, name):
+    """``launch/evaluate.py CKPT --component k`` (load_for_eval): component k merged in memory gives the unmerged
+    forward with k active; for the winner, the exported merged model's logits."""
+    from comlora_ds.evaluation.load import load_for_eval
+
+    ref = locate_checkpoint(runs[name] / "checkpoints")
+    live = build_live_model(ref.cfg, ref.cfg.model.name_or_path, recover_tensors(ref))
+    winner = json.loads((exports[name] / "report.json").read_text())["winner"]
+    batch = validation_batch(runs[name])
+    for k in range(ref.cfg.adapter.num_components):
+        model, tokenizer, target = load_for_eval(str(runs[name]), component=k, dtype="float32", device="cpu")
+        assert (target.kind, target.component) == ("checkpoint", k) and tokenizer is not None
+        with torch.no_grad(), active_component(live.llm, k):
+            want = live.llm(**batch).logits
+            got = model(**batch).logits
+        assert_logits_close(got, want, FP32_TOL)
+        if k == winner:
+            assert_logits_close(got, stock_logits[name]["merged"], FP32_TOL)
+
+
 def test_lora_dash_exports_rank_r_plus_s(runs, exports):
     """ComLoRA x LoRA-Dash on ZeRO-3: the directions were chosen (buffers in the checkpoint), the winner's adapter is a
     rank-(r + s_d) PEFT LoRA (its logits are checked with the others above)."""

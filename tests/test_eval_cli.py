@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from comlora_ds.evaluation.load import TrainingCheckpointError, describe_target, load_for_eval
+from comlora_ds.evaluation.load import Target, TrainingCheckpointError, describe_target, load_for_eval
 
 from conftest import SHARED_DATA
 
@@ -51,11 +51,14 @@ def test_describe_targets(adapter_dir, tmp_path):
         ckpt = tmp_path / layout.replace("/", "_")
         (ckpt / Path(layout).parent).mkdir(parents=True, exist_ok=True)
         (ckpt / layout).write_text("step_00000010")
-        with pytest.raises(TrainingCheckpointError, match="training checkpoints: consolidate first.*--all-components"):
+        with pytest.raises(TrainingCheckpointError, match="pass --component k.*or consolidate first"):
             describe_target(str(ckpt))
+        assert describe_target(str(ckpt), component=1) == Target("checkpoint", str(ckpt), None, str(ckpt), 1)
     (tmp_path / "step_00000010").mkdir()
     with pytest.raises(TrainingCheckpointError, match="consolidate first"):
         describe_target(str(tmp_path / "step_00000010"))
+    with pytest.raises(TrainingCheckpointError, match="training checkpoints only"):
+        describe_target(str(STORIES), component=1)
     with pytest.raises(ValueError, match="neither a model folder"):
         describe_target(str(tmp_path))
 

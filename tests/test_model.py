@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comlora_ds.adapters.inject import active_component, adapter_layers, merge_component
+from comlora_ds.adapters.inject import active_component, merge_component
 from comlora_ds.config import load_config
-from comlora_ds.losses import ComLoRAObjective
 from comlora_ds.model import build_model, build_objective
 from comlora_ds.selector import Selector
 from comlora_ds.step import forward_backward

@@ -9,9 +9,10 @@
   folder when it has one, else from the base.
 * a folder with ``config.json``: a merged Hugging Face model (``AutoModelForCausalLM.from_pretrained``).
 * a training checkpoint (a folder with ``latest``, a ``checkpoints/`` folder with one, or a ``step_NNNNNNNN``
-  folder): :class:`TrainingCheckpointError` — its K components must first be consolidated
-  (``launch/consolidate.py``: the validation winner, and with ``--all-components`` every component, as PEFT
-  adapters and a merged model); a checkpoint holds ZeRO partitions and optimizer state, not a model.
+  folder) with ``component=k``: the ZeRO checkpoint's tensors are recovered in fp32 (the consolidation code,
+  with its shape checks), injected into the run's base model and component k is merged in memory; nothing is
+  written. Without ``component`` it is refused (:class:`TrainingCheckpointError`): a checkpoint holds K
+  components, and choosing the winner is consolidation's job (``launch/consolidate.py``).
 * a built-in model name (``smollm2-135m``, :mod:`comlora_ds.builtin_models`): converted once, then as a folder.
 * anything else: passed to ``from_pretrained`` as a hub id (works offline only when it is in the local cache).
 """
@@ -30,17 +31,19 @@ _STEP_DIR = "step_"
 
 
 class TrainingCheckpointError(ValueError):
-    """MODEL_OR_ADAPTER is a training checkpoint, which cannot be evaluated directly (yet)."""
+    """A training checkpoint without a chosen component, or a component for something that is not one."""
 
 
 @dataclass
 class Target:
-    """What is evaluated: ``kind`` is "merged", "adapter" or "hub"; ``base`` is set for adapters."""
+    """What is evaluated: ``kind`` is "merged", "adapter", "checkpoint" or "hub"; ``base`` is set for adapters
+    (and for checkpoints when given), ``component`` for checkpoints."""
 
     kind: str
     path: str
     base: Optional[str] = None
     tokenizer: Optional[str] = None
+    component: Optional[int] = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,16 +59,21 @@ def _has_tokenizer(path: Path) -> bool:
     return any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
 
 
-def describe_target(model_or_adapter: str, base: Optional[str] = None) -> Target:
-    """Classify ``model_or_adapter`` (see module doc); raises for training checkpoints and unusable folders."""
+def describe_target(model_or_adapter: str, base: Optional[str] = None, component: Optional[int] = None) -> Target:
+    """Classify ``model_or_adapter`` (see module doc); raises for a checkpoint without ``component`` (and
+    the reverse) and for unusable folders."""
     from ..builtin_models import BUILTIN_MODELS, resolve_model_path
 
     path = Path(model_or_adapter).expanduser()
     if path.is_dir() and _is_training_checkpoint(path):
-        raise TrainingCheckpointError(
-            f"{path} is a training checkpoint; training checkpoints: consolidate first (python launch/consolidate.py "
-            f"{path} --out DIR writes the winner as a PEFT adapter and a merged model, both evaluable; add "
-            "--all-components to evaluate every component)")
+        if component is None:
+            raise TrainingCheckpointError(
+                f"{path} is a training checkpoint with K components: pass --component k to evaluate component k "
+                f"from it, or consolidate first (python launch/consolidate.py {path} --out DIR picks the "
+                f"validation winner and writes it as a PEFT adapter and a merged model)")
+        return Target("checkpoint", str(path), base, str(path), component)
+    if component is not None:
+        raise TrainingCheckpointError(f"--component applies to training checkpoints only, and {path} is not one")
     if path.is_dir():
         if (path / "adapter_config.json").is_file():
             config = json.loads((path / "adapter_config.json").read_text())
@@ -96,15 +104,18 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.float32
 
 
-def load_for_eval(model_or_adapter: str, base: Optional[str] = None, dtype: Optional[str] = None, device: Optional[str] = None) -> tuple[Any, Any, Target]:
+def load_for_eval(model_or_adapter: str, base: Optional[str] = None, component: Optional[int] = None,
+                  dtype: Optional[str] = None, device: Optional[str] = None) -> tuple[Any, Any, Target]:
     """(model in eval mode on ``device``, tokenizer, :class:`Target`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = describe_target(model_or_adapter, base)
+    target = describe_target(model_or_adapter, base, component)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose from {', '.join(DTYPES)}")
     torch_dtype = DTYPES[dtype] if dtype else default_dtype(device)
+    if target.kind == "checkpoint":
+        return _checkpoint_component(target, torch_dtype, device)
     model_path = target.base if target.kind == "adapter" else target.path
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
     if target.kind == "adapter":
@@ -114,3 +125,24 @@ def load_for_eval(model_or_adapter: str, base: Optional[str] = None, dtype: Opti
     model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(target.tokenizer)
     return model, tokenizer, target
+
+
+def _checkpoint_component(target: Target, dtype: torch.dtype, device: str) -> tuple[Any, Any, Target]:
+    """Component ``target.component`` of a training checkpoint, merged into the base model in memory."""
+    from transformers import AutoTokenizer
+
+    from ..adapters.inject import merge_component
+    from ..consolidate import recover_checked
+    from ..export.recover import locate_checkpoint
+    from ..export.scoring import build_live_model
+
+    ref = locate_checkpoint(target.path)
+    k_total, k = ref.cfg.adapter.num_components, target.component
+    if not 0 <= k < k_total:
+        raise TrainingCheckpointError(f"--component {k}: {ref.step_dir} has K = {k_total} components "
+                                      f"(0 .. {k_total - 1})")
+    _, base_dir, tensors = recover_checked(ref, target.base)
+    model = build_live_model(ref.cfg, str(base_dir), tensors, dtype, device)
+    merge_component(model.llm, k)
+    target = Target("checkpoint", str(ref.step_dir), str(base_dir), str(ref.step_dir / "tokenizer"), k)
+    return model.llm, AutoTokenizer.from_pretrained(target.tokenizer), target

@@ -31,6 +31,7 @@ class EvalSettings:
     model: str
     task: str
     base: Optional[str] = None
+    component: Optional[int] = None
     data: list[str] = field(default_factory=list)
     dev: Optional[str] = None
     tasks: list[str] = field(default_factory=list)
@@ -166,7 +167,8 @@ def run_evaluation(settings: EvalSettings, model: Any = None, tokenizer: Any = N
         check_out_dir(settings.out, setting, settings.overwrite)
     start = time.perf_counter()
     if model is None:
-        model, tokenizer, target = load_for_eval(settings.model, settings.base, settings.dtype, settings.device)
+        model, tokenizer, target = load_for_eval(settings.model, settings.base, settings.component,
+                                                 settings.dtype, settings.device)
     else:
         target = Target("given", settings.model, tokenizer=settings.model)
     max_new_tokens = setting["max_new_tokens"]

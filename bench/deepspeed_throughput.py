@@ -138,8 +138,10 @@ def main(argv=None) -> int:
                 if 2 in z and 3 in z else "")
     hw = ("GPU: one GPU per rank." if torch.cuda.is_available() else
           f"CPU: {len(os.sched_getaffinity(0))} cores shared by all ranks; each rank runs cores / N threads "
-          f"(OMP_NUM_THREADS), so N ranks cannot be faster than 1 here: the ratio measures what the data-parallel "
-          f"machinery (gloo all-reduce / reduce-scatter, ZeRO-3 parameter all-gathers, N processes) costs.")
+          f"(OMP_NUM_THREADS), so N ranks get no extra hardware here: the ratio compares N single-threaded processes "
+          f"with one multi-threaded process on the same cores, communication (gloo all-reduce / reduce-scatter, ZeRO-3 "
+          f"parameter all-gathers) included. It can exceed 1 because the small matmuls of a 135M model use 2 threads "
+          f"poorly; it is not a data-parallel speed-up.")
     body = (f"{machine()}, {today()}. `{command_line().replace(' --doc', '')} --doc`. {hw} Model {args.model}, "
             f"K={args.k}, r={args.rank}, micro-batch {args.micro_batch} per rank, max_length {args.max_length}, "
             f"{args.steps} steps, first {args.skip} skipped, {args.repeats} repeat(s).{z3_vs_z2}\n\n"

@@ -39,7 +39,13 @@ Script: `bench/memory.py`. Each variant in a fresh process: build, one warm-up s
 peak counter (CPU: `/proc/self/clear_refs` -> VmHWM; GPU: `torch.cuda.reset_peak_memory_stats`), one measured
 step (forward + backward + AdamW). "step peak" is the peak above the footprint just before the step (model,
 AdamW state); "absolute" is the process's peak. The logits term is the size of fp32 logits for the replicated
-batch, K x B x L x V x 4 bytes, which the naive CE materialises and the chunked CE must not."""
+batch, K x B x L x V x 4 bytes, which the naive CE materialises and the chunked CE must not. The chunked CE holds one
+chunk's logits (ce_chunk_size supervised tokens x V x 4 bytes) and, while they exist, their gradient; it saves
+the term only down to that: with the default 1024-token chunk and this CPU-sized batch (K x 128 = 512 supervised
+tokens) the one chunk *is* all the logits, so compare the ce_chunk_size 128 run. At real sizes (LLaMA-3-8B,
+V = 128256, K = 4, micro-batch 4 x 512, half supervised: 4 GiB of fp32 logits) the default chunk holds 0.5 GiB.
+The rest of the step peak is the decoder's activations (no activation checkpointing in these runs), which the
+sequential mode divides by about K."""
 
 
 def release_free_memory() -> None:

@@ -73,7 +73,7 @@ def marginal(pts: list[dict], axis: str, cost: list[float], i: int):
     if i < first:
         return "-"
     per_unit = [(cost[j] - cost[j - 1]) / (pts[j][axis] - pts[j - 1][axis]) for j in (first, i)]
-    return per_unit[1] / per_unit[0] if per_unit[0] > 0 else float("nan")
+    return per_unit[1] / per_unit[0] if per_unit[0] > 0 else "-"     # no measurable growth to compare with
 
 
 def plot(path: Path, axes: dict, time_min: dict, time_med: dict, mem: dict, title: str) -> None:

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-outputs/demo}
 shift || true
-LIMIT=${DEMO_EVAL_LIMIT:-40}
+LIMIT=${DEMO_EVAL_LIMIT:-20}
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then unset DS_ACCELERATOR; fi
 

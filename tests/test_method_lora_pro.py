@@ -26,13 +26,7 @@ from conftest import make_batch, tiny_llama
 F64 = 1e-10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one thread avoids oversubscribing a shared 2-core machine (and changes no result)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rand(*shape, seed=0, dtype=torch.float64):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
 import statistics
 import sys
@@ -22,14 +23,7 @@ def _base_params(merged: Path) -> int:
 
 def _file_params(path: Path) -> int:
     with safe_open(str(path), framework="pt") as f:
-        return sum(_numel(f.get_slice(name).get_shape()) for name in f.keys())
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+        return sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
 
 
 def _fmt(values: list[float]) -> str:

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -36,39 +34,7 @@ BF16_TOL = 5e-2     # bf16 forward passes vs the fp32 computation: 8 mantissa bi
 #                     alone in bf16 is 1.7e-2 away from itself in fp32 (measured: merged 1.7e-2, PEFT 2.3e-2,
 #                     unmerged 2.4e-2; they differ from each other by up to 3.2e-2 as their roundings differ)
 STEP = "step_00000006"
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-            "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
-
-
-def _overrides(output_dir: Path, shared: Path, **extra) -> list[str]:
-    items = {
-        "model.name_or_path": shared / "models" / "stories260K",
-        "data.train_files": f"[{shared / 'commonsense' / 'train' / 'ARC-Challenge.json'}]",
-        "data.max_train_samples": 48, "data.val_size": 8, "data.max_length": 64,
-        "adapter.num_components": 2, "adapter.rank": 4, "adapter.dropout": 0.0, "comlora.noise": 0.0,
-        "train.max_steps": 6, "train.save_steps": 0, "train.learning_rate": 5e-3, "train.micro_batch_size": 4,
-        "train.output_dir": output_dir, "logging.wandb_mode": "disabled", "logging.winner_window": 2,
-    }
-    items.update(extra)
-    return [f"{key}={value}" for key, value in items.items()]
-
-
-def _zero_config(folder: Path, stage: int) -> Path:
-    cfg = json.loads((REPO / "ds_configs" / f"zero{stage}.json").read_text())
-    if stage == 3:   # else tiny tensors are never partitioned and ZeRO-3 is not tested
-        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    path = folder / f"zero{stage}.json"
-    path.write_text(json.dumps(cfg))
-    return path
+RUN_SETTINGS = {"train.save_steps": 0, "logging.winner_window": 2}   # on top of test_engine.base_overrides
 
 
 def train_and_dump(argv: list[str]) -> None:
@@ -108,6 +74,11 @@ from comlora_ds.export.recover import locate_checkpoint, recover_tensors  # noqa
 from comlora_ds.export.scoring import build_live_model, load_validation_rows  # noqa: E402
 
 from conftest import SHARED_DATA  # noqa: E402
+from test_engine import _env as _engine_env, _port, base_overrides, ds_config  # noqa: E402
+
+
+def _env() -> dict:
+    return {**_engine_env(), "WANDB_MODE": "disabled"}
 
 pytestmark = pytest.mark.distributed
 
@@ -138,8 +109,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     for name, (stage, nproc, extra) in RUNS.items():
         run = root / name
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_port()}",
-               __file__, str(_zero_config(root, stage)),
-               *_overrides(run, SHARED_DATA, **{"train.micro_batch_size": 4 // nproc, **extra})]
+               __file__, str(ds_config(root, stage)),
+               *base_overrides(run, **{**RUN_SETTINGS, "train.micro_batch_size": 4 // nproc, **extra})]
         proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         out[name] = run

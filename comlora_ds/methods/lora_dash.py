@@ -158,12 +158,6 @@ def export_factors(tensors: Mapping[str, Tensor], k: int, scaling: float) -> tup
     return torch.cat([A, V.T], 0), torch.cat([scaling * B, U * d], 1), 1.0
 
 
-def merged_delta(tensors: Mapping[str, Tensor], k: int, scaling: float) -> Tensor:
-    """Component k's full update ``s B_k A_k + U_k diag(d_k) V_k^T`` [d_out, d_in] in fp32, for merging."""
-    A, B, s = export_factors(tensors, k, scaling)
-    return s * (B @ A)
-
-
 # ---------------------------------------------------------------------------------------------- the method
 class LoRADashMethod(AdapterMethod):
     """LoRA-Dash per component (K = 1: LoRA-Dash; K > 1: ComLoRA x LoRA-Dash). Works with every ZeRO stage, bf16

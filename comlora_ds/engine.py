@@ -14,8 +14,10 @@ import os
 import random
 import signal
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import deepspeed
 import torch
@@ -73,6 +75,16 @@ class TrainResult:
     checkpoint: Path | None
     stopped_early: bool
     validation: dict | None
+
+
+def exit_process(code: int) -> NoReturn:
+    """Ends a training process once everything is written (and ``Trainer.close`` has run), skipping interpreter
+    finalization as multiprocessing's workers do: DeepSpeed and gloo objects that are still referenced from
+    reference cycles are otherwise destroyed during teardown, which now and then aborts a finished rank
+    ("terminate called without an active exception", SIGABRT) and turns a complete run into a failed launch."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 class Trainer:

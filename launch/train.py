@@ -44,11 +44,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     trainer.close()
-    if result.checkpoint is not None:
+    if result.checkpoint is not None and trainer.rank == 0:
         print(f"checkpoint: {result.checkpoint}\nnext: python launch/consolidate.py {result.checkpoint.parent} "
               f"--out {result.output_dir / 'export'}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code == 0:   # a finished run (the engine is imported): leave without interpreter finalization
+        from comlora_ds.engine import exit_process
+
+        exit_process(code)
+    sys.exit(code)

@@ -46,7 +46,7 @@ def train_and_dump(argv: list[str]) -> None:
     import torch.distributed as dist
 
     from comlora_ds.config import load_config
-    from comlora_ds.engine import Trainer
+    from comlora_ds.engine import Trainer, exit_process
 
     ds_config, overrides = argv[0], argv[1:]
     cfg = load_config(REPO / "launch" / "configs" / "demo.yaml", overrides)
@@ -60,11 +60,11 @@ def train_and_dump(argv: list[str]) -> None:
     if dist.get_rank() == 0:
         torch.save(live, Path(cfg.train.output_dir) / "live_parameters.pt")
     trainer.close()
+    exit_process(0)
 
 
 if __name__ == "__main__":
     train_and_dump(sys.argv[1:])
-    sys.exit(0)
 
 # ------------------------------------------------------------------------------------------ pytest from here
 from comlora_ds.adapters.inject import active_component  # noqa: E402

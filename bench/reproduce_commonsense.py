@@ -87,6 +87,8 @@ def run(cmd: list[str], budget: Budget, log: Path) -> bool:
     print("$", shlex.join(cmd), flush=True)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as out:
+        out.write(f"$ {shlex.join(cmd)}\n")
+        out.flush()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
         try:
             while proc.poll() is None:
@@ -108,42 +110,71 @@ def run_dir(args, variant: str, seed: int) -> Path:
     return args.out / f"{variant}{'-' + args.tag if args.tag else ''}-seed{seed}"
 
 
-def train(args, variant: str, seed: int, budget: Budget) -> bool:
-    folder = run_dir(args, variant, seed)
-    if (folder / "validation.json").exists():
-        return True
+def train_command(args, variant: str, seed: int) -> list[str]:
     steps = [f"train.max_steps={args.max_steps}"] if args.max_steps else [f"train.num_epochs={args.epochs}"]
     overrides = [f"model.name_or_path={args.model}", f"data.train_files=[{','.join(args.train_files)}]",
                  f"data.max_length={args.max_length}", "data.val_size=120", "data.seed=42", f"train.seed={seed}",
-                 f"train.output_dir={folder}", f"train.micro_batch_size={args.micro_batch}",
+                 f"train.output_dir={run_dir(args, variant, seed)}", f"train.micro_batch_size={args.micro_batch}",
                  f"train.gradient_accumulation_steps={args.grad_accum}", f"train.learning_rate={args.lr}",
                  "train.lr_scheduler=linear", "train.warmup_ratio=0.03", "train.save_steps=50",
                  "train.save_total_limit=1", "train.resume=auto", "logging.wandb_mode=offline",
                  "logging.winner_window=25", *steps, *VARIANTS[variant], *args.extra]
-    cmd = [*shlex.split(args.launcher), str(REPO / "launch" / "train.py"), "--deepspeed", args.ds_config, *overrides]
-    return run(cmd, budget, folder.parent / "logs" / f"{folder.name}.train.log")
+    return [*shlex.split(args.launcher), str(REPO / "launch" / "train.py"), "--deepspeed", args.ds_config, *overrides]
+
+
+def train(args, variant: str, seed: int, budget: Budget) -> bool:
+    folder = run_dir(args, variant, seed)
+    if (folder / "validation.json").exists():
+        return True
+    return run(train_command(args, variant, seed), budget, folder.parent / "logs" / f"{folder.name}.train.log")
+
+
+def consolidate_command(args, variant: str, seed: int) -> list[str]:
+    folder = run_dir(args, variant, seed)
+    return [sys.executable, str(REPO / "launch" / "consolidate.py"), str(folder / "checkpoints"), "--out",
+            str(folder / "export"), "--all-components", "--no-adapter"]
 
 
 def consolidate(args, variant: str, seed: int, budget: Budget) -> bool:
     folder = run_dir(args, variant, seed)
     if (folder / "export" / "report.json").exists():
         return True
-    cmd = [sys.executable, str(REPO / "launch" / "consolidate.py"), str(folder / "checkpoints"), "--out",
-           str(folder / "export"), "--all-components", "--no-adapter"]
-    return run(cmd, budget, folder.parent / "logs" / f"{folder.name}.consolidate.log")
+    return run(consolidate_command(args, variant, seed), budget,
+               folder.parent / "logs" / f"{folder.name}.consolidate.log")
 
 
-def evaluate(args, model: str, out: Path, budget: Budget, choice: bool = False) -> bool:
-    if (out / "results.json").exists():
-        return True
+def evaluate_command(args, model: str, out: Path, choice: bool = False) -> list[str]:
     cmd = [sys.executable, str(REPO / "launch" / "evaluate.py"), model, "--task", "commonsense", "--data",
            args.test_dir, "--tasks", ",".join(TEST_TASKS), "--batch-size", str(args.eval_batch),
            "--max-new-tokens", "16", "--out", str(out), "--no-progress"]
     if args.eval_limit:
         cmd += ["--limit", str(args.eval_limit)]
-    if choice:
-        cmd.append("--choice")
-    return run(cmd, budget, args.out / "logs" / f"{out.parent.name}.{out.name}.eval.log")
+    return cmd + (["--choice"] if choice else [])
+
+
+def evaluate(args, model: str, out: Path, budget: Budget, choice: bool = False) -> bool:
+    if (out / "results.json").exists():
+        return True
+    return run(evaluate_command(args, model, out, choice), budget,
+               args.out / "logs" / f"{out.parent.name}.{out.name}.eval.log")
+
+
+def example_commands(args) -> list[str]:
+    """What the driver runs for each variant's first seed (the results page quotes them)."""
+    seed = args.seeds[0]
+    commands = [evaluate_command(args, args.model, args.out / "base" / "eval", choice=True)]
+    for variant in args.variants:
+        folder = run_dir(args, variant, seed)
+        commands += [train_command(args, variant, seed), consolidate_command(args, variant, seed),
+                     evaluate_command(args, str(folder / "export" / "merged"), folder / "eval" / "winner")]
+        if variant.startswith("comlora"):
+            component = folder / "export" / "components" / "component_<k>"
+            commands.append(evaluate_command(args, str(component), folder / "eval" / "component_<k>"))
+    shorten = {sys.executable: "python", str(REPO) + "/": "", str(REPO.parent / "shared"): "../shared"}
+    texts = [shlex.join(c) for c in commands]
+    for long, short in shorten.items():
+        texts = [t.replace(long, short) for t in texts]
+    return texts
 
 
 def evaluations(args, variant: str, seed: int) -> list[tuple[str, Path]]:
@@ -174,7 +205,7 @@ def main() -> None:
     if args.report:
         from reproduce_report import write_report
 
-        write_report(args, VARIANTS, TEST_TASKS, run_dir)
+        write_report(args, VARIANTS, TEST_TASKS, run_dir, example_commands(args))
         print(f"wrote {args.report}")
 
 

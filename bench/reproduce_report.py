@@ -87,7 +87,7 @@ def _plot_curves(args, variants, run_dir, path: Path) -> bool:
     return drawn
 
 
-def write_report(args, variants: dict, tasks: tuple, run_dir) -> None:
+def write_report(args, variants: dict, tasks: tuple, run_dir, commands: list[str]) -> None:
     lines = ["# Results", ""]
     lines += ["Measured accuracy of the models this project trains. Machine: "
               f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} CPU cores, no GPU. "
@@ -154,6 +154,10 @@ def write_report(args, variants: dict, tasks: tuple, run_dir) -> None:
                   "| run | test average per component | selector winner | lowest validation loss | "
                   "validation loss per component | selector argmax counts (validation) | best on test | "
                   "winner = best? |", "|---|---|---|---|---|---|---|---|", *component_rows, ""]
+    if commands:
+        lines += ["## Commands", "", "What the driver runs (the first seed; the others differ only in "
+                  "`train.seed` and the folders; `<k>` = each component other than the winner):", "",
+                  "```bash", *commands, "```", ""]
     if _plot_curves(args, variants, run_dir, args.report.parent / "img" / "reproduce_curves.png"):
         lines += ["## Training curves", "", "![per-component losses and winner shares](img/reproduce_curves.png)", ""]
     notes = _kept_notes(args.report)

@@ -156,7 +156,7 @@ def evaluate(args, model: str, out: Path, budget: Budget, choice: bool = False) 
     if (out / "results.json").exists():
         return True
     return run(evaluate_command(args, model, out, choice), budget,
-               args.out / "logs" / f"{out.parent.name}.{out.name}.eval.log")
+               args.out / "logs" / f"{'.'.join(out.relative_to(args.out).parts)}.log")
 
 
 def example_commands(args) -> list[str]:

@@ -1,0 +1,62 @@
+"""bench/reproduce_commonsense.py end to end on the tiny real stories260K model: a chunk stopped by its time
+budget, the full grid (train -> consolidate -> evaluate, every ComLoRA component), the results page, and a
+rerun that finds everything done."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import SHARED_DATA
+from test_engine import _env
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = SHARED_DATA / "commonsense" / "train" / "ARC-Challenge.json"
+
+
+def drive(out: Path, *extra: str, timeout: int = 600) -> str:
+    cmd = [sys.executable, str(REPO / "bench" / "reproduce_commonsense.py"), "--out", str(out),
+           "--model", str(SHARED_DATA / "models" / "stories260K"), "--train-files", str(TRAIN),
+           "--variants", "comlora_k2_r8", "lora_r8", "--seeds", "1", "--max-steps", "4", "--max-length", "64",
+           "--eval-limit", "3", "--eval-batch", "4", "--report", str(out / "results.md"), *extra]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_driver_runs_in_chunks_writes_the_results_page_and_skips_finished_work(tmp_path):
+    out = tmp_path / "repro"
+    out.mkdir()
+    (out / "results.md").write_text("# Results\n\nold table\n\n## Notes\n\nHand-written conclusions.\n")
+
+    stopped = drive(out, "--chunk-minutes", "0.02")    # 1.2 s: the first stage cannot finish in it
+    assert "stopped (time budget); run again to continue" in stopped
+    assert not (out / "base" / "eval" / "results.json").exists()
+
+    drive(out)
+    for run in ("comlora_k2_r8-seed1", "lora_r8-seed1"):
+        assert (out / run / "export" / "merged" / "config.json").exists()
+        assert (out / run / "eval" / "winner" / "results.json").exists()
+    components = sorted(p.name for p in (out / "comlora_k2_r8-seed1" / "eval").iterdir())
+    assert len(components) == 2 and "winner" in components   # the winner plus the other component
+
+    page = (out / "results.md").read_text()
+    assert "| stories260K zero-shot |" in page
+    lora_average = json.loads((out / "lora_r8-seed1" / "eval" / "winner" / "results.json").read_text())
+    lora_row = next(line for line in page.splitlines() if line.startswith("| lora_r8 (n=1) |"))
+    assert lora_row.endswith(f" | {lora_average['metrics']['average']:.1f} |")
+    assert lora_row.split(" | ")[1].endswith("/0.00")   # plain LoRA has no selector
+    winner = json.loads((out / "comlora_k2_r8-seed1" / "export" / "report.json").read_text())["winner"]
+    assert "## ComLoRA's components (paper Table 10)" in page
+    component_row = next(line for line in page.splitlines() if line.startswith("| comlora_k2_r8 seed 1 |"))
+    assert component_row.split(" | ")[2].startswith(f"{winner} (")
+    assert "| comlora_k2_r8 (n=1) |" in page
+    assert "launch/train.py --deepspeed" in page and "launch/consolidate.py" in page
+    assert page.endswith("## Notes\n\nHand-written conclusions.\n")     # the hand-written section survives
+    assert "old table" not in page
+    assert (out / "img" / "reproduce_curves.png").stat().st_size > 0
+
+    logs = {p.name: p.stat().st_size for p in (out / "logs").iterdir()}
+    again = drive(out)
+    assert "$ " not in again                            # nothing run again
+    assert {p.name: p.stat().st_size for p in (out / "logs").iterdir()} == logs

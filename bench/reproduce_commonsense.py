@@ -126,7 +126,8 @@ def train(args, variant: str, seed: int, budget: Budget) -> bool:
     folder = run_dir(args, variant, seed)
     if (folder / "validation.json").exists():
         return True
-    return run(train_command(args, variant, seed), budget, folder.parent / "logs" / f"{folder.name}.train.log")
+    run(train_command(args, variant, seed), budget, folder.parent / "logs" / f"{folder.name}.train.log")
+    return (folder / "validation.json").exists()   # absent when the trainer was stopped (SIGTERM) before the end
 
 
 def consolidate_command(args, variant: str, seed: int) -> list[str]:

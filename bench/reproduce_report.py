@@ -26,12 +26,12 @@ def _file_params(path: Path) -> int:
         return sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
 
 
-def _fmt(values: list[float]) -> str:
+def _fmt(values: list[float], digits: int = 1) -> str:
     if not values:
         return "–"
     if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def _accuracies(results: dict, tasks) -> dict[str, float]:
@@ -102,18 +102,18 @@ def write_report(args, variants: dict, tasks: tuple, run_dir, commands: list[str
               f"validation (seed 42). Seeds {args.seeds}. Test: the first "
               f"{args.eval_limit or 'all'} rows of each LLM-Adapters test set, greedy generation, first answer "
               "keyword (no keyword = wrong). PIQA and SIQA have no training rows here: they measure transfer.", ""]
-    header = ["method", "Params (%) L/S"] + list(tasks) + ["average"]
+    header = ["method", "Params (%) L/S"] + list(tasks) + ["average", "validation loss"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     base = _load(args.out / "base" / "eval" / "results.json")
     if base:
         acc = _accuracies(base, tasks)
         lines.append(f"| {model} zero-shot | 0/0 | " + " | ".join(f"{acc.get(t, float('nan')):.1f}" for t in tasks)
-                     + f" | {acc['average']:.1f} |")
+                     + f" | {acc['average']:.1f} | – |")
         per = base["metrics"]["per_task"]
         if "choice_average" in base["metrics"]:
             lines.append(f"| {model} zero-shot, rank classification | 0/0 | "
                          + " | ".join(f"{per[t]['choice_accuracy']:.1f}" for t in tasks if t in per)
-                         + f" | {base['metrics']['choice_average']:.1f} |")
+                         + f" | {base['metrics']['choice_average']:.1f} | – |")
     component_rows = []
     for variant in variants:
         scores: dict[str, list[float]] = {}
@@ -126,6 +126,7 @@ def write_report(args, variants: dict, tasks: tuple, run_dir, commands: list[str
                 continue
             for key, value in _accuracies(winner_eval, tasks).items():
                 scores.setdefault(key, []).append(value)
+            scores.setdefault("val_loss", []).append(report["validation"]["mean_loss"][report["winner"]])
             total = _base_params(folder / "export" / "merged")
             component = folder / "export" / "components" / "component_0" / "adapter_model.safetensors"
             adapters = _file_params(component) * report["num_components"]
@@ -145,8 +146,11 @@ def write_report(args, variants: dict, tasks: tuple, run_dir, commands: list[str
                     f"{'yes' if len(known) == len(averages) and best == report['winner'] else 'no'} |")
         if scores:
             lines.append(f"| {variant} (n={len(scores['average'])}) | {share} | "
-                         + " | ".join(_fmt(scores.get(t, [])) for t in tasks) + f" | {_fmt(scores['average'])} |")
-    lines += ["", "Mean ± standard deviation over seeds. L = trainable adapter parameters (all K components during "
+                         + " | ".join(_fmt(scores.get(t, [])) for t in tasks) + f" | {_fmt(scores['average'])} | "
+                         + f"{_fmt(scores['val_loss'], digits=4)} |")
+    lines += ["", "Mean ± standard deviation over seeds. Validation loss: response-token LM loss of the deployed "
+              "component (the winner) on the 120 held-out training-distribution rows, from the consolidation report. "
+              "L = trainable adapter parameters (all K components during "
               "training), S = selector, in % of the base model's parameters. At inference every row costs the "
               "same as its rank: ComLoRA K=2 r=8 deploys one r=8 component.", ""]
     if component_rows:

@@ -34,10 +34,12 @@ def _fmt(values: list[float], digits: int = 1) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def _accuracies(results: dict, tasks) -> dict[str, float]:
+def _accuracies(results: dict, tasks, trained: list[str], key: str = "accuracy") -> dict[str, float]:
+    """Per task, the average over all tasks, and the average over the tasks that had training rows."""
     per = results["metrics"]["per_task"]
-    out = {t: per[t]["accuracy"] for t in tasks if t in per}
-    out["average"] = results["metrics"]["average"]
+    out = {t: per[t][key] for t in tasks if t in per}
+    out["average"] = statistics.mean(out.values())
+    out["trained_average"] = statistics.mean(out[t] for t in trained if t in out)
     return out
 
 
@@ -101,19 +103,19 @@ def write_report(args, variants: dict, tasks: tuple, run_dir, commands: list[str
               f"{', '.join(Path(f).stem for f in args.train_files)} ({args.model}); 120 rows held out for "
               f"validation (seed 42). Seeds {args.seeds}. Test: the first "
               f"{args.eval_limit or 'all'} rows of each LLM-Adapters test set, greedy generation, first answer "
-              "keyword (no keyword = wrong). PIQA and SIQA have no training rows here: they measure transfer.", ""]
-    header = ["method", "Params (%) L/S"] + list(tasks) + ["average", "validation loss"]
+              "keyword (no keyword = wrong). Tasks without training rows here measure transfer; PIQA's answer keywords "
+              "(solution1/solution2) never occur in these training rows, so its score mostly says whether a model "
+              "happens to write them. \"Average of trained tasks\" leaves such tasks out.", ""]
+    trained = [t for t in tasks if t in {Path(f).stem for f in args.train_files}]
+    header = ["method", "Params (%) L/S", *tasks, "average", "average of trained tasks", "validation loss"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     base = _load(args.out / "base" / "eval" / "results.json")
     if base:
-        acc = _accuracies(base, tasks)
-        lines.append(f"| {model} zero-shot | 0/0 | " + " | ".join(f"{acc.get(t, float('nan')):.1f}" for t in tasks)
-                     + f" | {acc['average']:.1f} | – |")
-        per = base["metrics"]["per_task"]
-        if "choice_average" in base["metrics"]:
-            lines.append(f"| {model} zero-shot, rank classification | 0/0 | "
-                         + " | ".join(f"{per[t]['choice_accuracy']:.1f}" for t in tasks if t in per)
-                         + f" | {base['metrics']['choice_average']:.1f} | – |")
+        for name, key in [("zero-shot", "accuracy"), ("zero-shot, rank classification", "choice_accuracy")]:
+            if key in next(iter(base["metrics"]["per_task"].values())):
+                acc = _accuracies(base, tasks, trained, key)
+                lines.append(f"| {model} {name} | 0/0 | "
+                             + " | ".join(f"{acc[t]:.1f}" for t in [*tasks, "average", "trained_average"]) + " | – |")
     component_rows = []
     for variant in variants:
         scores: dict[str, list[float]] = {}
@@ -124,7 +126,7 @@ def write_report(args, variants: dict, tasks: tuple, run_dir, commands: list[str
             winner_eval = _load(folder / "eval" / "winner" / "results.json")
             if not report or not winner_eval:
                 continue
-            for key, value in _accuracies(winner_eval, tasks).items():
+            for key, value in _accuracies(winner_eval, tasks, trained).items():
                 scores.setdefault(key, []).append(value)
             scores.setdefault("val_loss", []).append(report["validation"]["mean_loss"][report["winner"]])
             total = _base_params(folder / "export" / "merged")
@@ -134,20 +136,22 @@ def write_report(args, variants: dict, tasks: tuple, run_dir, commands: list[str
             share = f"{100 * adapters / total:.2f}/{100 * selector / total:.2f}"
             if report["num_components"] > 1:
                 evals = [_component_eval(folder, k, report["winner"]) for k in range(report["num_components"])]
-                averages = [e["metrics"]["average"] if e else None for e in evals]
+                accs = [_accuracies(e, tasks, trained) if e else None for e in evals]
+                averages = [a["average"] if a else None for a in accs]
                 known = [a for a in averages if a is not None]
                 best = max(range(len(averages)), key=lambda k: averages[k] if averages[k] is not None else -1)
                 val = report["validation"]
                 component_rows.append(
-                    f"| {variant} seed {seed} | " + " / ".join("–" if a is None else f"{a:.1f}" for a in averages)
+                    f"| {variant} seed {seed} | "
+                    + " / ".join("–" if a is None else f"{a['average']:.1f} ({a['trained_average']:.1f})" for a in accs)
                     + f" | {report['winner']} ({report['winner_by']}) | {val['lowest_loss_component']} | "
                     f"{[round(x, 4) for x in val['mean_loss']]} | {val['selector_argmax_counts']} | "
-                    f"{best if len(known) == len(averages) else '–'} | "
-                    f"{'yes' if len(known) == len(averages) and best == report['winner'] else 'no'} |")
+                    + (f"{best} | {'yes' if best == report['winner'] else 'no'} |" if len(known) == len(averages)
+                       else "– | – |"))
         if scores:
             lines.append(f"| {variant} (n={len(scores['average'])}) | {share} | "
-                         + " | ".join(_fmt(scores.get(t, [])) for t in tasks) + f" | {_fmt(scores['average'])} | "
-                         + f"{_fmt(scores['val_loss'], digits=4)} |")
+                         + " | ".join(_fmt(scores.get(t, [])) for t in [*tasks, "average", "trained_average"])
+                         + f" | {_fmt(scores['val_loss'], digits=4)} |")
     lines += ["", "Mean ± standard deviation over seeds. Validation loss: response-token LM loss of the deployed "
               "component (the winner) on the 120 held-out training-distribution rows, from the consolidation report. "
               "L = trainable adapter parameters (all K components during "
@@ -155,7 +159,7 @@ def write_report(args, variants: dict, tasks: tuple, run_dir, commands: list[str
               "same as its rank: ComLoRA K=2 r=8 deploys one r=8 component.", ""]
     if component_rows:
         lines += ["## ComLoRA's components (paper Table 10)", "",
-                  "| run | test average per component | selector winner | lowest validation loss | "
+                  "| run | test average per component (trained tasks) | selector winner | lowest validation loss | "
                   "validation loss per component | selector argmax counts (validation) | best on test | "
                   "winner = best? |", "|---|---|---|---|---|---|---|---|", *component_rows, ""]
     if commands:

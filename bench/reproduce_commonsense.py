@@ -12,7 +12,9 @@ page (paper Table 3 and Table 10 shaped).
 
 Every stage is skipped when its output exists, and training resumes from its last checkpoint: the
 script can be stopped at any time (Ctrl-C, or --chunk-minutes sends the trainer SIGTERM, which writes
-a checkpoint) and run again to continue. The same script takes a larger model and the full
+a checkpoint) and run again to continue. Several drivers may run at once over the same --out (e.g. one
+per GPU with CUDA_VISIBLE_DEVICES, or two single-thread drivers on a small CPU box): each run folder is
+locked by the driver working on it and the others move on to the next one. The same script takes a larger model and the full
 commonsense_170k on GPUs, e.g.
 
     python bench/reproduce_commonsense.py --out runs/llama3 --model meta-llama/Meta-Llama-3-8B \\
@@ -23,6 +25,8 @@ commonsense_170k on GPUs, e.g.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import shlex
 import signal
@@ -188,21 +192,44 @@ def evaluations(args, variant: str, seed: int) -> list[tuple[str, Path]]:
     return jobs
 
 
+@contextlib.contextmanager
+def claim(folder: Path):
+    """An exclusive lock on one run folder (or the base evaluation) for as long as this driver works on it:
+    several drivers over the same --out (one per GPU, or one per core here) then share the grid."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".driver.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"skipping {folder}: another driver is working on it", flush=True)
+            yield False
+            return
+        yield True
+
+
+def run_grid(args, budget: Budget) -> bool:
+    """Every stage not done yet, in order; False when the time budget ran out."""
+    with claim(args.out / "base") as mine:
+        if mine and not evaluate(args, args.model, args.out / "base" / "eval", budget, choice=True):
+            return False
+    for seed in args.seeds:
+        for variant in args.variants:
+            with claim(run_dir(args, variant, seed)) as mine:
+                if not mine:
+                    continue
+                if not (train(args, variant, seed, budget) and consolidate(args, variant, seed, budget)):
+                    return False
+                for model, out in evaluations(args, variant, seed):
+                    if not evaluate(args, model, out, budget):
+                        return False
+    return True
+
+
 def main() -> None:
     args = parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    budget = Budget(args.chunk_minutes)
-    if not args.report_only:
-        if not evaluate(args, args.model, args.out / "base" / "eval", budget, choice=True):
-            return print("stopped (time budget); run again to continue")
-        for seed in args.seeds:
-            for variant in args.variants:
-                for stage in (train, consolidate):
-                    if not stage(args, variant, seed, budget):
-                        return print("stopped (time budget); run again to continue")
-                for model, out in evaluations(args, variant, seed):
-                    if not evaluate(args, model, out, budget):
-                        return print("stopped (time budget); run again to continue")
+    if not args.report_only and not run_grid(args, Budget(args.chunk_minutes)):
+        return print("stopped (time budget); run again to continue")
     if args.report:
         from reproduce_report import write_report
 

@@ -1,7 +1,8 @@
 """bench/reproduce_commonsense.py end to end on the tiny real stories260K model: a chunk stopped by its time
-budget, the full grid (train -> consolidate -> evaluate, every ComLoRA component), the results page, and a
-rerun that finds everything done."""
+budget, a run locked by another driver left alone, the full grid (train -> consolidate -> evaluate, every
+ComLoRA component), the results page, and a rerun that finds everything done."""
 
+import fcntl
 import json
 import subprocess
 import sys
@@ -32,6 +33,14 @@ def test_driver_runs_in_chunks_writes_the_results_page_and_skips_finished_work(t
     stopped = drive(out, "--chunk-minutes", "0.02")    # 1.2 s: the first stage cannot finish in it
     assert "stopped (time budget); run again to continue" in stopped
     assert not (out / "base" / "eval" / "results.json").exists()
+
+    busy = out / "lora_r8-seed1"
+    busy.mkdir()
+    with open(busy / ".driver.lock", "w") as lock:       # another driver works on this run: it is left alone
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert f"skipping {busy}: another driver is working on it" in drive(out)
+    assert (out / "comlora_k2_r8-seed1" / "eval" / "winner" / "results.json").exists()
+    assert not (busy / "checkpoints").exists()
 
     drive(out)
     for run in ("comlora_k2_r8-seed1", "lora_r8-seed1"):

@@ -60,19 +60,21 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def machine() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} ({torch.cuda.device_count()} visible), torch {torch.__version__}"
-    model = platform.processor() or "cpu"
+def cpu_model() -> str:
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or "cpu"
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} ({torch.cuda.device_count()} visible), torch {torch.__version__}"
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
-    return (f"{model}, {len(os.sched_getaffinity(0))} cores, {mem:.0f} GiB, no GPU, torch {torch.__version__}, "
+    return (f"{cpu_model()}, {len(os.sched_getaffinity(0))} cores, {mem:.0f} GiB, no GPU, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads")
 
 

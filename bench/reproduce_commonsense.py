@@ -151,7 +151,7 @@ def consolidate(args, variant: str, seed: int, budget: Budget) -> bool:
 def evaluate_command(args, model: str, out: Path, choice: bool = False) -> list[str]:
     cmd = [sys.executable, str(REPO / "launch" / "evaluate.py"), model, "--task", "commonsense", "--data",
            args.test_dir, "--tasks", ",".join(TEST_TASKS), "--batch-size", str(args.eval_batch),
-           "--max-new-tokens", "16", "--out", str(out), "--no-progress"]
+           "--max-new-tokens", "16", "--out", str(out), "--no-progress", "--predictions"]
     if args.eval_limit:
         cmd += ["--limit", str(args.eval_limit)]
     return cmd + (["--choice"] if choice else [])

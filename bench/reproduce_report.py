@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import platform
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 
 
@@ -77,7 +78,8 @@ def _plot_curves(args, variants, run_dir, path: Path) -> bool:
                 for c in range(k):
                     axes[1].plot([s for s, _ in windows], [w[c] / sum(w) for _, w in windows], marker="o",
                                  label=f"{variant} s{seed} comp {c}")
-    axes[0].set(title="training LM loss per component (20-step mean)", xlabel="optimizer step", ylabel="loss")
+    axes[0].set(title="training LM loss per component (20-step mean)", xlabel="optimizer step", ylabel="loss",
+                yscale="log")
     axes[1].set(title="share of samples whose selector argmax is the component", xlabel="optimizer step",
                 ylabel="share per window", ylim=(0, 1))
     for ax in axes:
@@ -91,8 +93,11 @@ def _plot_curves(args, variants, run_dir, path: Path) -> bool:
 
 def write_report(args, variants: dict, tasks: tuple, run_dir, commands: list[str]) -> None:
     lines = ["# Results", ""]
-    lines += ["Measured accuracy of the models this project trains. Machine: "
-              f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} CPU cores, no GPU. "
+    from common import cpu_model
+
+    device = (torch.cuda.get_device_name() + f" x {torch.cuda.device_count()}" if torch.cuda.is_available()
+              else f"{cpu_model()}, {len(os.sched_getaffinity(0))} CPU cores, no GPU")
+    lines += [f"Measured accuracy of the models this project trains. Machine: {device}, torch {torch.__version__}. "
               f"Written {time.strftime('%Y-%m-%d')} by:", "", "```bash",
               "python " + " ".join(sys.argv), "```", ""]
     model = Path(args.model).name

@@ -494,6 +494,11 @@ def command_line() -> str:
     return "python " + " ".join([str(Path(sys.argv[0]).resolve().relative_to(REPO))] + sys.argv[1:])
 
 
+def provenance() -> str:
+    """The opening of a docs/benchmarks.md section: machine, date and the command that rewrites it."""
+    return f"{machine()}, {today()}. `{command_line().replace(' --doc', '')} --doc`."
+
+
 def update_doc_section(title: str, body: str, doc: Path = DOC) -> None:
     """Replace (or append) the ``## title`` section of docs/benchmarks.md, leaving every other section
     as it is in the file right now (another script may own them)."""

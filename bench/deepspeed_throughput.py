@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import REPO, SHARED_DATA, command_line, machine, table, today, publish, wait_quiet  # noqa: E402
+from common import REPO, SHARED_DATA, provenance, table, publish, wait_quiet  # noqa: E402
 
 SECTION = "DeepSpeed throughput"
 INTRO = """\
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
           f"with one multi-threaded process on the same cores, communication (gloo all-reduce / reduce-scatter, ZeRO-3 "
           f"parameter all-gathers) included. It can exceed 1 because the small matmuls of a 135M model use 2 threads "
           f"poorly; it is not a data-parallel speed-up.")
-    body = (f"{machine()}, {today()}. `{command_line().replace(' --doc', '')} --doc`. {hw} Model {args.model}, "
+    body = (f"{provenance()} {hw} Model {args.model}, "
             f"K={args.k}, r={args.rank}, micro-batch {args.micro_batch} per rank, max_length {args.max_length}, "
             f"{args.steps} steps, first {args.skip} skipped, {args.repeats} repeat(s).{z3_vs_z2}\n\n"
             + table(["ZeRO", "ranks", "threads/rank", "tokens/step (global)", "step min s", "step median s",

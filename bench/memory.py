@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import (BaseModel, Spec, build_variant, command_line, machine, make_batch, memory_kind, mib,  # noqa: E402
-                    peak, reset_peak, run_worker, supervised_tokens, table, today, publish,
+from common import (BaseModel, Spec, build_variant, make_batch, memory_kind, mib, provenance,  # noqa: E402
+                    peak, reset_peak, run_worker, supervised_tokens, table, publish,
                     worker_result)
 
 SECTION = "Peak memory"
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
                f"{'met' if met else 'NOT met'}: the measured saving is {mib(saving_b):.0f} MiB = "
                f"{saving_b / removable:.2f} x (term - one chunk) = {mib(removable):.0f} MiB (a naive CE also holds "
                f"the logits' log-softmax and gradient, so more than 1 x is possible).")
-    body = (f"{machine()}, {today()}. `{command_line().replace(' --doc', '')} --doc`. {memory_kind()}; "
+    body = (f"{provenance()} {memory_kind()}; "
             f"{args.repeats} fresh processes per variant, median (min-max) shown.\n\n{verdict}\n\n"
             + table(["variant", "step peak MiB, median (min-max)", "absolute peak MiB"], rows) + "\n\n" + summary)
     sub = (f"{args.model}, K={k}, r={args.rank}, micro-batch {args.micro_batch} x seq {args.seq_len}, "

@@ -29,8 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import (BaseModel, Spec, command_line, device, interleaved, machine, make_batch, run_config,  # noqa: E402
-                    supervised_tokens, table, today, publish)
+from common import (BaseModel, Spec, device, interleaved, machine, make_batch, provenance, run_config,  # noqa: E402
+                    supervised_tokens, table, publish)
 
 from comlora_ds.methods import get_method  # noqa: E402
 from comlora_ds.methods.lora_dash import dash_layers, switch_to_dash  # noqa: E402
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     for k in args.ks:
         print(f"\n== K = {k}")
         sub, text = run_k(base, args, k)
-        body = (f"{machine()}, {today()}. `{command_line().replace(' --doc', '')} --doc`. Base "
+        body = (f"{provenance()} Base "
                 f"{str(base.dtype).replace('torch.', '')}; {args.rounds} rounds x {args.steps_per_round} steps after "
                 f"{args.warmup} warm-up.\n\n{text}")
         publish(SECTION, INTRO, sub, body, args.doc)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (REPO, BaseModel, add_timing_args, timing_setup, Spec, build_variant, command_line, interleaved, machine,  # noqa: E402
-                    make_batch, memory_kind, mib, run_worker, table, today, update_doc_subsection)
+from common import (REPO, BaseModel, add_timing_args, timing_setup, Spec, build_variant, interleaved, machine,  # noqa: E402
+                    make_batch, memory_kind, mib, provenance, run_worker, table, update_doc_subsection)
 
 SECTION = "Scaling in K, rank, sequence length and micro-batch"
 INTRO = """\
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
         rel_plot = rel_plot.relative_to(REPO / "docs")
     except ValueError:
         pass
-    body = (f"{machine()}, {today()}. `{command_line().replace(' --doc', '')} --doc`. Memory: {memory_kind()}; "
+    body = (f"{provenance()} Memory: {memory_kind()}; "
             f"time: {clock}, {args.rounds} rounds x {args.steps_per_round} steps. {'; '.join(verdicts)}.\n\n"
             f"![scaling]({rel_plot})\n\n" + "\n\n".join(sections) + f"\n\nNoise: {t.noise_note()}.")
     sub = f"{args.model}, base point {args.base}, response fraction {args.response_frac}"

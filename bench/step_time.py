@@ -30,8 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (BaseModel, add_timing_args, timing_setup, Spec, build_variant, command_line, device, interleaved, machine,  # noqa: E402
-                    make_batch, supervised_tokens, table, today, publish, verdict)
+from common import (BaseModel, add_timing_args, timing_setup, Spec, build_variant, device, interleaved, machine,  # noqa: E402
+                    make_batch, provenance, supervised_tokens, table, publish, verdict)
 
 SECTION = "Training step time"
 INTRO = """\
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
         sub = f"{title}: {args.model}, r={args.rank}, {shape}, response fraction {args.response_frac}"
         if args.clock == "cpu":
             sub += ", CPU time, 1 thread"
-        body = (f"{machine()}, {today()}. `{command_line().replace(' --doc', '')} --doc`. "
+        body = (f"{provenance()} "
                 f"Base {str(base.dtype).replace('torch.', '')}{sup}; {args.rounds} rounds x "
                 f"{args.steps_per_round} steps after {args.warmup} warm-up; {clock}.\n\n{text}")
         publish(SECTION, INTRO, sub, body, args.doc)

@@ -147,6 +147,18 @@ def test_merged_winner_logits_equal_unmerged(winner):
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
 
 
+def _fit(model, batch, objective, steps: int, lr: float) -> list[float]:
+    """AdamW on one fixed batch with eta(t) = t / steps; the L_LM value of every step."""
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=lr)
+    history = []
+    for step in range(steps):
+        opt.zero_grad()
+        out = forward_backward(model, batch, objective, eta=step / steps, backward=torch.Tensor.backward)
+        opt.step()
+        history.append(out.terms.lm.item())
+    return history
+
+
 def test_short_training_run_lowers_the_loss():
     """Tiny random LLaMA on a fixed generated data set: ComLoRA K=2 must fit it. (With the default
     initializer_range 0.02 the random base's signals are too weak for rank-4 adapters, PEFT's too.)"""
@@ -161,13 +173,7 @@ def test_short_training_run_lowers_the_loss():
     labels = ids.clone()
     labels[:, :6] = -100
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
-    history = []
-    for step in range(60):
-        opt.zero_grad()
-        out = forward_backward(model, batch, objective, eta=step / 60, backward=torch.Tensor.backward)
-        opt.step()
-        history.append(out.terms.lm.item())
+    history = _fit(model, batch, objective, steps=60, lr=1e-2)
     assert history[-1] < 0.3 * history[0], history[::10]
     assert all(torch.count_nonzero(layer.lora_B) > 0 for layer in model.adapter_layers().values())
 
@@ -192,11 +198,5 @@ def test_smollm2_short_training_run_lowers_the_loss():
     torch.manual_seed(0)
     model = build_model(cfg, load_base_model(path, cfg.model, torch.float32)).train()
     objective = build_objective(cfg)
-    opt = torch.optim.AdamW(model.trainable_parameters(), lr=2e-3)
-    history = []
-    for step in range(12):
-        opt.zero_grad()
-        out = forward_backward(model, batch, objective, eta=step / 12, backward=torch.Tensor.backward)
-        opt.step()
-        history.append(out.terms.lm.item())
+    history = _fit(model, batch, objective, steps=12, lr=2e-3)
     assert history[-1] < 0.7 * history[0], history

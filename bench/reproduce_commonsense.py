@@ -8,7 +8,9 @@ Trains each variant x seed (default: LoRA r=8, LoRA r=16, ComLoRA K=2 r=8 with e
 top-N = K, noise 0.1) on the LLM-Adapters commonsense training rows with the paper's 120-row
 validation split, consolidates the ZeRO checkpoint (every ComLoRA component as its own adapter too),
 evaluates the merged winner and each component on the LLM-Adapters test sets, and writes a results
-page (paper Table 3 and Table 10 shaped).
+page (paper Table 3 and Table 10 shaped). A sweep (``--tag lr1e-4 --lr 1e-4``, ``--tag sel192 --extra ...``)
+gets its own run folders and its own section of the same page; each run of the report rewrites only its own
+section and keeps the hand-written ``## Notes`` at the end.
 
 Every stage is skipped when its output exists, and training resumes from its last checkpoint: the
 script can be stopped at any time (Ctrl-C, or --chunk-minutes sends the trainer SIGTERM, which writes

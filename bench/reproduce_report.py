@@ -92,25 +92,27 @@ def _plot_curves(args, variants, run_dir, path: Path) -> bool:
 
 
 def write_report(args, variants: dict, tasks: tuple, run_dir, commands: list[str]) -> None:
-    lines = ["# Results", ""]
+    """Write this grid's section of the results page (one section per --tag), keeping the other grids' sections
+    and the hand-written notes."""
     from common import cpu_model
 
     device = (torch.cuda.get_device_name() + f" x {torch.cuda.device_count()}" if torch.cuda.is_available()
               else f"{cpu_model()}, {len(os.sched_getaffinity(0))} CPU cores, no GPU")
-    lines += [f"Measured accuracy of the models this project trains. Machine: {device}, torch {torch.__version__}. "
-              f"Written {time.strftime('%Y-%m-%d')} by:", "", "```bash",
-              "python " + " ".join(sys.argv), "```", ""]
     model = Path(args.model).name
-    lines += [f"## ComLoRA vs LoRA on {model} (commonsense, paper Table 3 at small scale)", "",
-              f"Training: {args.max_steps or args.epochs} {'steps' if args.max_steps else 'epochs'}, micro-batch "
-              f"{args.micro_batch} x accumulation {args.grad_accum}, lr {args.lr} (linear decay, 3% warm-up), "
-              f"max length {args.max_length}, on the LLM-Adapters training rows of "
-              f"{', '.join(Path(f).stem for f in args.train_files)} ({args.model}); 120 rows held out for "
-              f"validation (seed 42). Seeds {args.seeds}. Test: the first "
-              f"{args.eval_limit or 'all'} rows of each LLM-Adapters test set, greedy generation, first answer "
-              "keyword (no keyword = wrong). Tasks without training rows here measure transfer; PIQA's answer keywords "
-              "(solution1/solution2) never occur in these training rows, so its score mostly says whether a model "
-              "happens to write them. \"Average of trained tasks\" leaves such tasks out.", ""]
+    title = f"ComLoRA vs LoRA on {model} (commonsense, paper Table 3 at small scale)"
+    lines = [f"## {'Sweep ' + args.tag + ': ' if args.tag else ''}{title}", "",
+             f"Machine: {device}, torch {torch.__version__}. Written {time.strftime('%Y-%m-%d')} by:", "", "```bash",
+             "python " + " ".join(sys.argv), "```", "",
+             f"Training: {args.max_steps or args.epochs} {'steps' if args.max_steps else 'epochs'}, micro-batch "
+             f"{args.micro_batch} x accumulation {args.grad_accum}, lr {args.lr} (linear decay, 3% warm-up), "
+             f"max length {args.max_length}, on the LLM-Adapters training rows of "
+             f"{', '.join(Path(f).stem for f in args.train_files)} ({args.model}); 120 rows held out for "
+             f"validation (seed 42){'; every run also ' + ' '.join(args.extra) if args.extra else ''}. "
+             f"Seeds {args.seeds}. Test: the first "
+             f"{args.eval_limit or 'all'} rows of each LLM-Adapters test set, greedy generation, first answer "
+             "keyword (no keyword = wrong). Tasks without training rows here measure transfer; PIQA's answer keywords "
+             "(solution1/solution2) never occur in these training rows, so its score mostly says whether a model "
+             "happens to write them. \"Average of trained tasks\" leaves such tasks out.", ""]
     trained = [t for t in tasks if t in {Path(f).stem for f in args.train_files}]
     header = ["method", "Params (%) L/S", *tasks, "average", "average of trained tasks", "validation loss"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -163,27 +165,47 @@ def write_report(args, variants: dict, tasks: tuple, run_dir, commands: list[str
               "training), S = selector, in % of the base model's parameters. At inference every row costs the "
               "same as its rank: ComLoRA K=2 r=8 deploys one r=8 component.", ""]
     if component_rows:
-        lines += ["## ComLoRA's components (paper Table 10)", "",
+        lines += ["### ComLoRA's components (paper Table 10)", "",
                   "| run | test average per component (trained tasks) | selector winner | lowest validation loss | "
                   "validation loss per component | selector argmax counts (validation) | best on test | "
                   "winner = best? |", "|---|---|---|---|---|---|---|---|", *component_rows, ""]
     if commands:
-        lines += ["## Commands", "", "What the driver runs (the first seed; the others differ only in "
+        lines += ["### Commands", "", "What the driver runs (the first seed; the others differ only in "
                   "`train.seed` and the folders; `<k>` = each component other than the winner):", "",
                   "```bash", *commands, "```", ""]
-    if _plot_curves(args, variants, run_dir, args.report.parent / "img" / "reproduce_curves.png"):
-        lines += ["## Training curves", "", "![per-component losses and winner shares](img/reproduce_curves.png)", ""]
-    notes = _kept_notes(args.report)
-    args.report.write_text("\n".join(lines) + "\n" + (f"\n{notes}" if notes else ""))
+    image = f"img/reproduce_curves{'-' + args.tag if args.tag else ''}.png"
+    if _plot_curves(args, variants, run_dir, args.report.parent / image):
+        lines += ["### Training curves", "", f"![per-component losses and winner shares]({image})", ""]
+    old = args.report.read_text() if args.report.exists() else ""
+    args.report.write_text(compose_page(old, args.tag or MAIN_GRID, "\n".join(lines).rstrip("\n")))
 
 
+PAGE_INTRO = ("# Results\n\nMeasured accuracy of the models this project trains. Each section is written by "
+              "bench/reproduce_commonsense.py with the command and the machine it names; the notes at the end are "
+              "written by hand.\n")
 NOTES_HEADING = "## Notes"
+MAIN_GRID = "main"
 
 
-def _kept_notes(report: Path) -> str:
-    """The hand-written ``## Notes`` section (to the end of the page) of an existing report: kept on rewrite."""
-    if not report.exists():
-        return ""
-    text = report.read_text()
-    start = text.find(f"\n{NOTES_HEADING}\n")
-    return text[start + 1:] if start >= 0 else ""
+def _markers(tag: str) -> tuple[str, str]:
+    return f"<!-- reproduce: {tag} -->", f"<!-- /reproduce: {tag} -->"
+
+
+def compose_page(old: str, tag: str, section: str) -> str:
+    """The results page with ``section`` as grid ``tag``'s section: the other grids' sections (each between
+    its markers) and the hand-written ``## Notes`` (to the end of the page) are kept; anything else of the old
+    page is dropped. The main grid comes first, the others in the order they were first written."""
+    notes_at = old.find(f"\n{NOTES_HEADING}\n")
+    notes = old[notes_at + 1:] if notes_at >= 0 else ""
+    body = old[:notes_at] if notes_at >= 0 else old
+    sections: dict[str, str] = {}
+    for chunk in body.split("<!-- reproduce: ")[1:]:
+        name = chunk.split(" -->", 1)[0]
+        begin, end = _markers(name)
+        if end in chunk:
+            sections[name] = begin + chunk.split(end, 1)[0] + end
+    begin, end = _markers(tag)
+    sections[tag] = f"{begin}\n{section}\n{end}"
+    order = [MAIN_GRID] * (MAIN_GRID in sections) + [name for name in sections if name != MAIN_GRID]
+    return "\n\n".join([PAGE_INTRO.rstrip("\n"), *(sections[name] for name in order)]) + "\n" + (
+        f"\n{notes}" if notes else "")

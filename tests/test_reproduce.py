@@ -12,6 +12,9 @@ from conftest import SHARED_DATA
 from test_engine import _env
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from reproduce_report import compose_page  # noqa: E402
+
 TRAIN = SHARED_DATA / "commonsense" / "train" / "ARC-Challenge.json"
 
 
@@ -59,7 +62,7 @@ def test_driver_runs_in_chunks_writes_the_results_page_and_skips_finished_work(t
                              f"{lora_validation['mean_loss'][0]:.4f} |")
     assert lora_row.split(" | ")[1].endswith("/0.00")   # plain LoRA has no selector
     winner = json.loads((out / "comlora_k2_r8-seed1" / "export" / "report.json").read_text())["winner"]
-    assert "## ComLoRA's components (paper Table 10)" in page
+    assert "### ComLoRA's components (paper Table 10)" in page and "<!-- /reproduce: main -->" in page
     component_row = next(line for line in page.splitlines() if line.startswith("| comlora_k2_r8 seed 1 |"))
     assert component_row.split(" | ")[2].startswith(f"{winner} (")
     assert "| comlora_k2_r8 (n=1) |" in page
@@ -72,3 +75,16 @@ def test_driver_runs_in_chunks_writes_the_results_page_and_skips_finished_work(t
     again = drive(out)
     assert "$ " not in again                            # nothing run again
     assert {p.name: p.stat().st_size for p in (out / "logs").iterdir()} == logs
+
+
+def test_each_grid_rewrites_only_its_own_section_of_the_results_page():
+    """A sweep (--tag) adds its section; rewriting one grid keeps the others, their order and the notes."""
+    first = compose_page("# Results\n\nold table\n\n## Notes\n\nHand-written.\n", "main", "## Main\n\nmain v1")
+    assert "old table" not in first and first.endswith("\n## Notes\n\nHand-written.\n")
+    swept = compose_page(first, "lr1e-4", "## Sweep lr1e-4\n\nsweep v1")
+    page = compose_page(compose_page(swept, "main", "## Main\n\nmain v2"), "lr1e-4", "## Sweep lr1e-4\n\nsweep v2")
+    assert "main v1" not in page and "sweep v1" not in page
+    assert page.index("main v2") < page.index("sweep v2") < page.index("## Notes")
+    assert page.count("<!-- reproduce: lr1e-4 -->") == 1 and page.count("<!-- /reproduce: main -->") == 1
+    assert page.endswith("\n## Notes\n\nHand-written.\n")
+    assert compose_page("", "lr1e-4", "## S\n\nonly").startswith("# Results\n")

@@ -8,6 +8,7 @@ import os
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -42,6 +43,28 @@ def _accuracies(results: dict, tasks, trained: list[str], key: str = "accuracy")
     out["average"] = statistics.mean(out.values())
     out["trained_average"] = statistics.mean(out[t] for t in trained if t in out)
     return out
+
+
+def cohen_kappa(pairs: list[tuple[str | None, str]]) -> float:
+    """Cohen's kappa of (predicted, gold) labels: 0 for a constant answer, or any answer chosen without regard to
+    the question, 1 for all correct. Written out (not sklearn) to keep a dependency out for one formula."""
+    n = len(pairs)
+    observed = sum(pred == gold for pred, gold in pairs) / n
+    predicted, gold = Counter(p for p, _ in pairs), Counter(g for _, g in pairs)
+    expected = sum(predicted[label] * gold[label] for label in gold) / n ** 2
+    return (observed - expected) / (1 - expected) if expected < 1 else 0.0
+
+
+def _trained_kappa(eval_dir: Path, trained: list[str]) -> float | None:
+    """Mean over the trained tasks of Cohen's kappa, from the evaluation's per-example predictions."""
+    path = eval_dir / "predictions.jsonl"
+    if not path.exists():
+        return None
+    pairs: dict[str, list] = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        pairs.setdefault(row["task"], []).append((row["pred"], row["answer"]))
+    return statistics.mean(cohen_kappa(pairs[t]) for t in trained if t in pairs)
 
 
 def _component_eval(folder: Path, k: int, winner: int) -> dict | None:
@@ -114,7 +137,8 @@ def write_report(args, variants: dict, tasks: tuple, run_dir, commands: list[str
              "(solution1/solution2) never occur in these training rows, so its score mostly says whether a model "
              "happens to write them. \"Average of trained tasks\" leaves such tasks out.", ""]
     trained = [t for t in tasks if t in {Path(f).stem for f in args.train_files}]
-    header = ["method", "Params (%) L/S", *tasks, "average", "average of trained tasks", "validation loss"]
+    header = ["method", "Params (%) L/S", *tasks, "average", "average of trained tasks", "κ, trained tasks",
+              "validation loss"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     base = _load(args.out / "base" / "eval" / "results.json")
     if base:
@@ -122,7 +146,7 @@ def write_report(args, variants: dict, tasks: tuple, run_dir, commands: list[str
             if key in next(iter(base["metrics"]["per_task"].values())):
                 acc = _accuracies(base, tasks, trained, key)
                 lines.append(f"| {model} {name} | 0/0 | "
-                             + " | ".join(f"{acc[t]:.1f}" for t in [*tasks, "average", "trained_average"]) + " | – |")
+                             + " | ".join(f"{acc[t]:.1f}" for t in [*tasks, "average", "trained_average"]) + " | – | – |")
     component_rows = []
     for variant in variants:
         scores: dict[str, list[float]] = {}
@@ -136,6 +160,9 @@ def write_report(args, variants: dict, tasks: tuple, run_dir, commands: list[str
             for key, value in _accuracies(winner_eval, tasks, trained).items():
                 scores.setdefault(key, []).append(value)
             scores.setdefault("val_loss", []).append(report["validation"]["mean_loss"][report["winner"]])
+            kappa = _trained_kappa(folder / "eval" / "winner", trained)
+            if kappa is not None:
+                scores.setdefault("kappa", []).append(kappa)
             total = _base_params(folder / "export" / "merged")
             component = folder / "export" / "components" / "component_0" / "adapter_model.safetensors"
             adapters = _file_params(component) * report["num_components"]
@@ -158,8 +185,10 @@ def write_report(args, variants: dict, tasks: tuple, run_dir, commands: list[str
         if scores:
             lines.append(f"| {variant} (n={len(scores['average'])}) | {share} | "
                          + " | ".join(_fmt(scores.get(t, [])) for t in [*tasks, "average", "trained_average"])
-                         + f" | {_fmt(scores['val_loss'], digits=4)} |")
-    lines += ["", "Mean ± standard deviation over seeds. Validation loss: response-token LM loss of the deployed "
+                         + f" | {_fmt(scores.get('kappa', []), digits=2)} | {_fmt(scores['val_loss'], digits=4)} |")
+    lines += ["", "Mean ± standard deviation over seeds. κ: Cohen's kappa between the answers and the gold labels, "
+              "averaged over the trained tasks: 0 for a model that gives one answer to every question (its accuracy is "
+              "then that label's share of the test set), 1 for all correct. Validation loss: response-token LM loss of the deployed "
               "component (the winner) on the 120 held-out training-distribution rows, from the consolidation report. "
               "L = trainable adapter parameters (all K components during "
               "training), S = selector, in % of the base model's parameters. At inference every row costs the "

@@ -8,12 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import SHARED_DATA
 from test_engine import _env
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-from reproduce_report import compose_page  # noqa: E402
+from reproduce_report import cohen_kappa, compose_page  # noqa: E402
 
 TRAIN = SHARED_DATA / "commonsense" / "train" / "ARC-Challenge.json"
 
@@ -59,7 +61,7 @@ def test_driver_runs_in_chunks_writes_the_results_page_and_skips_finished_work(t
     lora_validation = json.loads((out / "lora_r8-seed1" / "export" / "report.json").read_text())["validation"]
     arc = lora_average["metrics"]["per_task"]["ARC-Challenge"]["accuracy"]   # the only task with training rows
     assert lora_row.endswith(f" | {lora_average['metrics']['average']:.1f} | {arc:.1f} | "
-                             f"{lora_validation['mean_loss'][0]:.4f} |")
+                             f"{float(lora_row.split(' | ')[-2]):.2f} | {lora_validation['mean_loss'][0]:.4f} |")
     assert lora_row.split(" | ")[1].endswith("/0.00")   # plain LoRA has no selector
     winner = json.loads((out / "comlora_k2_r8-seed1" / "export" / "report.json").read_text())["winner"]
     assert "### ComLoRA's components (paper Table 10)" in page and "<!-- /reproduce: main -->" in page
@@ -88,3 +90,12 @@ def test_each_grid_rewrites_only_its_own_section_of_the_results_page():
     assert page.count("<!-- reproduce: lr1e-4 -->") == 1 and page.count("<!-- /reproduce: main -->") == 1
     assert page.endswith("\n## Notes\n\nHand-written.\n")
     assert compose_page("", "lr1e-4", "## S\n\nonly").startswith("# Results\n")
+
+
+def test_cohen_kappa_by_hand():
+    assert cohen_kappa([("a", "a"), ("a", "b"), ("a", "b")]) == 0.0          # one answer to everything
+    assert cohen_kappa([("a", "a"), ("b", "b")]) == 1.0
+    # observed 3/4; predicted a, b 1/2 each, gold a 1/4, b 3/4: expected 1/8 + 3/8 = 1/2; (3/4 - 1/2) / (1/2)
+    assert cohen_kappa([("a", "a"), ("a", "b"), ("b", "b"), ("b", "b")]) == 0.5
+    # no keyword is an answer of its own: observed 1/2, expected 0 * 1/2 + 1/2 * 1/2 = 1/4; (1/2 - 1/4) / (3/4)
+    assert cohen_kappa([(None, "a"), ("b", "b")]) == pytest.approx(1 / 3)

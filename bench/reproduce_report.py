@@ -230,9 +230,9 @@ def compose_page(old: str, tag: str, section: str) -> str:
     sections: dict[str, str] = {}
     for chunk in body.split("<!-- reproduce: ")[1:]:
         name = chunk.split(" -->", 1)[0]
-        begin, end = _markers(name)
+        end = _markers(name)[1]
         if end in chunk:
-            sections[name] = begin + chunk.split(end, 1)[0] + end
+            sections[name] = "<!-- reproduce: " + chunk.split(end, 1)[0] + end
     begin, end = _markers(tag)
     sections[tag] = f"{begin}\n{section}\n{end}"
     order = [MAIN_GRID] * (MAIN_GRID in sections) + [name for name in sections if name != MAIN_GRID]

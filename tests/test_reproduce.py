@@ -92,6 +92,8 @@ def test_each_grid_rewrites_only_its_own_section_of_the_results_page():
     assert page.index("main v2") < page.index("sweep v2") < page.index("## Notes")
     assert page.count("<!-- reproduce: lr1e-4 -->") == 1 and page.count("<!-- /reproduce: main -->") == 1
     assert page.endswith("\n## Notes\n\nHand-written.\n")
+    assert compose_page(page, "lr1e-4", "## Sweep lr1e-4\n\nsweep v2") == page    # kept sections stay byte-equal
+    assert "<!-- reproduce: main -->\n## Main\n\nmain v2\n<!-- /reproduce: main -->" in page
     assert compose_page("", "lr1e-4", "## S\n\nonly").startswith("# Results\n")
 
 

@@ -114,85 +114,117 @@ def _plot_curves(args, variants, run_dir, path: Path) -> bool:
     return drawn
 
 
-def write_report(args, variants: dict, tasks: tuple, run_dir, commands: list[str]) -> None:
-    """Write this grid's section of the results page (one section per --tag), keeping the other grids' sections
-    and the hand-written notes."""
+def _intro(args, model: str) -> list[str]:
+    """Heading, machine, command and training setup of this grid's section."""
     from common import cpu_model
 
     device = (torch.cuda.get_device_name() + f" x {torch.cuda.device_count()}" if torch.cuda.is_available()
               else f"{cpu_model()}, {len(os.sched_getaffinity(0))} CPU cores, no GPU")
-    model = Path(args.model).name
     title = f"ComLoRA vs LoRA on {model} (commonsense, paper Table 3 at small scale)"
-    lines = [f"## {'Sweep ' + args.tag + ': ' if args.tag else ''}{title}", "",
-             f"Machine: {device}, torch {torch.__version__}. Written {time.strftime('%Y-%m-%d')} by:", "", "```bash",
-             "python " + " ".join(sys.argv), "```", "",
-             f"Training: {args.max_steps or args.epochs} {'steps' if args.max_steps else 'epochs'}, micro-batch "
-             f"{args.micro_batch} x accumulation {args.grad_accum}, lr {args.lr} (linear decay, 3% warm-up), "
-             f"max length {args.max_length}, on the LLM-Adapters training rows of "
-             f"{', '.join(Path(f).stem for f in args.train_files)} ({args.model}); 120 rows held out for "
-             f"validation (seed 42){'; every run also ' + ' '.join(args.extra) if args.extra else ''}. "
-             f"Seeds {args.seeds}. Test: the first "
-             f"{args.eval_limit or 'all'} rows of each LLM-Adapters test set, greedy generation, first answer "
-             "keyword (no keyword = wrong). Tasks without training rows here measure transfer; PIQA's answer keywords "
-             "(solution1/solution2) never occur in these training rows, so its score mostly says whether a model "
-             "happens to write them. \"Average of trained tasks\" leaves such tasks out.", ""]
+    return [f"## {'Sweep ' + args.tag + ': ' if args.tag else ''}{title}", "",
+            f"Machine: {device}, torch {torch.__version__}. Written {time.strftime('%Y-%m-%d')} by:", "", "```bash",
+            "python " + " ".join(sys.argv), "```", "",
+            f"Training: {args.max_steps or args.epochs} {'steps' if args.max_steps else 'epochs'}, micro-batch "
+            f"{args.micro_batch} x accumulation {args.grad_accum}, lr {args.lr} (linear decay, 3% warm-up), "
+            f"max length {args.max_length}, on the LLM-Adapters training rows of "
+            f"{', '.join(Path(f).stem for f in args.train_files)} ({args.model}); 120 rows held out for "
+            f"validation (seed 42){'; every run also ' + ' '.join(args.extra) if args.extra else ''}. "
+            f"Seeds {args.seeds}. Test: the first "
+            f"{args.eval_limit or 'all'} rows of each LLM-Adapters test set, greedy generation, first answer "
+            "keyword (no keyword = wrong). Tasks without training rows here measure transfer; PIQA's answer keywords "
+            "(solution1/solution2) never occur in these training rows, so its score mostly says whether a model "
+            "happens to write them. \"Average of trained tasks\" leaves such tasks out.", ""]
+
+
+def _base_rows(base: dict | None, model: str, tasks, trained: list[str]) -> list[str]:
+    """The zero-shot base model (generation, and rank classification when it was evaluated)."""
+    if not base:
+        return []
+    rows = []
+    for name, key in [("zero-shot", "accuracy"), ("zero-shot, rank classification", "choice_accuracy")]:
+        if key in next(iter(base["metrics"]["per_task"].values())):
+            acc = _accuracies(base, tasks, trained, key)
+            rows.append(f"| {model} {name} | 0/0 | "
+                        + " | ".join(f"{acc[t]:.1f}" for t in [*tasks, "average", "trained_average"]) + " | – | – |")
+    return rows
+
+
+def _param_share(folder: Path, report: dict) -> str:
+    """Trainable adapter (all K components) / selector parameters in % of the base model's."""
+    total = _base_params(folder / "export" / "merged")
+    component = folder / "export" / "components" / "component_0" / "adapter_model.safetensors"
+    adapters = _file_params(component) * report["num_components"]
+    selector = report["tensors"]["elements"] - adapters
+    return f"{100 * adapters / total:.2f}/{100 * selector / total:.2f}"
+
+
+def _component_row(name: str, folder: Path, report: dict, tasks, trained: list[str]) -> str:
+    """One ComLoRA run in paper Table 10's shape: each component's test average, the selector's winner, the
+    lowest-validation-loss component, and whether the winner is the best component on test."""
+    evals = [_component_eval(folder, k, report["winner"]) for k in range(report["num_components"])]
+    accs = [_accuracies(e, tasks, trained) if e else None for e in evals]
+    averages = [a["average"] if a else None for a in accs]
+    best = max(range(len(averages)), key=lambda k: averages[k] if averages[k] is not None else -1)
+    val = report["validation"]
+    return (f"| {name} | "
+            + " / ".join("–" if a is None else f"{a['average']:.1f} ({a['trained_average']:.1f})" for a in accs)
+            + f" | {report['winner']} ({report['winner_by']}) | {val['lowest_loss_component']} | "
+            f"{[round(x, 4) for x in val['mean_loss']]} | {val['selector_argmax_counts']} | "
+            + (f"{best} | {'yes' if best == report['winner'] else 'no'} |" if None not in averages else "– | – |"))
+
+
+def _variant_rows(args, variant: str, run_dir, tasks, trained: list[str]) -> tuple[str | None, list[str]]:
+    """The variant's Table 3 row (mean ± std over the finished seeds; None before any finished) and, for
+    ComLoRA, one Table 10 row per finished seed."""
+    scores: dict[str, list[float]] = {}
+    share, component_rows = "", []
+    for seed in args.seeds:
+        folder = run_dir(args, variant, seed)
+        report = _load(folder / "export" / "report.json")
+        winner_eval = _load(folder / "eval" / "winner" / "results.json")
+        if not report or not winner_eval:
+            continue
+        for key, value in _accuracies(winner_eval, tasks, trained).items():
+            scores.setdefault(key, []).append(value)
+        scores.setdefault("val_loss", []).append(report["validation"]["mean_loss"][report["winner"]])
+        kappa = _trained_kappa(folder / "eval" / "winner", trained)
+        if kappa is not None:
+            scores.setdefault("kappa", []).append(kappa)
+        share = _param_share(folder, report)
+        if report["num_components"] > 1:
+            component_rows.append(_component_row(f"{variant} seed {seed}", folder, report, tasks, trained))
+    if not scores:
+        return None, component_rows
+    row = (f"| {variant} (n={len(scores['average'])}) | {share} | "
+           + " | ".join(_fmt(scores.get(t, [])) for t in [*tasks, "average", "trained_average"])
+           + f" | {_fmt(scores.get('kappa', []), digits=2)} | {_fmt(scores['val_loss'], digits=4)} |")
+    return row, component_rows
+
+
+TABLE_LEGEND = (
+    "Mean ± standard deviation over seeds. κ: Cohen's kappa between the answers and the gold labels, averaged over "
+    "the trained tasks: 0 for a model that gives one answer to every question (its accuracy is then that label's "
+    "share of the test set), 1 for all correct. Validation loss: response-token LM loss of the deployed component "
+    "(the winner) on the 120 held-out training-distribution rows, from the consolidation report. L = trainable "
+    "adapter parameters (all K components during training), S = selector, in % of the base model's parameters. "
+    "At inference every row costs the same as its rank: ComLoRA K=2 r=8 deploys one r=8 component.")
+
+
+def write_report(args, variants: dict, tasks: tuple, run_dir, commands: list[str]) -> None:
+    """Write this grid's section of the results page (one section per --tag), keeping the other grids' sections
+    and the hand-written notes."""
+    model = Path(args.model).name
     trained = [t for t in tasks if t in {Path(f).stem for f in args.train_files}]
     header = ["method", "Params (%) L/S", *tasks, "average", "average of trained tasks", "κ, trained tasks",
               "validation loss"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    base = _load(args.out / "base" / "eval" / "results.json")
-    if base:
-        for name, key in [("zero-shot", "accuracy"), ("zero-shot, rank classification", "choice_accuracy")]:
-            if key in next(iter(base["metrics"]["per_task"].values())):
-                acc = _accuracies(base, tasks, trained, key)
-                lines.append(f"| {model} {name} | 0/0 | "
-                             + " | ".join(f"{acc[t]:.1f}" for t in [*tasks, "average", "trained_average"]) + " | – | – |")
+    lines = [*_intro(args, model), "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+             *_base_rows(_load(args.out / "base" / "eval" / "results.json"), model, tasks, trained)]
     component_rows = []
     for variant in variants:
-        scores: dict[str, list[float]] = {}
-        share = ""
-        for seed in args.seeds:
-            folder = run_dir(args, variant, seed)
-            report = _load(folder / "export" / "report.json")
-            winner_eval = _load(folder / "eval" / "winner" / "results.json")
-            if not report or not winner_eval:
-                continue
-            for key, value in _accuracies(winner_eval, tasks, trained).items():
-                scores.setdefault(key, []).append(value)
-            scores.setdefault("val_loss", []).append(report["validation"]["mean_loss"][report["winner"]])
-            kappa = _trained_kappa(folder / "eval" / "winner", trained)
-            if kappa is not None:
-                scores.setdefault("kappa", []).append(kappa)
-            total = _base_params(folder / "export" / "merged")
-            component = folder / "export" / "components" / "component_0" / "adapter_model.safetensors"
-            adapters = _file_params(component) * report["num_components"]
-            selector = report["tensors"]["elements"] - adapters
-            share = f"{100 * adapters / total:.2f}/{100 * selector / total:.2f}"
-            if report["num_components"] > 1:
-                evals = [_component_eval(folder, k, report["winner"]) for k in range(report["num_components"])]
-                accs = [_accuracies(e, tasks, trained) if e else None for e in evals]
-                averages = [a["average"] if a else None for a in accs]
-                known = [a for a in averages if a is not None]
-                best = max(range(len(averages)), key=lambda k: averages[k] if averages[k] is not None else -1)
-                val = report["validation"]
-                component_rows.append(
-                    f"| {variant} seed {seed} | "
-                    + " / ".join("–" if a is None else f"{a['average']:.1f} ({a['trained_average']:.1f})" for a in accs)
-                    + f" | {report['winner']} ({report['winner_by']}) | {val['lowest_loss_component']} | "
-                    f"{[round(x, 4) for x in val['mean_loss']]} | {val['selector_argmax_counts']} | "
-                    + (f"{best} | {'yes' if best == report['winner'] else 'no'} |" if len(known) == len(averages)
-                       else "– | – |"))
-        if scores:
-            lines.append(f"| {variant} (n={len(scores['average'])}) | {share} | "
-                         + " | ".join(_fmt(scores.get(t, [])) for t in [*tasks, "average", "trained_average"])
-                         + f" | {_fmt(scores.get('kappa', []), digits=2)} | {_fmt(scores['val_loss'], digits=4)} |")
-    lines += ["", "Mean ± standard deviation over seeds. κ: Cohen's kappa between the answers and the gold labels, "
-              "averaged over the trained tasks: 0 for a model that gives one answer to every question (its accuracy is "
-              "then that label's share of the test set), 1 for all correct. Validation loss: response-token LM loss of the deployed "
-              "component (the winner) on the 120 held-out training-distribution rows, from the consolidation report. "
-              "L = trainable adapter parameters (all K components during "
-              "training), S = selector, in % of the base model's parameters. At inference every row costs the "
-              "same as its rank: ComLoRA K=2 r=8 deploys one r=8 component.", ""]
+        row, rows = _variant_rows(args, variant, run_dir, tasks, trained)
+        lines += [row] if row else []
+        component_rows += rows
+    lines += ["", TABLE_LEGEND, ""]
     if component_rows:
         lines += ["### ComLoRA's components (paper Table 10)", "",
                   "| run | test average per component (trained tasks) | selector winner | lowest validation loss | "

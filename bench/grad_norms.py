@@ -1,0 +1,116 @@
+"""Where the gradient norm of a training step goes: each LoRA component and the selector, before clipping.
+
+    python bench/grad_norms.py --out outputs/gradnorms --steps 60 -- <the run's config overrides>
+
+Runs the real trainer (launch/train.py's Trainer, the DeepSpeed config of --deepspeed) for the first --steps
+optimizer steps of a run and, before each optimizer step, reads every trainable tensor's full gradient with
+DeepSpeed's ``safe_get_full_grad`` (any ZeRO stage). One JSON line per step: the global norm (what
+``gradient_clipping`` compares with ``train.max_grad_norm``), the norm of each component's A/B slices, the
+selector's norm, and the factor clipping scales every gradient by, min(1, max_grad_norm / norm). Clipping is
+global over all trainable tensors, so a large selector gradient shrinks the adapters' step too; this script
+measures how much. The run's schedule is that of its full length (train.max_steps), so the first steps are
+those of the real run; it stops through the trainer's SIGTERM path (checkpoint written in --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import common  # noqa: F401  (environment: CPU accelerator, offline hub)
+from deepspeed.utils import safe_get_full_grad
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from comlora_ds.config import load_config  # noqa: E402
+from comlora_ds.engine import Trainer, exit_process  # noqa: E402
+
+
+def group_norms(model, num_components: int) -> dict:
+    """Squared-norm sums per component (lora_A/lora_B slices) and for the selector, then square roots."""
+    components, selector = [0.0] * num_components, 0.0
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        grad = safe_get_full_grad(param)
+        if grad is None:
+            continue
+        grad = grad.float()
+        if name.endswith(("lora_A", "lora_B")):
+            for k in range(num_components):
+                components[k] += float(grad[k].pow(2).sum())
+        else:
+            selector += float(grad.pow(2).sum())
+    total = sum(components) + selector
+    return {"norm": total ** 0.5, "component_norm": [c ** 0.5 for c in components], "selector_norm": selector ** 0.5}
+
+
+def summarize(records: list[dict], windows: list[tuple[int, int]]) -> list[str]:
+    """Window means; "after clipping" is each component's norm times the clip factor (what the optimizer
+    receives), as mean and min-max over the window: Adam undoes a constant scale, not one that jumps."""
+    mean = statistics.mean
+    lines = ["| steps | global norm | per component | selector | clip factor | selector share of norm² | "
+             "per component after clipping, mean (min-max) |", "|---|---|---|---|---|---|---|"]
+    for lo, hi in windows:
+        rs = [r for r in records if lo <= r["step"] <= hi]
+        if not rs:
+            continue
+        k = len(rs[0]["component_norm"])
+        before = "/".join(f"{mean(r['component_norm'][c] for r in rs):.3g}" for c in range(k))
+        clipped = [[r["component_norm"][c] * r["clip_factor"] for r in rs] for c in range(k)]
+        after = " / ".join(f"{mean(v):.3g} ({min(v):.3g}-{max(v):.3g})" for v in clipped)
+        lines.append(f"| {lo}-{hi} | {mean(r['norm'] for r in rs):.3g} | {before} | "
+                     f"{mean(r['selector_norm'] for r in rs):.3g} | {mean(r['clip_factor'] for r in rs):.3f} | "
+                     f"{mean(r['selector_norm'] ** 2 / r['norm'] ** 2 for r in rs):.3f} | {after} |")
+    return lines
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="run folder (checkpoint, metrics.jsonl, grad_norms.jsonl)")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--deepspeed", default=str(REPO / "ds_configs" / "zero2.json"))
+    p.add_argument("--summary-only", action="store_true", help="print the table of an existing --out, no training")
+    p.add_argument("overrides", nargs="*", help="run-config overrides, as for launch/train.py")
+    args = p.parse_args()
+    if args.summary_only:
+        records = [json.loads(line) for line in (args.out / "grad_norms.jsonl").read_text().splitlines()]
+        print("\n".join(summarize(records, _windows(max(r["step"] for r in records)))))
+        return 0
+    cfg = load_config(REPO / "launch" / "configs" / "demo.yaml",
+                      [*args.overrides, f"train.output_dir={args.out}", "train.save_steps=0", "train.resume=null"])
+    trainer = Trainer(cfg, args.deepspeed)
+    k, max_norm = cfg.adapter.num_components, cfg.train.max_grad_norm
+    records: list[dict] = []
+    original = trainer.method.before_optimizer_step
+
+    def before_step(engine, step: int) -> None:
+        original(engine, step)
+        r = {"step": step, **group_norms(engine.module, k)}
+        r["clip_factor"] = min(1.0, max_norm / r["norm"]) if max_norm else 1.0
+        records.append(r)
+        if trainer.rank == 0:
+            with open(args.out / "grad_norms.jsonl", "a") as f:
+                f.write(json.dumps(r) + "\n")
+        if step >= args.steps - 1:
+            trainer._request_stop(None, None)     # the trainer checkpoints after this step and stops
+
+    trainer.method.before_optimizer_step = before_step
+    trainer.train()
+    trainer.close()
+    if trainer.rank == 0:
+        print("\n".join(summarize(records, _windows(args.steps))))
+    return 0
+
+
+def _windows(steps: int) -> list[tuple[int, int]]:
+    edges = [1, 11, 21, 41, 61, 101, 201, 501, 1001]
+    return [(lo, hi - 1) for lo, hi in zip(edges, edges[1:]) if lo <= steps]
+
+
+if __name__ == "__main__":
+    exit_process(main())

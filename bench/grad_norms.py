@@ -4,12 +4,12 @@
 
 Runs the real trainer (launch/train.py's Trainer, the DeepSpeed config of --deepspeed) for the first --steps
 optimizer steps of a run and, before each optimizer step, reads every trainable tensor's full gradient with
-DeepSpeed's ``safe_get_full_grad`` (any ZeRO stage). One JSON line per step: the global norm (what
-``gradient_clipping`` compares with ``train.max_grad_norm``), the norm of each component's A/B slices, the
-selector's norm, and the factor clipping scales every gradient by, min(1, max_grad_norm / norm). Clipping is
-global over all trainable tensors, so a large selector gradient shrinks the adapters' step too; this script
-measures how much. The run's schedule is that of its full length (train.max_steps), so the first steps are
-those of the real run; it stops through the trainer's SIGTERM path (checkpoint written in --out).
+DeepSpeed's ``safe_get_full_grad`` (any ZeRO stage). One JSON line per step: the global norm, the norm of each
+component's A/B slices, the selector's, and each component's norm after the run's clipping
+(``train.clip_scope``): global clipping scales every gradient by min(1, max_grad_norm / global norm), so a
+large selector gradient shrinks the components' too; per_group clips each by its own norm. The run's schedule
+is that of its full length (train.max_steps), so the first steps are those of the real run; it stops through
+the trainer's SIGTERM path (checkpoint written in --out).
 """
 
 from __future__ import annotations
@@ -21,50 +21,45 @@ import sys
 from pathlib import Path
 
 import common  # noqa: F401  (environment: CPU accelerator, offline hub)
-from deepspeed.utils import safe_get_full_grad
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from comlora_ds.clipping import EPS, full_grads, group_norms  # noqa: E402
 from comlora_ds.config import load_config  # noqa: E402
 from comlora_ds.engine import Trainer, exit_process  # noqa: E402
 
 
-def group_norms(model, num_components: int) -> dict:
-    """Squared-norm sums per component (lora_A/lora_B slices) and for the selector, then square roots."""
-    components, selector = [0.0] * num_components, 0.0
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        grad = safe_get_full_grad(param)
-        if grad is None:
-            continue
-        grad = grad.float()
-        if name.endswith(("lora_A", "lora_B")):
-            for k in range(num_components):
-                components[k] += float(grad[k].pow(2).sum())
-        else:
-            selector += float(grad.pow(2).sum())
-    total = sum(components) + selector
-    return {"norm": total ** 0.5, "component_norm": [c ** 0.5 for c in components], "selector_norm": selector ** 0.5}
+def step_record(model, num_components: int, max_norm: float, clip_scope: str) -> dict:
+    """This step's norms before clipping, and each component's norm after the clipping of ``clip_scope``."""
+    norms = group_norms(full_grads(model), num_components)
+    components, total = norms[:num_components], sum(n * n for n in norms) ** 0.5
+    if not max_norm:
+        clipped = components
+    elif clip_scope == "per_group":
+        clipped = [n * min(1.0, max_norm / (n + EPS)) for n in components]
+    else:
+        clipped = [n * min(1.0, max_norm / (total + EPS)) for n in components]
+    return {"norm": total, "component_norm": components, "selector_norm": norms[num_components],
+            "component_norm_clipped": clipped}
 
 
 def summarize(records: list[dict], windows: list[tuple[int, int]]) -> list[str]:
-    """Window means; "after clipping" is each component's norm times the clip factor (what the optimizer
-    receives), as mean and min-max over the window: Adam undoes a constant scale, not one that jumps."""
+    """Window means; "after clipping" is what the optimizer receives, as mean and min-max over the window:
+    Adam undoes a constant scale of the gradient, not one that jumps from step to step."""
     mean = statistics.mean
-    lines = ["| steps | global norm | per component | selector | clip factor | selector share of norm² | "
-             "per component after clipping, mean (min-max) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| steps | global norm | per component | selector | selector share of norm² | "
+             "per component after clipping, mean (min-max) |", "|---|---|---|---|---|---|"]
     for lo, hi in windows:
         rs = [r for r in records if lo <= r["step"] <= hi]
         if not rs:
             continue
         k = len(rs[0]["component_norm"])
         before = "/".join(f"{mean(r['component_norm'][c] for r in rs):.3g}" for c in range(k))
-        clipped = [[r["component_norm"][c] * r["clip_factor"] for r in rs] for c in range(k)]
+        clipped = [[r["component_norm_clipped"][c] for r in rs] for c in range(k)]
         after = " / ".join(f"{mean(v):.3g} ({min(v):.3g}-{max(v):.3g})" for v in clipped)
         lines.append(f"| {lo}-{hi} | {mean(r['norm'] for r in rs):.3g} | {before} | "
-                     f"{mean(r['selector_norm'] for r in rs):.3g} | {mean(r['clip_factor'] for r in rs):.3f} | "
+                     f"{mean(r['selector_norm'] for r in rs):.3g} | "
                      f"{mean(r['selector_norm'] ** 2 / r['norm'] ** 2 for r in rs):.3f} | {after} |")
     return lines
 
@@ -90,8 +85,7 @@ def main() -> int:
 
     def before_step(engine, step: int) -> None:
         original(engine, step)
-        r = {"step": step, **group_norms(engine.module, k)}
-        r["clip_factor"] = min(1.0, max_norm / r["norm"]) if max_norm else 1.0
+        r = {"step": step, **step_record(engine.module, k, max_norm, cfg.train.clip_scope)}
         records.append(r)
         if trainer.rank == 0:
             with open(args.out / "grad_norms.jsonl", "a") as f:

@@ -30,6 +30,7 @@ EXECUTION_MODES = ("batched", "sequential")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 LR_SCHEDULERS = ("cosine", "linear", "constant")
+CLIP_SCOPES = ("global", "per_group")
 WANDB_MODES = ("offline", "online", "disabled")
 DATA_FORMATS = ("llm_adapters",)
 OVERLONG_POLICIES = ("truncate", "drop")
@@ -166,6 +167,7 @@ class TrainConfig:
     lr_scheduler: str = _help("cosine, linear or constant, after warm-up.", default="cosine")
     warmup_ratio: float = _help("Fraction of the steps used for linear warm-up.", default=0.03)
     max_grad_norm: float = _help("Gradient clipping norm (0 disables).", default=1.0)
+    clip_scope: str = _help("global: DeepSpeed clips all trainable gradients by their joint norm. per_group: each LoRA component and the rest (the selector) are clipped by their own norm, so the selector's much larger gradient does not shrink the components' (docs/results.md); DeepSpeed's gradient_clipping is then 0.", default="global")
     bf16: str = _help("auto (on where the hardware runs bf16 fast), true or false.", default="auto")
     ce_chunk_size: int = _help("Response tokens per chunk of the chunked cross-entropy.", default=1024)
     save_steps: int = _help("Checkpoint every N optimizer steps (0: only at the end).", default=200)
@@ -306,6 +308,12 @@ def _validate(cfg: RunConfig) -> None:
     if not 0.0 <= t.warmup_ratio < 1.0:
         _fail("train.warmup_ratio", t.warmup_ratio, "must be in [0, 1)")
     _positive("train.max_grad_norm", t.max_grad_norm, allow_zero=True)
+    _choice("train.clip_scope", t.clip_scope, CLIP_SCOPES)
+    if t.clip_scope == "per_group" and not t.max_grad_norm:
+        _fail("train.clip_scope", t.clip_scope, "needs train.max_grad_norm > 0 (0 disables clipping)")
+    if t.clip_scope == "per_group" and a.method == "lora_pro":
+        _fail("train.clip_scope", t.clip_scope, "is not available with adapter.method = lora_pro, whose "
+              "optimizer does its own clipping (lora_pro.clip_mode); use global")
     _choice("train.bf16", str(t.bf16).lower(), ("auto", "true", "false"))
     _positive("train.ce_chunk_size", t.ce_chunk_size)
     _positive("train.save_steps", t.save_steps, allow_zero=True)

@@ -107,7 +107,11 @@ def fill_ds_config(source: str | Path | dict, cfg: RunConfig, world_size: int, h
     _fill_match(ds, "train_batch_size", t.micro_batch_size * gas * world_size,
                 f"train.micro_batch_size x gradient_accumulation_steps (x K in sequential mode) x {world_size} "
                 f"ranks", True)
-    _fill_match(ds, "gradient_clipping", t.max_grad_norm, "train.max_grad_norm", True)
+    if t.clip_scope == "per_group":    # the trainer clips each group itself (comlora_ds/clipping.py)
+        _fill_match(ds, "gradient_clipping", 0.0, "train.clip_scope = per_group, which needs DeepSpeed's "
+                    "gradient_clipping", True)
+    else:
+        _fill_match(ds, "gradient_clipping", t.max_grad_norm, "train.max_grad_norm", True)
     bf16 = resolve_bf16(cfg, ds)
     ds.setdefault("bf16", {})["enabled"] = bf16
 

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoConfig, get_scheduler
 
 from . import checkpoint as ckpt
+from .clipping import clip_per_group
 from .config import ConfigError, RunConfig
 from .data import DataError, ResponseCollator, build_datasets, prepare_tokenizer
 from .ds_config import DeepSpeedConfigError, backward_passes, fill_ds_config, load_ds_config, resolve_bf16, zero_stage
@@ -242,6 +243,9 @@ class Trainer:
                     _check_finite(metrics, self.state.global_step + 1)
                     lr = engine.get_lr()[0]
                     self.method.before_optimizer_step(engine, self.state.global_step + 1)
+                    if cfg.train.clip_scope == "per_group":
+                        metrics["grad_norm"] = clip_per_group(engine.module, cfg.adapter.num_components,
+                                                              cfg.train.max_grad_norm)
                     engine.step()
                     self.state.global_step += 1
                     self.method.on_optimizer_step(engine.module, self.state.global_step)

@@ -51,6 +51,7 @@ def test_saved_config_round_trips(tmp_path):
     ("data.train_files=[/nonexistent/train.json]", "data.train_files = '/nonexistent/train.json': no such file"),
     ("logging.wandb_mode=cloud", "logging.wandb_mode = 'cloud'"),
     ("model.attn_implementation=flash", "model.attn_implementation = 'flash'"),
+    ("train.clip_scope=layer", "train.clip_scope = 'layer': must be one of global, per_group"),
 ])
 def test_invalid_values_name_field_and_value(override, message):
     with pytest.raises(ConfigError) as err:
@@ -87,6 +88,13 @@ def test_validation_fails_fast():
     with pytest.raises(ConfigError):
         load_config(overrides=["adapter.rank=-1"])
     assert time.perf_counter() - start < 1.0
+
+
+def test_per_group_clipping_needs_a_norm_and_no_lora_pro():
+    with pytest.raises(ConfigError, match=r"train.clip_scope = 'per_group': needs train.max_grad_norm > 0"):
+        load_config(overrides=["train.clip_scope=per_group", "train.max_grad_norm=0"])
+    with pytest.raises(ConfigError, match=r"train.clip_scope = 'per_group': is not available with adapter.method"):
+        load_config(overrides=["train.clip_scope=per_group", "adapter.method=lora_pro"])
 
 
 def test_k1_is_not_comlora():

@@ -44,6 +44,15 @@ def test_explicit_contradiction_names_both_sides():
         _fill({"train_batch_size": 32})
 
 
+def test_per_group_clipping_turns_deepspeed_clipping_off():
+    assert _fill({"gradient_clipping": "auto"}, "train.clip_scope=per_group")["gradient_clipping"] == 0.0
+    assert _fill({}, "train.clip_scope=per_group")["gradient_clipping"] == 0.0
+    with pytest.raises(DeepSpeedConfigError, match=r"gradient_clipping = 1.0 contradicts the run config "
+                                                   r"train.clip_scope = per_group, which needs DeepSpeed's "
+                                                   r"gradient_clipping = 0.0"):
+        _fill({"gradient_clipping": 1.0}, "train.clip_scope=per_group")
+
+
 def test_explicit_bf16_and_model_sized_values_are_kept():
     ds = _fill({"bf16": {"enabled": True}, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}})
     assert ds["bf16"]["enabled"] is True

@@ -1,0 +1,82 @@
+"""train.clip_scope = per_group: each component and the selector clipped by its own norm.
+
+By hand on a toy module; in the engine: K=1 per_group equals DeepSpeed's global clipping (one group), 2 ranks
+under ZeRO-3 equal one process under ZeRO-2, and the scope changes the trajectory when the selector dominates.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from comlora_ds.clipping import clip_per_group
+from test_engine import FP32_TOL, assert_trajectories_match, base_overrides, ds_config, launch, step_losses
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Module()
+        self.layer.lora_A = nn.Parameter(torch.zeros(2, 1, 2))       # [K, r, d_in]
+        self.layer.lora_B = nn.Parameter(torch.zeros(2, 2, 1))       # [K, d_out, r]
+        self.selector = nn.Linear(2, 1, bias=False)
+        self.frozen = nn.Parameter(torch.ones(3), requires_grad=False)
+
+
+def test_each_group_is_clipped_by_its_own_norm_by_hand():
+    toy = Toy()
+    toy.layer.lora_A.grad = torch.tensor([[[3.0, 0.0]], [[0.3, 0.0]]])
+    toy.layer.lora_B.grad = torch.tensor([[[0.0], [4.0]], [[0.0], [0.4]]])
+    toy.selector.weight.grad = torch.tensor([[12.0, 5.0]])
+    norms = clip_per_group(toy, num_components=2, max_norm=1.0)
+    assert norms == pytest.approx([5.0, 0.5, 13.0])                   # component 0, component 1, selector
+    close = dict(rtol=1e-5, atol=0)
+    torch.testing.assert_close(toy.layer.lora_A.grad[0], torch.tensor([[0.6, 0.0]]), **close)       # 3 / 5
+    torch.testing.assert_close(toy.layer.lora_B.grad[0], torch.tensor([[0.0], [0.8]]), **close)     # 4 / 5
+    torch.testing.assert_close(toy.layer.lora_A.grad[1], torch.tensor([[0.3, 0.0]]))                # under 1: kept
+    torch.testing.assert_close(toy.selector.weight.grad, torch.tensor([[12 / 13, 5 / 13]]), **close)
+    assert toy.frozen.grad is None
+
+
+def test_nothing_is_written_when_every_group_is_under_the_norm():
+    toy = Toy()
+    toy.layer.lora_A.grad = torch.full((2, 1, 2), 0.1)
+    toy.layer.lora_B.grad = torch.full((2, 2, 1), 0.1)
+    toy.selector.weight.grad = torch.full((1, 2), 0.1)
+    before = [p.grad.clone() for p in toy.parameters() if p.grad is not None]
+    clip_per_group(toy, num_components=2, max_norm=1.0)
+    assert all(torch.equal(a, p.grad) for a, p in zip(before, [p for p in toy.parameters() if p.grad is not None]))
+
+
+
+@pytest.mark.distributed
+def test_k1_per_group_equals_deepspeed_global_clipping(tmp_path):
+    """One adapter group and no selector: our clipping must give DeepSpeed's trajectory exactly, and the small
+    norm must really clip (the unclipped run differs)."""
+    runs = {}
+    for name, extra in {"global": {}, "per_group": {"train.clip_scope": "per_group"},
+                        "none": {"train.max_grad_norm": 0.0}}.items():
+        out = tmp_path / name
+        launch(base_overrides(out, **{"adapter.num_components": 1, "train.max_steps": 4, "train.save_steps": 0,
+                                      "train.max_grad_norm": 0.01, **extra}), nproc=1, ds=ds_config(tmp_path, 2))
+        runs[name] = step_losses(out)
+    assert_trajectories_match(runs["per_group"], runs["global"], FP32_TOL)
+    assert abs(runs["none"][4] - runs["global"][4]) > 1e-3
+
+
+@pytest.mark.distributed
+def test_per_group_two_ranks_zero3_match_one_process_and_differ_from_global(tmp_path):
+    short = {"train.max_steps": 4, "train.save_steps": 0, "train.clip_scope": "per_group"}
+    ref = tmp_path / "ref"
+    launch(base_overrides(ref, **short), nproc=1, ds=ds_config(tmp_path, 2))
+    out = tmp_path / "run"
+    launch(base_overrides(out, **short, **{"train.micro_batch_size": 2}), nproc=2, ds=ds_config(tmp_path, 3))
+    assert_trajectories_match(step_losses(out), step_losses(ref), FP32_TOL)
+    records = [json.loads(line) for line in (ref / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert all(len(r["grad_norm"]) == 3 for r in records)             # component 0, component 1, selector
+    glob = tmp_path / "global"
+    launch(base_overrides(glob, **{**short, "train.clip_scope": "global"}), nproc=1, ds=ds_config(tmp_path, 2))
+    assert abs(step_losses(glob)[4] - step_losses(ref)[4]) > 1e-4

@@ -164,13 +164,17 @@ def _component_row(name: str, folder: Path, report: dict, tasks, trained: list[s
     evals = [_component_eval(folder, k, report["winner"]) for k in range(report["num_components"])]
     accs = [_accuracies(e, tasks, trained) if e else None for e in evals]
     averages = [a["average"] if a else None for a in accs]
-    best = max(range(len(averages)), key=lambda k: averages[k] if averages[k] is not None else -1)
     val = report["validation"]
-    return (f"| {name} | "
-            + " / ".join("–" if a is None else f"{a['average']:.1f} ({a['trained_average']:.1f})" for a in accs)
-            + f" | {report['winner']} ({report['winner_by']}) | {val['lowest_loss_component']} | "
-            f"{[round(x, 4) for x in val['mean_loss']]} | {val['selector_argmax_counts']} | "
-            + (f"{best} | {'yes' if best == report['winner'] else 'no'} |" if None not in averages else "– | – |"))
+    row = (f"| {name} | "
+           + " / ".join("–" if a is None else f"{a['average']:.1f} ({a['trained_average']:.1f})" for a in accs)
+           + f" | {report['winner']} ({report['winner_by']}) | {val['lowest_loss_component']} | "
+           f"{[round(x, 4) for x in val['mean_loss']]} | {val['selector_argmax_counts']} | ")
+    if None in averages:
+        return row + "– | – |"
+    best = [k for k, a in enumerate(averages) if a == max(averages)]
+    if len(best) > 1:      # the same number of right answers: no component is better
+        return row + f"tie ({', '.join(map(str, best))}) | {'tie' if report['winner'] in best else 'no'} |"
+    return row + f"{best[0]} | {'yes' if best[0] == report['winner'] else 'no'} |"
 
 
 def _variant_rows(args, variant: str, run_dir, tasks, trained: list[str]) -> tuple[str | None, list[str]]:

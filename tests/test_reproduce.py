@@ -15,7 +15,7 @@ from test_engine import _env
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-from reproduce_report import cohen_kappa, compose_page  # noqa: E402
+from reproduce_report import _component_row, cohen_kappa, compose_page  # noqa: E402
 
 TRAIN = SHARED_DATA / "commonsense" / "train" / "ARC-Challenge.json"
 
@@ -104,3 +104,21 @@ def test_cohen_kappa_by_hand():
     assert cohen_kappa([("a", "a"), ("a", "b"), ("b", "b"), ("b", "b")]) == 0.5
     # no keyword is an answer of its own: observed 1/2, expected 0 * 1/2 + 1/2 * 1/2 = 1/4; (1/2 - 1/4) / (3/4)
     assert cohen_kappa([(None, "a"), ("b", "b")]) == pytest.approx(1 / 3)
+
+
+def test_table10_row_calls_equal_test_averages_a_tie(tmp_path):
+    def results(folder: str, accuracies: list[float]) -> None:
+        path = tmp_path / "eval" / folder / "results.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"metrics": {"per_task": {t: {"accuracy": a} for t, a in zip("ab", accuracies)}}}))
+
+    report = {"winner": 1, "winner_by": "selector", "num_components": 2,
+              "validation": {"lowest_loss_component": 1, "mean_loss": [0.2, 0.1], "selector_argmax_counts": [3, 5]}}
+    results("component_0", [40.0, 30.0])
+    results("winner", [30.0, 40.0])                     # same average, other answers right
+    row = _component_row("run", tmp_path, report, ("a", "b"), ["a"])
+    assert row.endswith("| tie (0, 1) | tie |") and "35.0 (40.0) / 35.0 (30.0)" in row
+    (tmp_path / "eval" / "winner" / "results.json").unlink()
+    (tmp_path / "eval" / "winner").rmdir()
+    results("winner", [30.0, 30.0])
+    assert _component_row("run", tmp_path, report, ("a", "b"), ["a"]).endswith("| 0 | no |")

@@ -25,7 +25,7 @@ import common  # noqa: F401  (environment: CPU accelerator, offline hub)
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from comlora_ds.clipping import EPS, full_grads, group_norms  # noqa: E402
+from comlora_ds.clipping import clip_factor, full_grads, group_norms  # noqa: E402
 from comlora_ds.config import load_config  # noqa: E402
 from comlora_ds.engine import Trainer, exit_process  # noqa: E402
 
@@ -34,12 +34,7 @@ def step_record(model, num_components: int, max_norm: float, clip_scope: str) ->
     """This step's norms before clipping, and each component's norm after the clipping of ``clip_scope``."""
     norms = group_norms(full_grads(model), num_components)
     components, total = norms[:num_components], sum(n * n for n in norms) ** 0.5
-    if not max_norm:
-        clipped = components
-    elif clip_scope == "per_group":
-        clipped = [n * min(1.0, max_norm / (n + EPS)) for n in components]
-    else:
-        clipped = [n * min(1.0, max_norm / (total + EPS)) for n in components]
+    clipped = [n * clip_factor(n if clip_scope == "per_group" else total, max_norm) for n in components]
     return {"norm": total, "component_norm": components, "selector_norm": norms[num_components],
             "component_norm_clipped": clipped}
 

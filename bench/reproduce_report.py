@@ -194,7 +194,7 @@ def _variant_rows(args, variant: str, run_dir, tasks, trained: list[str]) -> tup
         kappa = _trained_kappa(folder / "eval" / "winner", trained)
         if kappa is not None:
             scores.setdefault("kappa", []).append(kappa)
-        share = _param_share(folder, report)
+        share = share or _param_share(folder, report)     # the same architecture in every seed
         if report["num_components"] > 1:
             component_rows.append(_component_row(f"{variant} seed {seed}", folder, report, tasks, trained))
     if not scores:
@@ -250,10 +250,11 @@ PAGE_INTRO = ("# Results\n\nMeasured accuracy of the models this project trains.
               "written by hand.\n")
 NOTES_HEADING = "## Notes"
 MAIN_GRID = "main"
+MARKER = "<!-- reproduce: "
 
 
 def _markers(tag: str) -> tuple[str, str]:
-    return f"<!-- reproduce: {tag} -->", f"<!-- /reproduce: {tag} -->"
+    return f"{MARKER}{tag} -->", f"<!-- /reproduce: {tag} -->"
 
 
 def compose_page(old: str, tag: str, section: str) -> str:
@@ -264,11 +265,11 @@ def compose_page(old: str, tag: str, section: str) -> str:
     notes = old[notes_at + 1:] if notes_at >= 0 else ""
     body = old[:notes_at] if notes_at >= 0 else old
     sections: dict[str, str] = {}
-    for chunk in body.split("<!-- reproduce: ")[1:]:
+    for chunk in body.split(MARKER)[1:]:
         name = chunk.split(" -->", 1)[0]
         end = _markers(name)[1]
         if end in chunk:
-            sections[name] = "<!-- reproduce: " + chunk.split(end, 1)[0] + end
+            sections[name] = MARKER + chunk.split(end, 1)[0] + end
     begin, end = _markers(tag)
     sections[tag] = f"{begin}\n{section}\n{end}"
     order = [MAIN_GRID] * (MAIN_GRID in sections) + [name for name in sections if name != MAIN_GRID]

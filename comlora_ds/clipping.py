@@ -42,12 +42,17 @@ def group_norms(grads: list[tuple[str, nn.Parameter, torch.Tensor]], num_compone
     return squares.sqrt().tolist()
 
 
+def clip_factor(norm: float, max_norm: float) -> float:
+    """What clipping at ``max_norm`` multiplies a gradient of this norm by (1 when clipping is off)."""
+    return min(1.0, max_norm / (norm + EPS)) if max_norm else 1.0
+
+
 @torch.no_grad()
 def clip_per_group(model: nn.Module, num_components: int, max_norm: float) -> list[float]:
-    """Scale each group's gradient by min(1, max_norm / (its norm + 1e-6)); return the norms before clipping."""
+    """Scale each group's gradient by its ``clip_factor``; return the norms before clipping."""
     grads = full_grads(model)
     norms = group_norms(grads, num_components)
-    factors = [min(1.0, max_norm / (n + EPS)) for n in norms]
+    factors = [clip_factor(n, max_norm) for n in norms]
     if all(f == 1.0 for f in factors):
         return norms
     per_component = torch.tensor(factors[:num_components])

@@ -167,7 +167,10 @@ class TrainConfig:
     lr_scheduler: str = _help("cosine, linear or constant, after warm-up.", default="cosine")
     warmup_ratio: float = _help("Fraction of the steps used for linear warm-up.", default=0.03)
     max_grad_norm: float = _help("Gradient clipping norm (0 disables).", default=1.0)
-    clip_scope: str = _help("global: DeepSpeed clips all trainable gradients by their joint norm. per_group: each LoRA component and the rest (the selector) are clipped by their own norm, so the selector's much larger gradient does not shrink the components' (docs/results.md); DeepSpeed's gradient_clipping is then 0.", default="global")
+    clip_scope: str = _help("global: DeepSpeed clips all trainable gradients by their joint norm. per_group: each "
+                            "LoRA component and the rest (the selector) are clipped by their own norm, so the "
+                            "selector's much larger gradient does not shrink the components' (docs/results.md); "
+                            "DeepSpeed's gradient_clipping is then 0.", default="global")
     bf16: str = _help("auto (on where the hardware runs bf16 fast), true or false.", default="auto")
     ce_chunk_size: int = _help("Response tokens per chunk of the chunked cross-entropy.", default=1024)
     save_steps: int = _help("Checkpoint every N optimizer steps (0: only at the end).", default=200)

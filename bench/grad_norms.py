@@ -80,7 +80,7 @@ def main() -> int:
 
     def before_step(engine, step: int) -> None:
         original(engine, step)
-        r = {"step": step, **step_record(engine.module, k, max_norm, cfg.train.clip_scope)}
+        r = {"step": step, **step_record(engine.module, k, max_norm, cfg.clip_scope)}
         records.append(r)
         if trainer.rank == 0:
             with open(args.out / "grad_norms.jsonl", "a") as f:

@@ -136,6 +136,23 @@ def _intro(args, model: str) -> list[str]:
             "happens to write them. \"Average of trained tasks\" leaves such tasks out.", ""]
 
 
+def _selector_settings(args, variants: dict, run_dir) -> list[str]:
+    """The selector's training signal as a run of this grid saved it (issue 14 changed the defaults)."""
+    import yaml
+
+    for variant in variants:
+        for seed in args.seeds:
+            saved = sorted((run_dir(args, variant, seed) / "checkpoints").glob("step_*/run_config.yaml"))
+            if saved and yaml.safe_load(saved[-1].read_text())["adapter"]["num_components"] > 1:
+                cfg = yaml.safe_load(saved[-1].read_text())
+                reduction = cfg["comlora"].get("loss_reduction")
+                clock = "t = 1..T" if reduction else "t = 0..T-1 (before issue 14)"
+                return [f"Selector signal of the ComLoRA runs: pairwise target "
+                        f"`comlora.loss_reduction = {reduction or 'mean (per-token; before issue 14)'}`, "
+                        f"`train.clip_scope = {cfg['train']['clip_scope']}`, annealing clock {clock}.", ""]
+    return []
+
+
 def _base_rows(base: dict | None, model: str, tasks, trained: list[str]) -> list[str]:
     """The zero-shot base model (generation, and rank classification when it was evaluated)."""
     if not base:
@@ -221,7 +238,8 @@ def write_report(args, variants: dict, tasks: tuple, run_dir, commands: list[str
     trained = [t for t in tasks if t in {Path(f).stem for f in args.train_files}]
     header = ["method", "Params (%) L/S", *tasks, "average", "average of trained tasks", "κ, trained tasks",
               "validation loss"]
-    lines = [*_intro(args, model), "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+    lines = [*_intro(args, model), *_selector_settings(args, variants, run_dir),
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
              *_base_rows(_load(args.out / "base" / "eval" / "results.json"), model, tasks, trained)]
     component_rows = []
     for variant in variants:
@@ -246,8 +264,8 @@ def write_report(args, variants: dict, tasks: tuple, run_dir, commands: list[str
 
 
 PAGE_INTRO = ("# Results\n\nMeasured accuracy of the models this project trains. Each section is written by "
-              "bench/reproduce_commonsense.py with the command and the machine it names; the notes at the end are "
-              "written by hand.\n")
+              "bench/reproduce_commonsense.py (or, for the selector-signal section, bench/selector_signal.py) with the "
+              "command and the machine it names; the notes at the end are written by hand.\n")
 NOTES_HEADING = "## Notes"
 MAIN_GRID = "main"
 MARKER = "<!-- reproduce: "

@@ -1,7 +1,9 @@
 """Gradient norms per group, and clipping each group by its own norm (``train.clip_scope = per_group``).
 
-The groups: each LoRA component k (its slices ``lora_A[k]``, ``lora_B[k]`` of every adapted layer) and the
-rest (the selector and any other trainable tensor). DeepSpeed's ``gradient_clipping`` scales every gradient by
+The groups: each LoRA component k (slice k of every trainable tensor that an adapter layer owns: ``lora_A``,
+``lora_B``, LoRA-Dash's ``dash_d``, whatever a method adds, all stacked as [K, ...]) and the rest (the selector).
+Membership follows module ownership, not tensor names, so a method's new per-component tensor lands in its
+component's group without a change here. DeepSpeed's ``gradient_clipping`` scales every gradient by
 one factor from the global norm; with ComLoRA that norm is the selector's (20-40x a component's on
 SmolLM2-135M, bench/grad_norms.py), so the factor the components get is set by the selector and jumps by an
 order of magnitude between steps, which Adam does not undo. Clipped per group, each component gets what a
@@ -12,31 +14,55 @@ works at every ZeRO stage; the reads are collectives, so every rank calls this a
 from __future__ import annotations
 
 import torch
+from typing import NamedTuple
+
 from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
 from torch import nn
 
-ADAPTER_TENSORS = ("lora_A", "lora_B")
+from .adapters.layer import ComLoRALinear
+
 EPS = 1e-6          # as torch.nn.utils.clip_grad_norm_ and DeepSpeed: factor = max_norm / (norm + 1e-6)
 
 
-def full_grads(model: nn.Module) -> list[tuple[str, nn.Parameter, torch.Tensor]]:
-    """(name, parameter, full gradient) of every trainable parameter that has one, in a fixed order."""
+class FullGrad(NamedTuple):
+    name: str
+    param: nn.Parameter
+    grad: torch.Tensor
+    per_component: bool     # owned by an adapter layer: component k is slice k of dim 0
+
+
+def component_tensor_names(model: nn.Module) -> set[str]:
+    """Names of the trainable tensors that adapter layers own (each stacks the K components along dim 0)."""
+    names = set()
+    for module_name, module in model.named_modules():
+        if isinstance(module, ComLoRALinear):
+            prefix = f"{module_name}." if module_name else ""
+            names.update(prefix + name for name, p in module.named_parameters() if p.requires_grad)
+    return names
+
+
+def full_grads(model: nn.Module) -> list[FullGrad]:
+    """Every trainable parameter that has a gradient, with its full gradient and group, in a fixed order."""
+    components = component_tensor_names(model)
     out = []
     for name, param in model.named_parameters():
         if param.requires_grad:
             grad = safe_get_full_grad(param)
             if grad is not None:
-                out.append((name, param, grad))
+                out.append(FullGrad(name, param, grad, name in components))
     return out
 
 
-def group_norms(grads: list[tuple[str, nn.Parameter, torch.Tensor]], num_components: int) -> list[float]:
+def group_norms(grads: list[FullGrad], num_components: int) -> list[float]:
     """L2 norms [component 0, ..., component K-1, rest]."""
     squares = torch.zeros(num_components + 1, dtype=torch.float64)
-    for name, _, grad in grads:
+    for name, _, grad, per_component in grads:
         g = grad.detach().double()
-        if name.endswith(ADAPTER_TENSORS):
-            squares[:num_components] += g.pow(2).flatten(1).sum(dim=1)
+        if per_component:
+            if g.dim() == 0 or g.shape[0] != num_components:
+                raise RuntimeError(f"{name} belongs to an adapter layer but its gradient {tuple(g.shape)} does not "
+                                   f"stack K = {num_components} components along dim 0")
+            squares[:num_components] += g.pow(2).flatten(1).sum(dim=1) if g.dim() > 1 else g.pow(2)
         else:
             squares[num_components] += g.pow(2).sum()
     return squares.sqrt().tolist()
@@ -55,10 +81,10 @@ def clip_per_group(model: nn.Module, num_components: int, max_norm: float) -> li
     factors = [clip_factor(n, max_norm) for n in norms]
     if all(f == 1.0 for f in factors):
         return norms
-    per_component = torch.tensor(factors[:num_components])
-    for name, param, grad in grads:
-        if name.endswith(ADAPTER_TENSORS):
-            scaled = grad * per_component.to(grad.device, grad.dtype).view(-1, *[1] * (grad.dim() - 1))
+    component_factors = torch.tensor(factors[:num_components])
+    for _, param, grad, per_component in grads:
+        if per_component:
+            scaled = grad * component_factors.to(grad.device, grad.dtype).view(-1, *[1] * (grad.dim() - 1))
         else:
             scaled = grad * factors[num_components]
         safe_set_full_grad(param, scaled)

@@ -30,7 +30,8 @@ EXECUTION_MODES = ("batched", "sequential")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 LR_SCHEDULERS = ("cosine", "linear", "constant")
-CLIP_SCOPES = ("global", "per_group")
+CLIP_SCOPES = ("auto", "global", "per_group")
+LOSS_REDUCTIONS = ("sum", "mean")
 WANDB_MODES = ("offline", "online", "disabled")
 DATA_FORMATS = ("llm_adapters",)
 OVERLONG_POLICIES = ("truncate", "drop")
@@ -90,6 +91,13 @@ class ComLoRAConfig:
     annealing_rate: float = _help("Rate of the exponential schedule eta = 1 - exp(-rate * t / T).", default=5.0)
     noise: float = _help("Std of the Gaussian noise added to the (detached) LM losses in the pairwise loss.",
                          default=0.1)
+    loss_reduction: str = _help("The per-sample, per-component loss that the pairwise target and its noise see: "
+                                "sum over the response tokens (paper eqs. 4 and 6) or their mean (the per-token "
+                                "gaps between components, ~1e-3, then drown in the noise).", default="sum")
+    lm_reduction: str = _help("What L_LM and L_align average per sample: mean (per-token NLL, as PEFT/HF LoRA, so "
+                              "K = 1 is exactly LoRA and LoRA learning rates carry over) or sum (the paper's eq. "
+                              "4 literally; gradients scale with the response length). docs/method.md has the "
+                              "measurement behind the default.", default="mean")
     selector_hidden_size: Optional[int] = _help("d_sel; default the model's hidden size (paper). An input "
                                                 "projection is added when it differs.", default=None)
     selector_num_heads: Optional[int] = _help("Attention heads of the selector; default the model's.",
@@ -154,7 +162,8 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = _help("Run directory: checkpoints, logs, resolved config.", default="outputs/run")
-    seed: int = _help("Seed for adapter init, dropout and noise.", default=42)
+    seed: int = _help("Seed of the adapter and selector init (identical on every rank); dropout and the pairwise "
+                      "noise draw from a per-rank stream derived from (seed, rank).", default=42)
     num_epochs: float = _help("Training epochs (ignored when max_steps is set).", default=3.0)
     max_steps: Optional[int] = _help("Optimizer steps to train; overrides num_epochs.", default=None)
     micro_batch_size: int = _help("Examples per rank per forward.", default=4)
@@ -168,9 +177,11 @@ class TrainConfig:
     warmup_ratio: float = _help("Fraction of the steps used for linear warm-up.", default=0.03)
     max_grad_norm: float = _help("Gradient clipping norm (0 disables).", default=1.0)
     clip_scope: str = _help("global: DeepSpeed clips all trainable gradients by their joint norm. per_group: each "
-                            "LoRA component and the rest (the selector) are clipped by their own norm, so the "
-                            "selector's much larger gradient does not shrink the components' (docs/results.md); "
-                            "DeepSpeed's gradient_clipping is then 0.", default="global")
+                            "LoRA component (every trainable tensor of its adapter layers) and the rest (the "
+                            "selector) are clipped by their own norm, so the selector's much larger gradient does "
+                            "not shrink the components' (docs/results.md); DeepSpeed's gradient_clipping is then "
+                            "0. auto: per_group for K > 1, global for K = 1, for lora_pro (its optimizer clips) "
+                            "and when max_grad_norm is 0.", default="auto")
     bf16: str = _help("auto (on where the hardware runs bf16 fast), true or false.", default="auto")
     ce_chunk_size: int = _help("Response tokens per chunk of the chunked cross-entropy.", default=1024)
     save_steps: int = _help("Checkpoint every N optimizer steps (0: only at the end).", default=200)
@@ -181,7 +192,8 @@ class TrainConfig:
 @dataclass
 class LoggingConfig:
     log_steps: int = _help("Log metrics every N optimizer steps.", default=1)
-    winner_window: int = _help("Window (optimizer steps) of the per-component winner counts.", default=50)
+    winner_window: int = _help("Window (optimizer steps) of the per-component winner counts and the "
+                               "selector diagnostics.", default=50)
     wandb_mode: str = _help("offline (default, no network), online or disabled.", default="offline")
     wandb_project: str = _help("wandb project name.", default="comlora_ds")
     run_name: Optional[str] = _help("Run name (default: output_dir's name).", default=None)
@@ -201,6 +213,15 @@ class RunConfig:
     @property
     def is_comlora(self) -> bool:
         return self.adapter.num_components > 1
+
+    @property
+    def clip_scope(self) -> str:
+        """train.clip_scope with ``auto`` resolved."""
+        t = self.train
+        if t.clip_scope != "auto":
+            return t.clip_scope
+        per_group = self.is_comlora and self.adapter.method != "lora_pro" and t.max_grad_norm > 0
+        return "per_group" if per_group else "global"
 
     @property
     def top_n(self) -> int:
@@ -259,6 +280,8 @@ def _validate(cfg: RunConfig) -> None:
     _choice("comlora.annealing", c.annealing, ANNEALING_SCHEDULES)
     _positive("comlora.annealing_rate", c.annealing_rate)
     _positive("comlora.noise", c.noise, allow_zero=True)
+    _choice("comlora.loss_reduction", c.loss_reduction, LOSS_REDUCTIONS)
+    _choice("comlora.lm_reduction", c.lm_reduction, LOSS_REDUCTIONS)
     for name in ("selector_hidden_size", "selector_num_heads", "selector_ffn_size"):
         value = getattr(c, name)
         if value is not None:

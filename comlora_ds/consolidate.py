@@ -193,7 +193,7 @@ def _training_summary(curves: dict | None) -> dict | None:
         return None
     return {"steps": len(curves["steps"]), "last_step": curves["steps"][-1],
             "final_component_loss": [losses[-1] for losses in curves["component_loss"]],
-            "winner_windows": curves["winner_windows"]}
+            "winner_windows": curves["winner_windows"], "selector_windows": curves["selector_windows"]}
 
 
 def _versions() -> dict:

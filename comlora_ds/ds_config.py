@@ -107,9 +107,10 @@ def fill_ds_config(source: str | Path | dict, cfg: RunConfig, world_size: int, h
     _fill_match(ds, "train_batch_size", t.micro_batch_size * gas * world_size,
                 f"train.micro_batch_size x gradient_accumulation_steps (x K in sequential mode) x {world_size} "
                 f"ranks", True)
-    if t.clip_scope == "per_group":    # the trainer clips each group itself (comlora_ds/clipping.py)
-        _fill_match(ds, "gradient_clipping", 0.0, "train.clip_scope = per_group, which needs DeepSpeed's "
-                    "gradient_clipping", True)
+    if cfg.clip_scope == "per_group":    # the trainer clips each group itself (comlora_ds/clipping.py)
+        scope = "per_group" if cfg.train.clip_scope == "per_group" else "auto (per_group for K > 1)"
+        _fill_match(ds, "gradient_clipping", 0.0, f"train.clip_scope = {scope} (the trainer clips each group itself; "
+                    f"train.clip_scope=global lets DeepSpeed clip), which needs DeepSpeed's gradient_clipping", True)
     else:
         _fill_match(ds, "gradient_clipping", t.max_grad_norm, "train.max_grad_norm", True)
     bf16 = resolve_bf16(cfg, ds)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import deepspeed
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
@@ -62,9 +63,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rank_stream_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s own stream for adapter dropout and the pairwise noise: derived from
+    (seed, rank) by numpy's SeedSequence, so ranks draw independent masks and noise on their different
+    batches, and no (seed, rank) pair reuses another run's stream (seed + rank would)."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0])
+
+
 @dataclass
 class TrainState:
-    global_step: int = 0          # optimizer steps done (the annealing clock t)
+    global_step: int = 0          # optimizer steps done (the step being taken is global_step + 1)
     epoch: int = 0
     batches_in_epoch: int = 0     # micro-batches of this epoch already consumed
 
@@ -107,8 +115,11 @@ class Trainer:
         self.collate = ResponseCollator(self.tokenizer.pad_token_id)
         self.sampler = DistributedSampler(self.train_rows, num_replicas=self.world, rank=self.rank, shuffle=True,
                                           seed=cfg.data.seed, drop_last=True)
+        # Its own generator: creating an iterator draws a seed, which must not come from (and shift) the
+        # global stream of dropout and noise that a checkpoint restores.
         self.loader = DataLoader(self.train_rows, batch_size=cfg.train.micro_batch_size, sampler=self.sampler,
-                                 collate_fn=self.collate, drop_last=True)
+                                 collate_fn=self.collate, drop_last=True,
+                                 generator=torch.Generator().manual_seed(cfg.data.seed))
         gas = cfg.train.gradient_accumulation_steps
         self.steps_per_epoch = len(self.loader) // gas
         if self.steps_per_epoch == 0:
@@ -144,6 +155,7 @@ class Trainer:
                                      num_training_steps=self.total_steps)
         self.engine, *_ = deepspeed.initialize(model=self.model, optimizer=optimizer, lr_scheduler=scheduler,
                                                model_parameters=self._param_groups(), config=self.ds_config)
+        seed_everything(rank_stream_seed(cfg.train.seed, self.rank))     # initial weights identical on every rank
         self.passes = backward_passes(cfg)
         self.state = TrainState()
         self._stop_requested = False
@@ -161,7 +173,7 @@ class Trainer:
     def client_state(self, logger: RunLogger) -> dict:
         return {"global_step": self.state.global_step, "epoch": self.state.epoch,
                 "batches_in_epoch": self.state.batches_in_epoch, "total_steps": self.total_steps,
-                "world_size": self.world, "winner_window": list(logger.window),
+                "world_size": self.world, **logger.window_state(),
                 "num_components": self.cfg.adapter.num_components}
 
     def _write_extras(self, folder: Path, logger: RunLogger) -> None:
@@ -186,8 +198,8 @@ class Trainer:
         logger.message(f"checkpoint: {folder}")
         return folder
 
-    def resume(self) -> list[int] | None:
-        """Restores the engine and the loop state from train.resume; returns the winner-count window."""
+    def resume(self) -> dict | None:
+        """Restores the engine and the loop state from train.resume; returns the checkpoint's client state."""
         if self.resume_from is None:
             return None
         save_dir, tag = self.resume_from
@@ -195,7 +207,7 @@ class Trainer:
         self.state = TrainState(state["global_step"], state["epoch"], state["batches_in_epoch"])
         if self.rank == 0:
             print(f"resumed from {save_dir / tag} at step {self.state.global_step}", flush=True)
-        return list(state["winner_window"])
+        return state
 
     # ------------------------------------------------------------------------------------ training
     def _backward(self, loss: torch.Tensor) -> None:
@@ -213,10 +225,10 @@ class Trainer:
 
     def train(self) -> TrainResult:
         cfg, engine = self.cfg, self.engine
-        window = self.resume()
+        resumed = self.resume()
         logger = RunLogger(cfg, self.output_dir, self.total_steps, self.state.global_step, enabled=self.rank == 0)
-        if window is not None:
-            logger.window = window
+        if resumed is not None:
+            logger.load_window_state(resumed)
         if self.rank == 0:
             logger.message(f"{self.data_report.summary()}; {self.total_steps} optimizer steps, "
                            f"{self.world} rank(s), ZeRO stage {zero_stage(self.ds_config)}, "
@@ -229,8 +241,8 @@ class Trainer:
             while self.state.global_step < self.total_steps and not stopped:
                 for batch in self._micro_batches():
                     batch = {name: t.to(self.device) for name, t in batch.items()}
-                    eta = annealing_eta(cfg.comlora.annealing, self.state.global_step, self.total_steps,
-                                        cfg.comlora.annealing_rate)
+                    eta = annealing_eta(cfg.comlora.annealing, self.state.global_step + 1, self.total_steps,
+                                        cfg.comlora.annealing_rate)      # t = the step being taken, 1..T
                     out = forward_backward(engine, batch, self.objective, eta, self._backward,
                                            cfg.comlora.execution, between_passes=engine.step)
                     accumulator.add(out, batch)
@@ -243,7 +255,7 @@ class Trainer:
                     _check_finite(metrics, self.state.global_step + 1)
                     lr = engine.get_lr()[0]
                     self.method.before_optimizer_step(engine, self.state.global_step + 1)
-                    if cfg.train.clip_scope == "per_group":
+                    if cfg.clip_scope == "per_group":
                         metrics["grad_norm"] = clip_per_group(engine.module, cfg.adapter.num_components,
                                                               cfg.train.max_grad_norm)
                     engine.step()

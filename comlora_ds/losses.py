@@ -1,7 +1,13 @@
 """ComLoRA's losses (paper, section 3.4) and the per-sample, per-component LM loss they are built on.
 
 Shapes: ``losses [K, B]`` is L[k, b], the mean response-token NLL of sample b under component k;
-``sims [B, K]`` are the selector's scores.
+``num_tokens [B]`` counts sample b's response tokens, so ``losses * num_tokens`` is the summed NLL of the
+paper's eq. 4; ``sims [B, K]`` are the selector's scores.
+
+Reductions (``comlora.loss_reduction``, ``comlora.lm_reduction``): the pairwise target and its noise see
+the *summed* NLL by default, as in eqs. 4 and 6; on a per-token mean the components' gaps (~1e-3) drown in
+the alpha = 0.1 noise. L_LM and L_align keep the per-token mean by default, so K = 1 is exactly PEFT/HF
+LoRA and a learning rate tuned for LoRA carries over (docs/method.md has the measurement behind that).
 
 Sign decisions (DESIGN.md section 1), fixed here, not user knobs:
   * L_align carries a *plus* sign: it reinforces the components the selector prefers. With the minus
@@ -25,7 +31,8 @@ ALIGN_SIGN = 1.0
 
 
 def annealing_eta(schedule: str, step: int, total_steps: int, rate: float = 5.0) -> float:
-    """eta(t) of the alignment loss at optimizer step t of T (t is clamped to [0, T])."""
+    """eta(t) of the alignment loss for the optimizer step being taken, t = 1..T (clamped to [0, T]), so the
+    first step already has eta(1) > 0 and the last one the schedule's end value eta(T)."""
     frac = min(max(step / total_steps, 0.0), 1.0) if total_steps > 0 else 1.0
     if schedule == "constant":
         return 1.0
@@ -43,6 +50,11 @@ def _response_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     targets = labels[:, 1:]
     rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
     return rows, cols, targets[rows, cols]
+
+
+def response_token_counts(labels: torch.Tensor) -> torch.Tensor:
+    """[B] number of supervised next-token predictions of each row (the tokens L[k, b] is a mean over)."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
 
 
 def _per_row_mean(token_nll: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -112,6 +124,21 @@ def response_nll_full_logits(logits: torch.Tensor, labels: torch.Tensor) -> torc
     return _per_row_mean(token_nll, rows, labels.shape[0])
 
 
+REDUCTIONS = ("sum", "mean")
+
+
+def reduce_losses(losses: torch.Tensor, num_tokens: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    """Per-token mean losses [K, B] as the reduction asks: unchanged for ``mean``, times each sample's response
+    token count for ``sum`` (the summed NLL, exact up to one rounding)."""
+    if reduction == "mean":
+        return losses
+    if reduction != "sum":
+        raise ValueError(f"unknown loss reduction {reduction!r}")
+    if num_tokens is None:
+        raise ValueError("the summed loss needs the response token counts (num_tokens)")
+    return losses * num_tokens.to(losses.dtype)[None, :]
+
+
 class ObjectiveTerms(NamedTuple):
     total: torch.Tensor
     lm: torch.Tensor
@@ -119,22 +146,35 @@ class ObjectiveTerms(NamedTuple):
     pairwise: torch.Tensor
 
 
+class PairTarget(NamedTuple):
+    """What the pairwise loss compares the selector's scores with, [B, K], detached: the per-sample losses in
+    ``loss_reduction`` (``clean``) and the same plus ``noise * eps`` (``noisy``, what the loss sees)."""
+    clean: torch.Tensor
+    noisy: torch.Tensor
+
+
 class ComLoRAObjective:
     """L_total = L_LM + L_align + L_pairwise with the paper's ablation switches.
 
-    Without a selector (K = 1, or the no_selector ablation) only L_LM is defined.
+    Without a selector (K = 1, or the no_selector ablation) only L_LM is defined. ``loss_reduction`` is what
+    the pairwise target sees, ``lm_reduction`` what L_LM and L_align average (module doc).
     """
 
     def __init__(self, num_components: int, top_n: int | None = None, noise: float = 0.1,
-                 use_lm: bool = True, use_align: bool = True, use_pairwise: bool = True):
+                 use_lm: bool = True, use_align: bool = True, use_pairwise: bool = True,
+                 loss_reduction: str = "sum", lm_reduction: str = "mean"):
+        for name, value in (("loss_reduction", loss_reduction), ("lm_reduction", lm_reduction)):
+            if value not in REDUCTIONS:
+                raise ValueError(f"{name} = {value!r}: must be one of {', '.join(REDUCTIONS)}")
         self.num_components = num_components
         self.top_n = top_n or num_components
         self.noise = noise
         self.use_lm, self.use_align, self.use_pairwise = use_lm, use_align, use_pairwise
+        self.loss_reduction, self.lm_reduction = loss_reduction, lm_reduction
 
-    def lm_loss(self, losses: torch.Tensor) -> torch.Tensor:
-        """L_LM = mean over k and b of L[k, b]."""
-        return losses.mean()
+    def lm_loss(self, losses: torch.Tensor, num_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """L_LM = mean over k and b of L[k, b] (in ``lm_reduction``)."""
+        return reduce_losses(losses, num_tokens, self.lm_reduction).mean()
 
     def top_n_weights(self, sims: torch.Tensor) -> torch.Tensor:
         """p [K, B]: softmax over each sample's top-N sims (detached), 0 outside the top N."""
@@ -143,37 +183,48 @@ class ComLoRAObjective:
         p = torch.zeros_like(sims).scatter_(1, top.indices, top.values.softmax(dim=1))
         return p.t()
 
-    def align_loss(self, losses: torch.Tensor, sims: torch.Tensor, eta: float) -> torch.Tensor:
+    def align_loss(self, losses: torch.Tensor, sims: torch.Tensor, eta: float,
+                   num_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """L_align = +eta * mean_b sum_{k in topN(b)} p[k, b] L[k, b]   (plus sign: see module doc)."""
+        losses = reduce_losses(losses, num_tokens, self.lm_reduction)
         return ALIGN_SIGN * eta * (self.top_n_weights(sims) * losses).sum(0).mean()
 
-    def pairwise_loss(self, losses: torch.Tensor, sims: torch.Tensor) -> torch.Tensor:
+    def pair_target(self, losses: torch.Tensor, num_tokens: torch.Tensor | None = None) -> PairTarget:
+        """Draws the noise of eq. 6 on the (detached) per-sample losses in ``loss_reduction``."""
+        clean = reduce_losses(losses.detach().float(), num_tokens, self.loss_reduction).t()   # [B, K]
+        noisy = clean + self.noise * torch.randn(clean.shape, device=clean.device) if self.noise > 0 else clean
+        return PairTarget(clean, noisy)
+
+    def pairwise_loss(self, target: PairTarget, sims: torch.Tensor) -> torch.Tensor:
         """mean_b || log_softmax(D_sim) - log_softmax(D_lm) ||_1 over all K*K pairs; trains the selector."""
-        noisy = losses.detach().t().float()                                     # [B, K]
-        if self.noise > 0:
-            noisy = noisy + self.noise * torch.randn(noisy.shape, device=noisy.device)
+        noisy = target.noisy
         d_sim = sims[:, :, None] - sims[:, None, :]                             # sim_i - sim_j
         d_lm = noisy[:, None, :] - noisy[:, :, None]                            # Lt_j - Lt_i
         log_p_sim = d_sim.flatten(1).log_softmax(dim=1)
         log_p_lm = d_lm.flatten(1).log_softmax(dim=1)
         return (log_p_sim - log_p_lm).abs().sum(dim=1).mean()
 
-    def component_weights(self, sims: torch.Tensor | None, eta: float, batch_size: int) -> torch.Tensor:
-        """w [K, B] with d(L_LM + L_align)/dL[k, b] = w[k, b]: the backward weight of each component's
-        per-sample loss, used by the component-sequential execution mode."""
+    def component_weights(self, sims: torch.Tensor | None, eta: float, batch_size: int,
+                          num_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """w [K, B] with d(L_LM + L_align)/dL[k, b] = w[k, b] (L the per-token means): the backward weight of
+        each component's per-sample loss, used by the component-sequential execution mode."""
         k = self.num_components
         device = sims.device if sims is not None else None
         use_lm = self.use_lm or sims is None
         w = torch.full((k, batch_size), float(use_lm) / (k * batch_size), device=device)
         if sims is not None and self.use_align:
             w = w + ALIGN_SIGN * eta * self.top_n_weights(sims) / batch_size
-        return w
+        return reduce_losses(w, num_tokens, self.lm_reduction)
 
     def __call__(self, losses: torch.Tensor, sims: torch.Tensor | None, eta: float,
+                 num_tokens: torch.Tensor | None = None, target: PairTarget | None = None,
                  with_pairwise: bool = True) -> ObjectiveTerms:
+        """``target``: the pairwise target already drawn (``pair_target``); drawn here when None."""
         zero = losses.new_zeros(())
-        lm = self.lm_loss(losses) if self.use_lm or sims is None else zero
-        align = self.align_loss(losses, sims, eta) if sims is not None and self.use_align else zero
+        lm = self.lm_loss(losses, num_tokens) if self.use_lm or sims is None else zero
+        align = self.align_loss(losses, sims, eta, num_tokens) if sims is not None and self.use_align else zero
         with_pairwise = with_pairwise and sims is not None and self.use_pairwise
-        pair = self.pairwise_loss(losses, sims) if with_pairwise else zero
+        if with_pairwise and target is None:
+            target = self.pair_target(losses, num_tokens)
+        pair = self.pairwise_loss(target, sims) if with_pairwise else zero
         return ObjectiveTerms(lm + align + pair, lm, align, pair)

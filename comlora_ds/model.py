@@ -1,6 +1,7 @@
 """The one module handed to ``deepspeed.initialize``: the patched causal LM plus the selector.
 
-``ComLoRAModel.forward`` computes L[k, b] (mean response-token NLL of sample b under component k)
+``ComLoRAModel.forward`` computes L[k, b] (mean response-token NLL of sample b under component k, with
+the response token counts that turn it into the summed NLL)
 for all K components in one replicated batch, or for one component, plus the selector's scores.
 Combining them into the training loss is ``losses.ComLoRAObjective``'s job, so the same forward
 serves the batched and the component-sequential execution modes, validation and consolidation.
@@ -16,13 +17,14 @@ from transformers import PreTrainedModel
 
 from .adapters.inject import adapter_layers, inject_adapters
 from .config import RunConfig
-from .losses import ComLoRAObjective, response_nll
+from .losses import ComLoRAObjective, response_nll, response_token_counts
 from .selector import Selector
 
 
 class ComponentForward(NamedTuple):
     losses: torch.Tensor               # [k, B] fp32: k = K (batched) or 1 (one component)
     sims: torch.Tensor | None          # [B, K] fp32, or None without a selector
+    num_tokens: torch.Tensor           # [B] response tokens per sample (losses * num_tokens = summed NLL)
 
 
 class ComLoRAModel(nn.Module):
@@ -55,7 +57,7 @@ class ComLoRAModel(nn.Module):
             use_cache=False,
         ).last_hidden_state
         losses = self.row_losses(hidden, _replicate(labels, n))
-        return ComponentForward(losses.view(n, input_ids.shape[0]), sims)
+        return ComponentForward(losses.view(n, input_ids.shape[0]), sims, response_token_counts(labels))
 
     def row_losses(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean response-token NLL per row of the (replicated) batch, [R], from final hidden states."""
@@ -94,4 +96,5 @@ def build_model(cfg: RunConfig, llm: PreTrainedModel) -> ComLoRAModel:
 def build_objective(cfg: RunConfig) -> ComLoRAObjective:
     c = cfg.comlora
     return ComLoRAObjective(cfg.adapter.num_components, cfg.top_n, c.noise,
-                            use_lm=not c.no_lm, use_align=not c.no_align, use_pairwise=not c.no_pairwise)
+                            use_lm=not c.no_lm, use_align=not c.no_align, use_pairwise=not c.no_pairwise,
+                            loss_reduction=c.loss_reduction, lm_reduction=c.lm_reduction)

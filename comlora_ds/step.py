@@ -18,13 +18,14 @@ from typing import NamedTuple
 
 import torch
 
-from .losses import ComLoRAObjective, ObjectiveTerms
+from .losses import ComLoRAObjective, ObjectiveTerms, PairTarget
 
 
 class StepOutput(NamedTuple):
     terms: ObjectiveTerms          # detached
     losses: torch.Tensor           # [K, B] detached
     sims: torch.Tensor | None      # [B, K] detached
+    target: PairTarget | None      # the pairwise target this step drew (None without the pairwise loss)
 
 
 def forward_backward(model: Callable, batch: dict[str, torch.Tensor], objective: ComLoRAObjective,
@@ -34,14 +35,15 @@ def forward_backward(model: Callable, batch: dict[str, torch.Tensor], objective:
     each pass being one of its gradient-accumulation micro-steps)."""
     if execution == "batched":
         out = model(**batch)
-        terms = objective(out.losses, out.sims, eta)
+        target = objective.pair_target(out.losses, out.num_tokens) if _pairwise(objective, out.sims) else None
+        terms = objective(out.losses, out.sims, eta, out.num_tokens, target)
         backward(terms.total)
-        return StepOutput(_detach(terms), out.losses.detach(), _maybe_detach(out.sims))
+        return StepOutput(_detach(terms), out.losses.detach(), _maybe_detach(out.sims), target)
     if execution != "sequential":
         raise ValueError(f"unknown execution mode {execution!r}")
 
     k_total = objective.num_components
-    per_component, sims, weights, pairwise = [], None, None, None
+    per_component, sims, weights, pairwise, target = [], None, None, None, None
     for k in range(k_total):
         last = k == k_total - 1
         out = model(**batch, component=k, use_selector=(k == 0 or last))
@@ -49,11 +51,13 @@ def forward_backward(model: Callable, batch: dict[str, torch.Tensor], objective:
         per_component.append(loss_k.detach())
         if k == 0:
             sims = _maybe_detach(out.sims)
-            weights = objective.component_weights(sims, eta, batch["input_ids"].shape[0])
+            num_tokens = out.num_tokens
+            weights = objective.component_weights(sims, eta, batch["input_ids"].shape[0], num_tokens)
         loss = (weights[k] * loss_k).sum()
-        if out.sims is not None and objective.use_pairwise:
+        if _pairwise(objective, out.sims):
             if last:
-                pairwise = objective.pairwise_loss(torch.stack(per_component), out.sims)
+                target = objective.pair_target(torch.stack(per_component), num_tokens)
+                pairwise = objective.pairwise_loss(target, out.sims)
                 loss = loss + pairwise
             else:
                 # An exactly-zero selector gradient in the first pass: DeepSpeed ZeRO-3 (0.19.8,
@@ -64,10 +68,14 @@ def forward_backward(model: Callable, batch: dict[str, torch.Tensor], objective:
         if not last and between_passes is not None:
             between_passes()
     losses = torch.stack(per_component)
-    terms = objective(losses, sims, eta, with_pairwise=False)
+    terms = objective(losses, sims, eta, num_tokens, with_pairwise=False)
     if pairwise is not None:
         terms = terms._replace(total=terms.total + pairwise.detach(), pairwise=pairwise.detach())
-    return StepOutput(_detach(terms), losses, sims)
+    return StepOutput(_detach(terms), losses, sims, target)
+
+
+def _pairwise(objective: ComLoRAObjective, sims: torch.Tensor | None) -> bool:
+    return sims is not None and objective.use_pairwise
 
 
 def _maybe_detach(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -18,13 +18,39 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .config import RunConfig
+from .losses import PairTarget
 from .step import StepOutput
+
+DIAGNOSTICS = ("target_pairs_agreeing", "target_pairs", "top_is_lowest_loss", "sim_spread_sum", "samples")
+
+
+def selector_diagnostics(target: PairTarget, sims: torch.Tensor) -> torch.Tensor:
+    """Counts [DIAGNOSTICS] of one batch: component pairs whose noisy pairwise target orders them as the noise-free
+    losses do (and the number of pairs), samples whose top-scored component has the lowest loss, the summed
+    per-sample spread max_k sim - min_k sim, and the samples."""
+    k = sims.shape[1]
+    i, j = torch.triu_indices(k, k, offset=1, device=sims.device)
+    clean, noisy = target.clean.to(sims.device), target.noisy.to(sims.device)
+    agree = (torch.sign(clean[:, i] - clean[:, j]) == torch.sign(noisy[:, i] - noisy[:, j])).sum()
+    top_is_best = (sims.argmax(1) == clean.argmin(1)).sum()
+    spread = (sims.max(1).values - sims.min(1).values).sum()
+    return torch.stack([agree.double(), torch.tensor(float(i.numel() * sims.shape[0]), device=sims.device).double(),
+                        top_is_best.double(), spread.double(), torch.tensor(float(sims.shape[0]), device=sims.device,
+                                                                             dtype=torch.float64)])
+
+
+def diagnostic_rates(counts: list[float]) -> dict:
+    """The logged rates of summed ``selector_diagnostics`` counts (None where nothing was counted)."""
+    agree, pairs, top, spread, n = counts
+    return {"target_order_rate": agree / pairs if pairs else None,
+            "top_is_lowest_loss_rate": top / n if n else None,
+            "sim_spread": spread / n if n else None}
 
 
 class StepAccumulator:
     """Sums one optimizer step's micro-batch statistics; ``reduce`` all-reduces them across ranks.
 
-    Layout: [total, lm, align, pairwise, stop_flag, samples, tokens, loss[K], sims[K], argmax[K]].
+    Layout: [total, lm, align, pairwise, stop_flag, samples, tokens, loss[K], sims[K], argmax[K], DIAGNOSTICS].
     """
 
     HEAD = 7
@@ -34,7 +60,7 @@ class StepAccumulator:
         self.reset()
 
     def reset(self) -> None:
-        self.values = torch.zeros(self.HEAD + 3 * self.k, dtype=torch.float64, device=self.device)
+        self.values = torch.zeros(self.HEAD + 3 * self.k + len(DIAGNOSTICS), dtype=torch.float64, device=self.device)
         self.micro_batches = 0
 
     def add(self, out: StepOutput, batch: dict[str, torch.Tensor]) -> None:
@@ -45,7 +71,10 @@ class StepAccumulator:
         v[self.HEAD:self.HEAD + k] += out.losses.double().mean(1).to(self.device)
         if out.sims is not None:
             v[self.HEAD + k:self.HEAD + 2 * k] += out.sims.double().mean(0).to(self.device)
-            v[self.HEAD + 2 * k:] += torch.bincount(out.sims.argmax(1), minlength=k).double().to(self.device)
+            v[self.HEAD + 2 * k:self.HEAD + 3 * k] += torch.bincount(out.sims.argmax(1),
+                                                                     minlength=k).double().to(self.device)
+            if out.target is not None:
+                v[self.HEAD + 3 * k:] += selector_diagnostics(out.target, out.sims).to(self.device)
         self.micro_batches += 1
 
     def reduce(self, stop_requested: bool) -> dict:
@@ -62,7 +91,8 @@ class StepAccumulator:
             "pairwise_loss": v[3].item() / n, "stop_requested": v[4].item() > 0,
             "samples": int(v[5]), "tokens": int(v[6]),
             "component_loss": (v[h:h + k] / n).tolist(), "selector_score": (v[h + k:h + 2 * k] / n).tolist(),
-            "selector_argmax": v[h + 2 * k:].long().tolist(),
+            "selector_argmax": v[h + 2 * k:h + 3 * k].long().tolist(),
+            "selector_diagnostics": v[h + 3 * k:].tolist(),
         }
 
 
@@ -71,7 +101,8 @@ class RunLogger:
 
     def __init__(self, cfg: RunConfig, output_dir: Path, total_steps: int, start_step: int, enabled: bool):
         self.enabled, self.cfg, self.total_steps = enabled, cfg, total_steps
-        self.window: list[int] = [0] * cfg.adapter.num_components
+        self.window: list[int] = [0] * cfg.adapter.num_components           # winner counts of this window
+        self.diagnostics_window: list[float] = [0.0] * len(DIAGNOSTICS)     # selector_diagnostics of this window
         if not enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -94,24 +125,41 @@ class RunLogger:
         """``metrics`` from StepAccumulator.reduce (identical on all ranks); step is 1-based."""
         for k, count in enumerate(metrics["selector_argmax"]):
             self.window[k] += count
+        for i, count in enumerate(metrics["selector_diagnostics"]):
+            self.diagnostics_window[i] += count
         window_done = step % self.cfg.logging.winner_window == 0
         if not self.enabled:
             if window_done:
-                self.window = [0] * len(self.window)
+                self._reset_window()
             return
         now = time.perf_counter()
         step_time, self._last = now - self._last, now
         record = {"step": step, "lr": lr, "eta": eta, "step_time": step_time,
                   "tokens_per_s": metrics["tokens"] / step_time,
-                  **{key: value for key, value in metrics.items() if key != "stop_requested"}}
+                  **{key: value for key, value in metrics.items()
+                     if key not in ("stop_requested", "selector_diagnostics")}}
         if window_done:
             record["winner_counts"] = list(self.window)
-            self.window = [0] * len(self.window)
+            if self.diagnostics_window[-1]:
+                record["selector_diagnostics"] = diagnostic_rates(self.diagnostics_window)
+            self._reset_window()
         self.bar.update(step - self.bar.n)
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", s_per_step=f"{step_time:.2f}",
                              tok_s=f"{record['tokens_per_s']:.0f}")
         if step % self.cfg.logging.log_steps == 0 or window_done or step == self.total_steps:
             self.write(record)
+
+    def _reset_window(self) -> None:
+        self.window = [0] * len(self.window)
+        self.diagnostics_window = [0.0] * len(DIAGNOSTICS)
+
+    def window_state(self) -> dict:
+        """What a checkpoint keeps of the current window, so a resumed run logs the same window records."""
+        return {"winner_window": list(self.window), "diagnostics_window": list(self.diagnostics_window)}
+
+    def load_window_state(self, state: dict) -> None:
+        self.window = list(state["winner_window"])
+        self.diagnostics_window = list(state.get("diagnostics_window", [0.0] * len(DIAGNOSTICS)))
 
     def write(self, record: dict) -> None:
         if not self.enabled:

@@ -1,9 +1,12 @@
 """Scoring the validation split: per-component LM loss and the selector's accumulated scores.
 
 The paper picks the winner as argmax_k of sim_k accumulated over the validation rows (eqs. 11-12).
-We also report each component's validation LM loss and how often each component is the per-sample
-argmax of the selector and the per-sample argmin of the loss, so a user sees whether the selector's
-winner is the lowest-loss component. Used during training (sharded over ranks) and offline.
+We also report each component's validation LM loss, how often each component is the per-sample
+argmax of the selector and the per-sample argmin of the loss, how often the two coincide on a sample
+(the selector's per-sample agreement), and the Spearman rank correlation between the selector's scores
+and -loss, both centred per sample over the components (does a larger score margin go with a larger loss
+margin?), so a user sees whether the selector learned anything. Used during training (sharded over ranks)
+and offline.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from scipy.stats import spearmanr
 
 
 @dataclass
@@ -22,6 +26,8 @@ class ValidationScores:
     selector_argmax: torch.Tensor   # [K] per-sample argmax-of-sims counts
     loss_argmin: torch.Tensor       # [K] per-sample argmin-of-loss counts
     num_samples: int
+    agreement: int = 0              # samples whose selector argmax is their loss argmin
+    rank_correlation: float | None = None   # Spearman(sims, -loss), centred per sample (None without a selector)
 
     @property
     def mean_loss(self) -> torch.Tensor:
@@ -47,7 +53,21 @@ class ValidationScores:
             "sim_sum": None if self.sim_sum is None else self.sim_sum.tolist(),
             "selector_argmax_counts": self.selector_argmax.tolist(),
             "loss_argmin_counts": self.loss_argmin.tolist(),
+            "selector_agreement_rate": (self.agreement / self.num_samples
+                                        if self.sim_sum is not None and self.num_samples else None),
+            "selector_rank_correlation": self.rank_correlation,
         }
+
+
+def centred_rank_correlation(sims: torch.Tensor, losses: torch.Tensor) -> float | None:
+    """Spearman correlation of sims [N, K] with -losses [N, K], each centred per sample over the K components
+    (removes how hard a sample is, keeps how the components compare on it). None when undefined."""
+    if sims.shape[0] < 2:
+        return None
+    x = (sims - sims.mean(1, keepdim=True)).flatten().double().numpy()
+    y = (-(losses - losses.mean(1, keepdim=True))).flatten().double().numpy()
+    rho = spearmanr(x, y).statistic
+    return None if rho != rho else float(rho)
 
 
 def shard_indices(num_rows: int, world_size: int, rank: int) -> tuple[list[int], list[bool]]:
@@ -69,7 +89,7 @@ def score_validation(model: Callable, rows: Sequence[dict], collate: Callable, n
     k = num_components
     loss_sum, sim_sum = torch.zeros(k, device=device), torch.zeros(k, device=device)
     argmax, argmin = torch.zeros(k, device=device), torch.zeros(k, device=device)
-    has_selector = False
+    has_selector, per_sample_sims, per_sample_losses = False, [], []
     for start in range(0, len(indices), batch_size):
         batch = collate([rows[i] for i in indices[start:start + batch_size]])
         weight = torch.tensor(real[start:start + batch_size], dtype=torch.float32, device=device)
@@ -81,8 +101,30 @@ def score_validation(model: Callable, rows: Sequence[dict], collate: Callable, n
             has_selector = True
             sim_sum += (out.sims.float() * weight[:, None]).sum(0)
             argmax += torch.bincount(out.sims.argmax(1), weights=weight, minlength=k)
+            per_sample_sims.append(out.sims.float())
+            per_sample_losses.append(losses.t())
     stats = torch.cat([loss_sum, sim_sum, argmax, argmin, torch.tensor([float(sum(real))], device=device)])
     if distributed:
         dist.all_reduce(stats)
     loss_sum, sim_sum, argmax, argmin, n = stats.cpu().split([k, k, k, k, 1])
-    return ValidationScores(loss_sum, sim_sum if has_selector else None, argmax.long(), argmin.long(), int(n))
+    scores = ValidationScores(loss_sum, sim_sum if has_selector else None, argmax.long(), argmin.long(), int(n))
+    if has_selector:
+        sims, losses = _gather_samples(torch.cat(per_sample_sims), torch.cat(per_sample_losses),
+                                       torch.tensor(real, device=device), distributed, world)
+        scores.agreement = int((sims.argmax(1) == losses.argmin(1)).sum())
+        scores.rank_correlation = centred_rank_correlation(sims, losses)
+    return scores
+
+
+def _gather_samples(sims: torch.Tensor, losses: torch.Tensor, real: torch.Tensor, distributed: bool,
+                    world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's per-sample [n, K] sims and losses, padding rows dropped (every rank holds the same n)."""
+    stacked = torch.cat([sims, losses, real[:, None].float()], dim=1)
+    if distributed:
+        parts = [torch.empty_like(stacked) for _ in range(world)]
+        dist.all_gather(parts, stacked)
+        stacked = torch.cat(parts)
+    stacked = stacked.cpu()
+    keep = stacked[:, -1] > 0
+    k = sims.shape[1]
+    return stacked[keep, :k], stacked[keep, k:2 * k]

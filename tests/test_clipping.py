@@ -12,16 +12,19 @@ import pytest
 import torch
 from torch import nn
 
-from comlora_ds.clipping import clip_per_group
+from comlora_ds.adapters.layer import ComLoRALinear
+from comlora_ds.clipping import clip_per_group, component_tensor_names
+from comlora_ds.config import load_config
+from comlora_ds.model import build_model
+from conftest import tiny_llama
 from test_engine import FP32_TOL, assert_trajectories_match, base_overrides, ds_config, launch, step_losses
 
 
 class Toy(nn.Module):
     def __init__(self):
         super().__init__()
-        self.layer = nn.Module()
-        self.layer.lora_A = nn.Parameter(torch.zeros(2, 1, 2))       # [K, r, d_in]
-        self.layer.lora_B = nn.Parameter(torch.zeros(2, 2, 1))       # [K, d_out, r]
+        self.layer = ComLoRALinear(nn.Linear(2, 2, bias=False), num_components=2, rank=1, alpha=1.0)
+        self.layer.base.weight.requires_grad_(False)                  # lora_A [K, r, d_in], lora_B [K, d_out, r]
         self.selector = nn.Linear(2, 1, bias=False)
         self.frozen = nn.Parameter(torch.ones(3), requires_grad=False)
 
@@ -50,6 +53,31 @@ def test_nothing_is_written_when_every_group_is_under_the_norm():
     clip_per_group(toy, num_components=2, max_norm=1.0)
     assert all(torch.equal(a, p.grad) for a, p in zip(before, [p for p in toy.parameters() if p.grad is not None]))
 
+
+
+@pytest.mark.parametrize("method", ["lora", "lora_dash"])
+def test_every_per_component_tensor_is_in_its_components_group(method):
+    """Fails when a trainable per-component tensor (LoRA factors, Dash scales, anything a method adds) would be
+    clipped with the selector: the rest group holds the selector's tensors and nothing else."""
+    cfg = load_config(overrides=["adapter.num_components=3", f"adapter.method={method}", "adapter.rank=2",
+                                 "lora_dash.num_directions=2", "lora_dash.t_steps=1"])
+    model = build_model(cfg, tiny_llama())
+    components = component_tensor_names(model)
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    rest = set(trainable) - components
+    assert rest and all(name.startswith("selector.") for name in rest), sorted(rest)[:5]
+    assert all(trainable[name].shape[0] == 3 for name in components)
+    kinds = {name.rsplit(".", 1)[-1] for name in components}
+    assert kinds == ({"lora_A", "lora_B", "dash_d"} if method == "lora_dash" else {"lora_A", "lora_B"})
+
+
+def test_a_per_component_tensor_without_k_slices_is_refused():
+    toy = Toy()
+    toy.layer.extra = nn.Parameter(torch.zeros(3))                     # not stacked as [K, ...]
+    toy.layer.extra.grad = torch.ones(3)
+    toy.layer.lora_A.grad = torch.zeros(2, 1, 2)
+    with pytest.raises(RuntimeError, match=r"layer.extra belongs to an adapter layer but its gradient \(3,\)"):
+        clip_per_group(toy, num_components=2, max_norm=1.0)
 
 
 @pytest.mark.distributed

@@ -51,7 +51,9 @@ def test_saved_config_round_trips(tmp_path):
     ("data.train_files=[/nonexistent/train.json]", "data.train_files = '/nonexistent/train.json': no such file"),
     ("logging.wandb_mode=cloud", "logging.wandb_mode = 'cloud'"),
     ("model.attn_implementation=flash", "model.attn_implementation = 'flash'"),
-    ("train.clip_scope=layer", "train.clip_scope = 'layer': must be one of global, per_group"),
+    ("train.clip_scope=layer", "train.clip_scope = 'layer': must be one of auto, global, per_group"),
+    ("comlora.loss_reduction=median", "comlora.loss_reduction = 'median': must be one of sum, mean"),
+    ("comlora.lm_reduction=max", "comlora.lm_reduction = 'max': must be one of sum, mean"),
 ])
 def test_invalid_values_name_field_and_value(override, message):
     with pytest.raises(ConfigError) as err:
@@ -101,3 +103,22 @@ def test_k1_is_not_comlora():
     cfg = RunConfig()
     cfg.adapter.num_components = 1
     assert not cfg.validate().is_comlora
+
+
+@pytest.mark.parametrize("overrides,scope", [
+    ([], "per_group"),                                                  # K = 2 by default
+    (["adapter.num_components=1"], "global"),
+    (["adapter.method=lora_pro"], "global"),                             # its optimizer clips
+    (["train.max_grad_norm=0"], "global"),                               # clipping off
+    (["train.clip_scope=global"], "global"),
+    (["adapter.num_components=1", "train.clip_scope=per_group"], "per_group"),
+])
+def test_clip_scope_auto_resolves_per_group_for_comlora(overrides, scope):
+    cfg = load_config(overrides=overrides)
+    assert cfg.train.clip_scope == ("auto" if not any("clip_scope" in o for o in overrides) else cfg.train.clip_scope)
+    assert cfg.clip_scope == scope
+
+
+def test_reductions_default_to_the_papers_summed_target_and_per_token_lm():
+    cfg = load_config()
+    assert (cfg.comlora.loss_reduction, cfg.comlora.lm_reduction) == ("sum", "mean")

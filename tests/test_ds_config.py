@@ -22,7 +22,9 @@ def _fill(ds, *overrides, world=2):
 def test_shipped_configs_fill_completely(name):
     ds = _fill(REPO / "ds_configs" / f"{name}.json")
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 2
-    assert ds["train_batch_size"] == 16 and ds["gradient_clipping"] == 1.0
+    assert ds["train_batch_size"] == 16
+    assert ds["gradient_clipping"] == 0.0          # K = 2: clip_scope auto = per_group, the trainer clips
+    assert _fill(REPO / "ds_configs" / f"{name}.json", "adapter.num_components=1")["gradient_clipping"] == 1.0
     assert ds["bf16"]["enabled"] is False          # CPU: bf16 auto = off
     assert ds["zero_optimization"]["reduce_bucket_size"] == 64 * 64
     if name == "zero3_offload":
@@ -48,9 +50,14 @@ def test_per_group_clipping_turns_deepspeed_clipping_off():
     assert _fill({"gradient_clipping": "auto"}, "train.clip_scope=per_group")["gradient_clipping"] == 0.0
     assert _fill({}, "train.clip_scope=per_group")["gradient_clipping"] == 0.0
     with pytest.raises(DeepSpeedConfigError, match=r"gradient_clipping = 1.0 contradicts the run config "
-                                                   r"train.clip_scope = per_group, which needs DeepSpeed's "
+                                                   r"train.clip_scope = per_group \(the trainer clips each "
+                                                   r"group itself; .*\), which needs DeepSpeed's "
                                                    r"gradient_clipping = 0.0"):
         _fill({"gradient_clipping": 1.0}, "train.clip_scope=per_group")
+    with pytest.raises(DeepSpeedConfigError, match=r"train.clip_scope = auto \(per_group for K > 1\)"):
+        _fill({"gradient_clipping": 1.0})
+    assert _fill({"gradient_clipping": 1.0}, "train.clip_scope=global")["gradient_clipping"] == 1.0
+    assert _fill({"gradient_clipping": 1.0}, "adapter.num_components=1")["gradient_clipping"] == 1.0
 
 
 def test_explicit_bf16_and_model_sized_values_are_kept():

@@ -21,12 +21,12 @@ OVERRIDES = [
     f"data.train_files=[{SHARED_DATA / 'commonsense' / 'train' / 'ARC-Challenge.json'}]",
     "data.max_train_samples=32", "data.val_size=8", "data.max_length=64", "adapter.num_components=2",
     "adapter.rank=4", "adapter.dropout=0.0", "comlora.noise=0.0", "train.max_steps=10", "train.micro_batch_size=4",
-    "train.learning_rate=5e-3", "train.max_grad_norm=1.0", "logging.wandb_mode=disabled",
+    "train.learning_rate=5e-3", "train.max_grad_norm=1.0", "train.clip_scope=global", "logging.wandb_mode=disabled",
 ]
 
 
 def _reference_first_step(cfg) -> dict:
-    """Step 1 in plain torch: same seed, same first batch, the objective at eta(0), one backward."""
+    """Step 1 in plain torch: same seed, same first batch, the objective at eta(1), one backward."""
     from comlora_ds.data import ResponseCollator, build_datasets, prepare_tokenizer
     from comlora_ds.engine import seed_everything
     from comlora_ds.losses import annealing_eta
@@ -42,8 +42,8 @@ def _reference_first_step(cfg) -> dict:
     seed_everything(cfg.train.seed)
     model = build_model(cfg, load_base_model(path, cfg.model, torch.float32))
     out = model(**batch)
-    eta = annealing_eta(cfg.comlora.annealing, 0, cfg.train.max_steps, cfg.comlora.annealing_rate)
-    build_objective(cfg)(out.losses, out.sims, eta).total.backward()
+    eta = annealing_eta(cfg.comlora.annealing, 1, cfg.train.max_steps, cfg.comlora.annealing_rate)
+    build_objective(cfg)(out.losses, out.sims, eta, out.num_tokens).total.backward()
     components, selector = [0.0, 0.0], 0.0
     for name, p in model.named_parameters():
         if p.grad is None:

@@ -55,7 +55,8 @@ def test_component_losses_equal_hf_loss_per_sample():
 
 
 @pytest.mark.parametrize("overrides", [(), ("comlora.top_n=1",), ("comlora.no_align=true",),
-                                       ("comlora.no_lm=true",), ("comlora.no_selector=true",)])
+                                       ("comlora.no_lm=true",), ("comlora.no_selector=true",),
+                                       ("comlora.lm_reduction=sum",), ("comlora.loss_reduction=mean",)])
 def test_sequential_mode_gradients_equal_batched(overrides):
     model, cfg = _model(num_components=3, overrides=overrides)
     objective = build_objective(cfg)

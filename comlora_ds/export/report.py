@@ -36,6 +36,8 @@ def read_training_metrics(run_dir: Path) -> dict | None:
         "component_loss": [[by_step[s]["component_loss"][i] for s in steps] for i in range(k)],
         "winner_windows": [{"step": s, "counts": by_step[s]["winner_counts"]} for s in steps
                            if "winner_counts" in by_step[s]],
+        "selector_windows": [{"step": s, **by_step[s]["selector_diagnostics"]} for s in steps
+                             if "selector_diagnostics" in by_step[s]],
     }
 
 
@@ -85,6 +87,15 @@ def write_plots(out_dir: Path, curves: dict | None, validation: dict | None, win
                    title="Selector winner counts per window")
             ax.legend()
             save(fig, "winner_counts.png")
+        if curves.get("selector_windows"):
+            fig, ax = plt.subplots(figsize=(7, 4))
+            ends = [w["step"] for w in curves["selector_windows"]]
+            for key, label in (("target_order_rate", "noisy pairwise target orders the pair as the losses do"),
+                               ("top_is_lowest_loss_rate", "selector's top component has the lowest loss")):
+                ax.plot(ends, [w[key] for w in curves["selector_windows"]], marker="o", label=label)
+            ax.set(xlabel="window ending at step", ylabel="rate", ylim=(0, 1), title="Selector diagnostics per window")
+            ax.legend()
+            save(fig, "selector_diagnostics.png")
     if validation:
         panels = [("mean_loss", "validation LM loss (lower is better)", "{:.4g}"),
                   ("sim_sum", "accumulated selector score (winner = argmax)", "{:.4g}"),
@@ -113,8 +124,13 @@ def markdown(report: dict) -> str:
         lines += [f"- selector winner {v['winner'] if v['winner_by'] == 'selector' else '-'}, lowest validation loss: "
                   f"component {v['lowest_loss_component']}; selector's winner is the lowest-loss component: "
                   f"**{'yes' if v['selector_winner_is_lowest_loss'] else 'no'}**"
-                  + ("" if v["winner_by"] == "selector" else " (no selector: winner by validation loss)"),
-                  "", f"Validation split: {v['num_samples']} rows.", "",
+                  + ("" if v["winner_by"] == "selector" else " (no selector: winner by validation loss)")]
+        if v.get("selector_agreement_rate") is not None:
+            rho = v.get("selector_rank_correlation")
+            lines.append(f"- selector agreement per sample (its top component has the sample's lowest loss): "
+                         f"{100 * v['selector_agreement_rate']:.1f}% (chance {100 / report['num_components']:.0f}%); "
+                         f"Spearman(sims, -loss), centred per sample: {'-' if rho is None else f'{rho:.3f}'}")
+        lines += ["", f"Validation split: {v['num_samples']} rows.", "",
                   "| component | val. LM loss | selector score sum | selector argmax | lowest loss |",
                   "|---:|---:|---:|---:|---:|"]
         for k in k_all:
@@ -124,6 +140,13 @@ def markdown(report: dict) -> str:
                          f"{v['loss_argmin_counts'][k]} |")
     else:
         lines.append("- validation: not scored")
+    windows = (report.get("training") or {}).get("selector_windows")
+    if windows:
+        lines += ["", "Selector diagnostics during training, per window:", "",
+                  "| window ending at step | target orders pairs as the losses | top = lowest loss | sim spread |",
+                  "|---:|---:|---:|---:|"]
+        lines += [f"| {w['step']} | {w['target_order_rate']:.3f} | {w['top_is_lowest_loss_rate']:.3f} | "
+                  f"{w['sim_spread']:.4g} |" for w in windows]
     lines += ["", "## Outputs", ""]
     outputs = report["outputs"]
     if outputs.get("adapter"):

@@ -209,7 +209,7 @@ def authors_forward_backward(model: ComLoRAModel, batch, objective: ComLoRAObjec
         out = model(**batch, component=k, use_selector=k == 0)
         losses.append(out.losses[0])
         sims = out.sims if k == 0 else sims
-    total = objective(torch.stack(losses), sims, eta).total
+    total = objective(torch.stack(losses), sims, eta, out.num_tokens).total
     total.backward()
     return total.detach()
 

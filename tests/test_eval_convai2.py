@@ -22,12 +22,8 @@ def wordnet_or_skip():
 
 
 @pytest.fixture(scope="module")
-def pairs():
-    from conftest import SHARED_DATA
-
-    path = SHARED_DATA / CONVAI2
-    if not path.is_file():
-        pytest.skip("ConvAI2 sample not found")
+def pairs(shared_data):
+    path = shared_data / CONVAI2
     refs = [r["output"] for r in convai2_examples(parse_convai2(path))[:24]]
     hyps = [" ".join(r.split()[::-1]) for r in refs[:8]] + refs[8:12] + \
            ["i love to read books , do you ?", "", "hello", "i'm a stunt double ."] + \

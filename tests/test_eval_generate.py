@@ -1,4 +1,4 @@
-"""Batched greedy generation on the real stories260K LLaMA: reference text, batching, padding, EOS."""
+"""Batched greedy generation on the real stories260K LLaMA (../shared/data): reference text, batching, padding, EOS."""
 
 from __future__ import annotations
 
@@ -6,16 +6,12 @@ import pytest
 
 from comlora_ds.evaluation.generate import encode_prompts, ensure_pad_token, generate, truncate_left
 
-from conftest import SHARED_DATA
-
 
 @pytest.fixture()
-def stories():
+def stories(shared_data):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = SHARED_DATA / "models" / "stories260K"
-    if not folder.is_dir():
-        pytest.skip("stories260K not found")
+    folder = shared_data / "models" / "stories260K"
     return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
 
 

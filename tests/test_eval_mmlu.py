@@ -14,19 +14,17 @@ from comlora_ds.evaluation.mmlu import (CATEGORIES, MMLU_SUBJECTS, SUBJECT_CATEG
                                         build_prompts, choice_tokens, default_dev_source, evaluate_mmlu,
                                         hendrycks_prompt, letter_scores, load_mmlu, training_rows)
 
-from conftest import SHARED_DATA, tiny_llama
+from conftest import tiny_llama
 
 ROW = {"subject": "high_school_physics", "question": "Q?", "choices": ["a", "b", "c", "d"], "answer": "C"}
 SHOT = {"subject": "high_school_physics", "question": "S?", "choices": ["1", "2", "3", "4"], "answer": "B"}
 
 
 @pytest.fixture(scope="module")
-def stories():
+def stories(shared_data):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = SHARED_DATA / "models" / "stories260K"
-    if not folder.is_dir():
-        pytest.skip("stories260K not found")
+    folder = shared_data / "models" / "stories260K"
     return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
 
 

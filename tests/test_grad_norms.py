@@ -13,12 +13,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from conftest import SHARED_DATA
+from assets import commonsense_file, tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = [
-    f"model.name_or_path={SHARED_DATA / 'models' / 'stories260K'}",
-    f"data.train_files=[{SHARED_DATA / 'commonsense' / 'train' / 'ARC-Challenge.json'}]",
+    f"model.name_or_path={tiny_model_dir()}",
+    f"data.train_files=[{commonsense_file('ARC-Challenge')}]",
     "data.max_train_samples=32", "data.val_size=8", "data.max_length=64", "adapter.num_components=2",
     "adapter.rank=4", "adapter.dropout=0.0", "comlora.noise=0.0", "train.max_steps=10", "train.micro_batch_size=4",
     "train.learning_rate=5e-3", "train.max_grad_norm=1.0", "train.clip_scope=global", "logging.wandb_mode=disabled",

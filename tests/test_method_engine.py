@@ -1,4 +1,4 @@
-"""LoRA-Pro and LoRA-Dash through the real CLI (launch/train.py under torchrun, CPU, gloo) on stories260K.
+"""LoRA-Pro and LoRA-Dash through the real CLI (launch/train.py under torchrun, CPU, gloo) on the tiny LLaMA of tests/assets.py.
 
 ComLoRA K = 2 with each method. fp32, noise 0 and dropout 0, so 1 rank and 2 ranks at the same global batch run
 the same maths up to the order of floating-point reductions. Adapters are compared after 6 optimizer steps by
@@ -21,6 +21,11 @@ from test_engine import REPO, assert_trajectories_match, base_overrides, launch,
 pytestmark = pytest.mark.distributed
 
 ADAPTER_REL = 2e-4
+# dash_d starts at 0 at the switch and has had 3 Adam steps by step 6: it is a sum of a few steps of size ~lr whose
+# gradient entries partly cancel, and Adam's step for a small entry, g / (sqrt(v) + eps), passes the reduction-order
+# noise of g through undamped. Measured 2 ranks vs 1 (ZeRO-3, per-group clipping): 1.1e-3 of its norm, 1.4e-3 of one
+# Adam step; A and B, trained from the start, stay within ADAPTER_REL.
+DASH_SCALE_REL = 5e-3
 RESUME_REL = 1e-6          # same world size: the resumed run is the same computation
 ADAPTER_KEYS = ("lora_A", "lora_B", "dash_d", "dash_U", "dash_V", "dash_idx", "dash_active", "dash_step")
 
@@ -46,14 +51,15 @@ def adapters(step_dir: Path) -> dict[str, torch.Tensor]:
     return {name: t for name, t in state.items() if name.rpartition(".")[2] in ADAPTER_KEYS}
 
 
-def assert_same_adapters(got: dict, want: dict, rel: float) -> None:
+def assert_same_adapters(got: dict, want: dict, rel: float, dash_scale_rel: float | None = None) -> None:
     assert got.keys() == want.keys() and got
     for name in want:
         if name.endswith(("dash_U", "dash_V")):
             continue
         if want[name].is_floating_point():
             error = (got[name].float() - want[name].float()).norm().item()
-            assert error <= rel * want[name].float().norm().item() + 1e-7, (name, error, want[name].norm().item())
+            tol = dash_scale_rel if dash_scale_rel is not None and name.endswith("dash_d") else rel
+            assert error <= tol * want[name].float().norm().item() + 1e-7, (name, error, want[name].norm().item())
         else:
             assert torch.equal(got[name], want[name]), name
     for name in want:                             # singular vectors: equal up to a joint sign per direction
@@ -122,7 +128,7 @@ def test_dash_two_ranks_match_one_rank(dash_ref, tmp_path, stage):
     out = tmp_path / "run"
     launch(base_overrides(out, **DASH, **{"train.micro_batch_size": 1, "train.gradient_accumulation_steps": 2}),
            nproc=2, ds=ds_config(tmp_path, stage))
-    assert_same_adapters(adapters(step_dir(out, 6)), adapters(step_dir(dash_ref, 6)), ADAPTER_REL)
+    assert_same_adapters(adapters(step_dir(out, 6)), adapters(step_dir(dash_ref, 6)), ADAPTER_REL, DASH_SCALE_REL)
 
 
 # ----------------------------------------------------------------------------------------------- LoRA-Pro

@@ -186,9 +186,9 @@ def test_smollm2_short_training_run_lowers_the_loss():
     from comlora_ds.data import ResponseCollator, build_datasets
     from comlora_ds.modeling import load_base_model, load_tokenizer, resolve_model_path
 
-    from conftest import SHARED_DATA
+    from assets import commonsense_file
 
-    train_file = SHARED_DATA / "commonsense" / "train" / "ARC-Challenge.json"
+    train_file = commonsense_file("ARC-Challenge")
     cfg = load_config(overrides=["model.name_or_path=smollm2-135m", "adapter.num_components=2", "adapter.rank=8",
                                  f"data.train_files=[{train_file}]", "data.max_train_samples=8", "data.val_size=0",
                                  "data.max_length=128"])

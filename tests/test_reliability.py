@@ -25,11 +25,11 @@ from comlora_ds import checkpoint as ckpt
 from comlora_ds.config import load_config
 from comlora_ds.ds_config import DeepSpeedConfigError, resolve_bf16
 
-from conftest import SHARED_DATA
+from assets import commonsense_file, tiny_model_dir
 from test_engine import (FP32_TOL, REPO, _env, _port, assert_trajectories_match, base_overrides, ds_config, launch,
                          reference, step_losses)  # noqa: F401  (reference is a fixture)
 
-TRAIN_JSON = SHARED_DATA / "commonsense" / "train" / "ARC-Challenge.json"
+TRAIN_JSON = commonsense_file("ARC-Challenge")
 
 
 def _train_cli():
@@ -92,7 +92,7 @@ def _missing_model(tmp):
 
 def _truncated_weights(tmp):
     model = tmp / "model"
-    shutil.copytree(SHARED_DATA / "models" / "stories260K", model)
+    shutil.copytree(tiny_model_dir(), model)
     data = (model / "model.safetensors").read_bytes()
     (model / "model.safetensors").write_bytes(data[: len(data) // 2])
     return {"model.name_or_path": model}

@@ -1,4 +1,4 @@
-"""bench/reproduce_commonsense.py end to end on the tiny real stories260K model: a chunk stopped by its time
+"""bench/reproduce_commonsense.py end to end on the tiny LLaMA of tests/assets.py: a chunk stopped by its time
 budget, a run locked by another driver left alone, the full grid (train -> consolidate -> evaluate, every
 ComLoRA component), the results page, and a rerun that finds everything done."""
 
@@ -10,19 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_DATA
+from assets import commonsense_dir, commonsense_file, tiny_model_dir
 from test_engine import _env
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 from reproduce_report import _component_row, cohen_kappa, compose_page  # noqa: E402
 
-TRAIN = SHARED_DATA / "commonsense" / "train" / "ARC-Challenge.json"
+TRAIN = commonsense_file("ARC-Challenge")
 
 
 def drive(out: Path, *extra: str, timeout: int = 600) -> str:
     cmd = [sys.executable, str(REPO / "bench" / "reproduce_commonsense.py"), "--out", str(out),
-           "--model", str(SHARED_DATA / "models" / "stories260K"), "--train-files", str(TRAIN),
+           "--model", str(tiny_model_dir()), "--train-files", str(TRAIN), "--test-dir", str(commonsense_dir()),
            "--variants", "comlora_k2_r8", "lora_r8", "--seeds", "1", "--max-steps", "4", "--max-length", "64",
            "--eval-limit", "3", "--eval-batch", "4", "--report", str(out / "results.md"), *extra]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
@@ -55,7 +55,8 @@ def test_driver_runs_in_chunks_writes_the_results_page_and_skips_finished_work(t
     assert len(components) == 2 and "winner" in components   # the winner plus the other component
 
     page = (out / "results.md").read_text()
-    assert "| stories260K zero-shot |" in page
+    assert f"| {tiny_model_dir().name} zero-shot |" in page
+    assert "`comlora.loss_reduction = sum`, `train.clip_scope = auto`, annealing clock t = 1..T" in page
     lora_average = json.loads((out / "lora_r8-seed1" / "eval" / "winner" / "results.json").read_text())
     lora_row = next(line for line in page.splitlines() if line.startswith("| lora_r8 (n=1) |"))
     lora_validation = json.loads((out / "lora_r8-seed1" / "export" / "report.json").read_text())["validation"]

@@ -34,16 +34,46 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
+class CheckpointError(ValueError):
+    """A path that does not lead to a usable checkpoint: no such folder, an unpublished one, or a ``latest`` that
+    names a missing folder or one outside its checkpoints folder."""
+
+
 def read_latest(save_dir: str | Path) -> str | None:
-    """The tag ``latest`` names, if that checkpoint folder exists; else None. A ``latest`` that names
-    anything but a ``step_NNNNNNNN`` folder (e.g. ``../elsewhere``) is refused."""
+    """The tag ``latest`` names; None when there is no ``latest`` (no checkpoint was completed). A ``latest`` that
+    names anything but an existing ``step_NNNNNNNN`` folder beside it (``../elsewhere``, a deleted step) is refused:
+    resuming or consolidating would otherwise start over or read another run."""
     latest = Path(save_dir) / "latest"
     if not latest.is_file():
         return None
     tag = latest.read_text().strip()
     if not TAG_PATTERN.match(tag):
-        raise ValueError(f"{latest} names {tag!r}, not a step_NNNNNNNN checkpoint folder")
-    return tag if (Path(save_dir) / tag).is_dir() else None
+        raise CheckpointError(f"{latest} names {tag!r}, not a step_NNNNNNNN checkpoint folder beside it; nothing was "
+                              f"changed")
+    if not (Path(save_dir) / tag).is_dir():
+        raise CheckpointError(f"{latest} names {tag}, which does not exist in {save_dir} (deleted or moved?): restore "
+                              f"it or name an existing step folder; nothing was changed")
+    return tag
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """The checkpoint folder a user means by ``path``: a ``step_NNNNNNNN`` folder, a checkpoints folder (its
+    ``latest``) or a run folder (its ``checkpoints/latest``). The one place that reads a path this way (training's
+    resume, consolidation, evaluation)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}: no such file or folder")
+    if path.name.startswith(TMP_PREFIX):
+        raise CheckpointError(f"{path} is an unpublished checkpoint (DeepSpeed was still writing it when the run "
+                              f"stopped); use the checkpoints folder, whose 'latest' names the last complete one")
+    if path.is_dir() and TAG_PATTERN.match(path.name):
+        return path
+    for save_dir in (path, path / "checkpoints"):
+        tag = read_latest(save_dir)
+        if tag is not None:
+            return save_dir / tag
+    raise CheckpointError(f"{path} is not a checkpoint: expected a checkpoints folder with a 'latest' file, a run "
+                          f"folder holding one, or a step_NNNNNNNN folder")
 
 
 def _rng_state() -> dict:
@@ -138,23 +168,18 @@ def _rotate(save_dir: Path, keep_last: int, keep: str) -> None:
 
 
 def resolve_resume(resume: str | None, save_dir: str | Path) -> tuple[Path, str] | None:
-    """``train.resume``: None -> no resume; 'auto' -> latest complete checkpoint in save_dir if any;
-    a path -> that checkpoint folder (``.../step_N``) or checkpoints folder (uses its ``latest``)."""
+    """``train.resume``: None -> no resume; 'auto' -> the latest complete checkpoint in save_dir if there is one;
+    a path -> the checkpoint ``find_checkpoint`` finds there. Returns (checkpoints folder, tag)."""
     if resume is None:
         return None
     if resume == "auto":
         tag = read_latest(save_dir)
         return (Path(save_dir), tag) if tag else None
-    path = Path(resume)
-    if (path / "latest").is_file():
-        tag = read_latest(path)
-        if tag is None:
-            raise FileNotFoundError(f"train.resume = {resume!r}: 'latest' names a checkpoint that does not exist")
-        return path, tag
-    if path.is_dir() and TAG_PATTERN.match(path.name):
-        return path.parent, path.name
-    raise FileNotFoundError(f"train.resume = {resume!r} is neither a checkpoints folder with 'latest' nor a "
-                            f"step_NNNNNNNN checkpoint folder")
+    try:
+        folder = find_checkpoint(resume)
+    except CheckpointError as err:
+        raise CheckpointError(f"train.resume = {resume!r}: {err}") from None
+    return folder.parent, folder.name
 
 
 class UnsafeCheckpointError(ValueError):

@@ -15,12 +15,13 @@ Parsing and merging is done by OmegaConf (the library behind Hydra and torchtune
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -252,7 +253,17 @@ def _positive(name: str, value: float, allow_zero: bool = False) -> None:
         _fail(name, value, "must be >= 0" if allow_zero else "must be > 0")
 
 
+def _finite(cfg: RunConfig) -> None:
+    for group in dataclasses.fields(cfg):
+        section = getattr(cfg, group.name)
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                _fail(f"{group.name}.{f.name}", value, "must be a finite number")
+
+
 def _validate(cfg: RunConfig) -> None:
+    _finite(cfg)
     m, a, c, d, t, log = cfg.model, cfg.adapter, cfg.comlora, cfg.data, cfg.train, cfg.logging
     _choice("model.dtype", m.dtype, DTYPES)
     _choice("model.attn_implementation", m.attn_implementation, ATTN_IMPLEMENTATIONS)
@@ -384,6 +395,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             if not path.is_file():
                 raise ConfigError(f"config file {path} does not exist")
             loaded = OmegaConf.load(path)
+            if not isinstance(loaded, DictConfig):
+                raise ConfigError(f"{path}: the top level must be a mapping of config groups (model:, adapter:, "
+                                  f"train:, ...), not a {type(loaded).__name__.removesuffix('Config').lower()}")
             base = OmegaConf.merge(base, loaded)
     except OmegaConfBaseException as err:
         raise _explain(err, str(path)) from None

@@ -28,7 +28,7 @@ import torch
 from .export.errors import ConsolidationError
 from .export.factors import ComponentExporter
 from .export.merge import stream_merge
-from .export.outdir import check_output, fingerprint, publish, staging
+from .export.outdir import check_output, fingerprint, publish, refuse_training_output, staging
 from .export.peft_adapter import copy_tokenizer, write_peft_adapter
 from .export.recover import check_tensors, expected_shapes, locate_checkpoint, recover_tensors
 from .export.report import read_training_metrics, write_plots, write_report
@@ -106,11 +106,12 @@ def consolidate(checkpoint: str | Path, out: str | Path, *, winner: int | None =
     cfg, k_total = ref.cfg, ref.cfg.adapter.num_components
     if winner is not None and not 0 <= winner < k_total:
         raise ConsolidationError(f"--winner {winner}: the checkpoint has K = {k_total} components (0 .. {k_total - 1})")
+    out = Path(out).expanduser().resolve()
+    refuse_training_output(out)
     base_name, base_dir, tensors = recover_checked(ref, base, log)
     clock.lap("recover")
 
     # 2. may we write OUT? (refuse before the expensive part)
-    out = Path(out).expanduser().resolve()
     options = {"winner": winner, "all_components": all_components, "adapter": adapter, "merged": merged,
                "score": score}
     fp = fingerprint(tensors, ref.step_dir, base_name, options)

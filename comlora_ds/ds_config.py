@@ -8,10 +8,10 @@ is an error naming both, raised before any model is loaded; an ``"auto"`` we can
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
+import hjson
 import torch
 
 from .config import RunConfig
@@ -30,9 +30,18 @@ def load_ds_config(source: str | Path | dict) -> dict:
     path = Path(source)
     if not path.is_file():
         raise DeepSpeedConfigError(f"DeepSpeed config {path} does not exist")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+        keys = [key for key, _ in pairs]
+        repeated = sorted({key for key in keys if keys.count(key) > 1})
+        if repeated:
+            raise DeepSpeedConfigError(f"DeepSpeed config {path}: key(s) {', '.join(map(repr, repeated))} given twice "
+                                       f"in one object (DeepSpeed refuses duplicate keys)")
+        return dict(pairs)
+
+    try:   # as DeepSpeed reads it: hjson (JSON plus comments), duplicate keys refused
+        return hjson.loads(path.read_text(), object_pairs_hook=no_duplicates)
+    except hjson.HjsonDecodeError as err:
         raise DeepSpeedConfigError(f"DeepSpeed config {path}: invalid JSON at line {err.lineno} "
                                    f"column {err.colno}: {err.msg}") from None
 

@@ -41,7 +41,8 @@ from .validation import score_validation
 
 
 # Errors that mean "the input is wrong" (the CLI prints them as one line); anything else is a bug.
-INPUT_ERRORS = (ConfigError, DataError, DeepSpeedConfigError, ckpt.OutputDirError, ckpt.ResumeError, ModelError)
+INPUT_ERRORS = (ConfigError, DataError, DeepSpeedConfigError, ckpt.OutputDirError, ckpt.ResumeError,
+                ckpt.CheckpointError, ModelError)
 
 
 def init_distributed() -> None:
@@ -215,7 +216,14 @@ class Trainer:
         self.engine.backward(loss * self.passes if self.passes > 1 else loss)
 
     def _request_stop(self, signum, frame) -> None:
+        """SIGTERM (preemption) or a first Ctrl-C: checkpoint at the next step boundary, then stop. A second
+        Ctrl-C stops at once (the last complete checkpoint stays as it was)."""
+        if signum == signal.SIGINT and self._stop_requested:
+            raise KeyboardInterrupt
         self._stop_requested = True
+        if signum == signal.SIGINT and self.rank == 0:
+            print("\nCtrl-C: writing a checkpoint at the end of this step, then stopping (Ctrl-C again: stop now)",
+                  file=sys.stderr, flush=True)
 
     def _micro_batches(self):
         """This epoch's remaining micro-batches, cut to whole optimizer steps."""
@@ -233,7 +241,7 @@ class Trainer:
             logger.message(f"{self.data_report.summary()}; {self.total_steps} optimizer steps, "
                            f"{self.world} rank(s), ZeRO stage {zero_stage(self.ds_config)}, "
                            f"{'bf16' if self.bf16 else 'fp32'}, output in {self.output_dir}")
-        previous = signal.signal(signal.SIGTERM, self._request_stop)
+        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         accumulator = StepAccumulator(cfg.adapter.num_components, self.device)
         last_checkpoint, stopped = None, False
         engine.train()
@@ -272,13 +280,14 @@ class Trainer:
                     self.state.epoch += 1
                     self.state.batches_in_epoch = 0
             if stopped:
-                logger.message(f"SIGTERM: stopped at step {self.state.global_step} after writing {last_checkpoint}; "
+                logger.message(f"stop requested (SIGTERM or Ctrl-C): stopped at step {self.state.global_step} after writing {last_checkpoint}; "
                                f"resume with train.resume=auto")
                 return TrainResult(self.output_dir, self.state.global_step, last_checkpoint, True, None)
             validation = self.validate(logger)
             return TrainResult(self.output_dir, self.state.global_step, last_checkpoint, False, validation)
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             logger.close()
 
     def close(self) -> None:

@@ -106,6 +106,7 @@ class RunLogger:
         if not enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
+        _drop_records_after(output_dir / "metrics.jsonl", start_step)
         self.jsonl = open(output_dir / "metrics.jsonl", "a")
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
         self.wandb = None
@@ -180,6 +181,24 @@ class RunLogger:
         self.jsonl.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _drop_records_after(path: Path, step: int) -> None:
+    """A resumed run repeats the steps after its checkpoint: drop what the stopped run logged past ``step`` (and a
+    line cut by a kill), so the file holds each step once. Rewritten atomically."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 def _flatten(record: dict) -> dict:

@@ -122,3 +122,17 @@ def test_clip_scope_auto_resolves_per_group_for_comlora(overrides, scope):
 def test_reductions_default_to_the_papers_summed_target_and_per_token_lm():
     cfg = load_config()
     assert (cfg.comlora.loss_reduction, cfg.comlora.lm_reduction) == ("sum", "mean")
+
+
+@pytest.mark.parametrize("override", ["train.learning_rate=nan", "comlora.noise=nan", "train.max_grad_norm=inf",
+                                      "adapter.alpha=-inf"])
+def test_non_finite_values_are_refused(override):
+    with pytest.raises(ConfigError, match=rf"{override.split('=')[0]} = .*: must be a finite number"):
+        load_config(overrides=[override])
+
+
+def test_a_yaml_file_whose_top_level_is_a_list_is_refused(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("- model\n- train\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: the top level must be a mapping of config groups .* not a list"):
+        load_config(path)

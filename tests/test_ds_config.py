@@ -78,3 +78,13 @@ def test_unfillable_auto_and_fp16_are_refused(tmp_path):
         load_ds_config(bad)
     with pytest.raises(DeepSpeedConfigError, match="does not exist"):
         load_ds_config(tmp_path / "missing.json")
+
+
+def test_read_as_deepspeed_reads_it_comments_allowed_duplicate_keys_refused(tmp_path):
+    commented = tmp_path / "commented.json"
+    commented.write_text('{\n  // ZeRO-2 for this cluster\n  "zero_optimization": {"stage": 2}\n}\n')
+    assert load_ds_config(commented) == {"zero_optimization": {"stage": 2}}
+    duplicated = tmp_path / "duplicated.json"
+    duplicated.write_text('{"bf16": {"enabled": true}, "bf16": {"enabled": false}}')
+    with pytest.raises(DeepSpeedConfigError, match=r"duplicated.json: key\(s\) 'bf16' given twice"):
+        load_ds_config(duplicated)

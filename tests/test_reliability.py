@@ -102,6 +102,15 @@ def _unwritable_output(tmp):
     return {"train.output_dir": "/proc/comlora-ds-test/run"}
 
 
+def _nan_learning_rate(tmp):
+    return {"train.learning_rate": "nan"}
+
+
+def _duplicate_key_row(tmp):
+    text = '[{"instruction": "q", "output": "a"}, {"instruction": "q", "output": "a", "output": "b"}]'
+    return {"data.train_files": f"[{_write(tmp / 'train.json', text)}]"}
+
+
 BAD_INPUTS = {
     "malformed JSON": (_bad_json, "train.json: malformed JSON at line 1 column 38"),
     "empty data set": (_empty_json, "train.json"),
@@ -111,6 +120,8 @@ BAD_INPUTS = {
     "missing model folder": (_missing_model, "no-such-model': no such folder"),
     "truncated safetensors": (_truncated_weights, "model.safetensors is not a complete safetensors file"),
     "output directory not writable": (_unwritable_output, "is not writable"),
+    "non-finite config value": (_nan_learning_rate, "train.learning_rate = nan: must be a finite number"),
+    "duplicate key in a data row": (_duplicate_key_row, "train.json: row 2 (counting from 1) has the key 'output' twice"),
 }
 
 
@@ -170,8 +181,52 @@ def test_bf16_on_a_gpu_without_bf16_is_refused(monkeypatch):
 
 def test_latest_naming_a_folder_outside_is_refused(tmp_path):
     (tmp_path / "latest").write_text("../../elsewhere")
-    with pytest.raises(ValueError, match="not a step_NNNNNNNN checkpoint folder"):
+    with pytest.raises(ckpt.CheckpointError, match="not a step_NNNNNNNN checkpoint folder"):
         ckpt.read_latest(tmp_path)
+
+
+def test_ds_config_with_a_duplicate_key_is_refused(run_cli, tmp_path, capsys):
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 2, "stage": 3}}')
+    rc = run_cli(["--deepspeed", str(ds), *base_overrides(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "key(s) 'stage' given twice" in err and err.count("\n") == 1
+    assert _snapshot(tmp_path / "run") == {}
+
+
+def test_latest_naming_a_missing_step_stops_resume_and_consolidation(reference, run_cli, tmp_path, capsys):
+    """Found by a user: with the step folder that `latest` names gone, resume=auto started again at step 0 and
+    overwrote the other checkpoint. Now both training and consolidation stop, and nothing changes."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    shutil.rmtree(out / "checkpoints" / "step_00000006")              # latest names it; step_00000003 stays
+    before = _snapshot(out)
+    rc = run_cli(["--deepspeed", str(ds_config(tmp_path, 2)), *base_overrides(out), "train.resume=auto"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "names step_00000006, which does not exist" in err and err.count("\n") == 1
+    assert _snapshot(out) == before
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "consolidate.py"), str(out / "checkpoints"), "--out",
+                           str(tmp_path / "export")], env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "names step_00000006, which does not exist" in proc.stderr, proc.stderr
+    assert _snapshot(out) == before and not (tmp_path / "export").exists()
+
+
+@pytest.mark.parametrize("target", ["older checkpoint", "other run", "checkpoints folder", "inside a checkpoint"])
+def test_consolidation_never_writes_into_a_run_or_checkpoint(reference, tmp_path, target):
+    """Found by a user: --out naming an older checkpoint of the same run (or another run) with --overwrite deleted it."""
+    run, other = tmp_path / "run", tmp_path / "other"
+    shutil.copytree(reference, run)
+    shutil.copytree(reference, other)
+    out = {"older checkpoint": run / "checkpoints" / "step_00000003", "other run": other,
+           "checkpoints folder": other / "checkpoints",
+           "inside a checkpoint": run / "checkpoints" / "step_00000003" / "export"}[target]
+    before = {name: _snapshot(folder) for name, folder in (("run", run), ("other", other))}
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "consolidate.py"), str(run / "checkpoints" /
+                           "step_00000006"), "--out", str(out), "--overwrite"], env=_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "a training run or checkpoint" in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1
+    assert {name: _snapshot(folder) for name, folder in (("run", run), ("other", other))} == before
 
 
 def test_no_shell_and_no_pickle_in_our_code():

@@ -64,11 +64,33 @@ def _read_text(path: Path) -> str:
     return text
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """json's object hook: a key given twice is ambiguous (parsers keep the last one silently)."""
+    keys = [key for key, _ in pairs]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise _DuplicateKey(key)
+    return dict(pairs)
+
+
 def _parse_json_array(path: Path, text: str) -> list[Any]:
+    objects = 0
+
+    def hook(pairs):
+        nonlocal objects
+        objects += 1
+        return _no_duplicate_keys(pairs)
+
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=hook)
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    except _DuplicateKey as err:
+        raise DataError(f"{path}: row {objects} (counting from 1) has the key {str(err)!r} twice; keep one") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: the top level must be a JSON array of objects, got {type(data).__name__}")
     return data
@@ -80,9 +102,11 @@ def _parse_json_lines(path: Path, text: str) -> tuple[list[Any], list[int]]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            rows.append(json.loads(line, object_pairs_hook=_no_duplicate_keys))
         except json.JSONDecodeError as err:
             raise DataError(f"{path}: malformed JSON at line {lineno} column {err.colno}: {err.msg}") from None
+        except _DuplicateKey as err:
+            raise DataError(f"{path}: line {lineno} has the key {str(err)!r} twice; keep one") from None
         lines.append(lineno)
     return rows, lines
 

@@ -3,7 +3,9 @@
 Nothing half-written ever appears at OUT: everything is written into ``.<OUT name>.consolidate-*`` beside it
 and renamed into place at the end (a failure removes it). OUT may be replaced only when it is empty, holds the
 same consolidation (same fingerprint in its report.json: re-running is idempotent), or ``overwrite`` is set.
-OUT may never be, or contain, the checkpoint or the base model (replacing it would delete them).
+OUT may never be, or contain, the checkpoint or the base model (replacing it would delete them), nor be, contain or
+sit inside any training run or checkpoint (a run's ``metrics.jsonl``, a ``latest`` file, a ``step_NNNNNNNN`` folder,
+DeepSpeed's ``*_model_states.pt``), with or without ``overwrite``: consolidation deletes nothing that training wrote.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import TAG_PATTERN
 from .errors import ConsolidationError
 
 REPORT = "report.json"
+TRAINING_MARKERS = ("latest", "metrics.jsonl", "trainer_state.json")
 
 
 def fingerprint(tensors: dict[str, torch.Tensor], checkpoint: Path, base: str, options: dict) -> str:
@@ -40,12 +44,38 @@ def _holds(out: Path, path: Path) -> bool:
     return out == path or out in path.parents
 
 
+def training_output_in(out: Path) -> tuple[str, Path] | None:
+    """("is inside" | "is" | "holds", folder) for the first training checkpoint or run folder that ``out`` sits inside,
+    is, or contains; None when there is none. Inside a run folder is fine (the demo writes ``<run>/export``); inside
+    a checkpoints folder or a checkpoint is not."""
+    for folder in out.parents:
+        if TAG_PATTERN.match(folder.name) or (folder / "latest").is_file():
+            return "is inside", folder
+    if not out.is_dir():
+        return None
+    for root, dirs, files in os.walk(out):
+        if any(name in TRAINING_MARKERS or name.endswith("_model_states.pt") for name in files) or \
+                (Path(root) == out and TAG_PATTERN.match(out.name)) or any(TAG_PATTERN.match(d) for d in dirs):
+            return ("is" if Path(root) == out else "holds"), Path(root)
+    return None
+
+
+def refuse_training_output(out: Path) -> None:
+    """Checked first, before any tensor is read: OUT is never a training run or checkpoint, nor inside one."""
+    found = training_output_in(out)
+    if found is not None:
+        relation, folder = found
+        raise ConsolidationError(f"--out {out} {relation} a training run or checkpoint ({folder}); consolidation never "
+                                 f"writes there, with or without --overwrite: choose another output folder")
+
+
 def check_output(out: Path, fp: str, overwrite: bool, protected: list[Path]) -> None:
     """Refuse an OUT we must not replace. ``out`` and ``protected`` are absolute."""
     for path in protected:
         if _holds(out, path.resolve()):
             raise ConsolidationError(f"--out {out} is or contains {path}: replacing it would delete it; choose "
                                      f"another output folder")
+    refuse_training_output(out)
     if not out.exists():
         return
     if not out.is_dir():

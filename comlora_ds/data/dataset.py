@@ -130,6 +130,9 @@ def _tokenize(ds: datasets.Dataset, tokenizer: Any, cfg: DataConfig, keep_raw: b
               name: str) -> datasets.Dataset:
     """Batched map: rows -> input_ids/labels (+ raw columns when ``keep_raw``); overlong rows may vanish."""
     prefix = special_prefix_ids(tokenizer)
+    if cfg.max_length < len(prefix) + 2:       # a prompt token and a response token (or EOS) must fit
+        raise DataError(f"data.max_length = {cfg.max_length} leaves no room for a prompt and a response token after "
+                        f"the tokenizer's {len(prefix)} special prefix token(s); raise it (typical: 256-2048)")
     kept = RAW_COLUMNS if keep_raw else ()
 
     def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:

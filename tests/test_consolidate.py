@@ -312,7 +312,6 @@ def test_bf16_sharded_base(runs, exports, stock_logits, bf16_base):
     assert_logits_close(unmerged_logits(runs["z2"], export, torch.bfloat16, bf16_base), want, BF16_TOL)
 
 
-@pytest.mark.parametrize("name", ["z2", "z3"])
 def merged_weight_tolerance(key: str, merged_scale: float, adapter: dict, scaling: float) -> float:
     """How far two merged weights W0 + s B A may differ when their A and B each differ by up to ADAM_TOL of their
     scale: |d(B A)_ij| <= sum_r |dB_ir| |A_rj| + |B_ir| |dA_rj| <= 2 r ADAM_TOL max|B| max|A|, plus FP32_TOL of the
@@ -325,6 +324,7 @@ def merged_weight_tolerance(key: str, merged_scale: float, adapter: dict, scalin
     return bound
 
 
+@pytest.mark.parametrize("name", ["z2", "z3"])
 def test_two_rank_consolidation_equals_one_rank(exports, name):
     """Same training on 1 rank: same winner, scores and written weights (fp32, reduction order through Adam)."""
     from safetensors.torch import load_file

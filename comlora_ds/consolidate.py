@@ -72,11 +72,11 @@ def recover_checked(ref, base: str | None = None, log: Callable[[str], None] = l
     base_name, base_dir = resolve_base(base, ref)
     from transformers import AutoConfig
 
-    check_base_is_the_trained_one(ref, base_dir)
     base_config = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=cfg.model.trust_remote_code)
     log(f"checkpoint {ref.step_dir} (ZeRO stage {ref.zero_stage}, {ref.world_size} rank(s)); base {base_dir}")
     expected = expected_shapes(cfg, base_config)
     check_tensors(ref.recorded_shapes, expected, cfg, base_name)
+    check_base_is_the_trained_one(ref, base_dir)          # same shapes: are they the same weights?
     tensors = recover_tensors(ref)
     check_tensors(tensors, expected, cfg, base_name)
     log(f"recovered {len(tensors)} tensors ({sum(t.numel() for t in tensors.values())} elements), all full-shape")

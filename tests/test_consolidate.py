@@ -75,6 +75,7 @@ from comlora_ds.export.recover import locate_checkpoint, recover_tensors  # noqa
 from comlora_ds.export.scoring import build_live_model, load_validation_rows  # noqa: E402
 
 from assets import tiny_model_dir  # noqa: E402
+from comlora_ds import manifest  # noqa: E402
 from test_engine import _env as _engine_env, _port, base_overrides, ds_config  # noqa: E402
 
 
@@ -484,10 +485,25 @@ REFUSALS = {
     "no_run_config": ("z2", lambda s, tmp: (s / "run_config.yaml").unlink(), {},
                       r"partial checkpoint .*: run_config.yaml is missing"),
     "missing_checkpoint": ("z2", lambda s, tmp: shutil.rmtree(s), {},
-                           rf"latest names checkpoint '{STEP}', which does not exist"),
-    "out_is_the_run": ("z2", None, {"out": "run"}, r"--out .* is or contains .*: replacing it would delete it"),
+                           rf"latest names {STEP}, which does not exist"),
+    "out_is_the_run": ("z2", None, {"out": "run"}, r"--out .* holds a training run or checkpoint"),
+    "changed_file": ("z3", lambda s, tmp: _flip_last_byte(s / "zero_pp_rank_1_mp_rank_00_optim_states.pt"), {},
+                     r"zero_pp_rank_1_mp_rank_00_optim_states.pt is not the file that was written"),
     "winner_out_of_range": ("z2", None, {"winner": 2}, r"--winner 2: the checkpoint has K = 2 components"),
 }
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _resign(step: Path) -> None:
+    """Rewrite the manifest over the edited files: the checkpoint a buggy writer would have produced, so the checks
+    behind the manifest (shapes, shards, run config) are what is tested."""
+    saved = json.loads((step / manifest.MANIFEST).read_text())
+    manifest.write(step, saved["data"], saved["base_model"], saved["settings"])
 
 
 @pytest.mark.parametrize("case", list(REFUSALS))
@@ -499,6 +515,8 @@ def test_refusals_name_the_problem_and_write_nothing(runs, tmp_path, case):
     step = _copy_checkpoint(runs[name], run)
     if edit is not None:
         edit(step, tmp_path)
+        if step.is_dir() and case != "changed_file":
+            _resign(step)
     out = tmp_path / "exports" / "out"
     kwargs = {}
     if options.get("base") == "smaller":   # the tiny base with hidden 48 instead of 64

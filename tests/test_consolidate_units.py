@@ -237,7 +237,7 @@ def test_locate_checkpoint_refuses_missing_and_unpublished(tmp_path):
         locate_checkpoint(tmp_path / "nowhere")
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "latest").write_text("step_00000009")
-    with pytest.raises(ConsolidationError, match="names checkpoint 'step_00000009', which does not exist"):
+    with pytest.raises(ConsolidationError, match="names step_00000009, which does not exist"):
         locate_checkpoint(tmp_path)
     (tmp_path / "checkpoints" / "tmp-step_00000009").mkdir()
     with pytest.raises(ConsolidationError, match="unpublished checkpoint"):

@@ -170,13 +170,14 @@ def pro_efficient_ref(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("stage,rel", [(2, ADAPTER_REL), (3, 2e-2)])
+@pytest.mark.parametrize("stage,rel", [(2, 1e-3), (3, 2e-2)])
 def test_pro_efficient_under_zero_matches_stage_0(pro_efficient_ref, tmp_path, stage, rel):
     """2 ranks, ZeRO-2/3: the gradient transform between backward and DeepSpeed's step, then DeepSpeed's clipping
     and AdamW on partitions, gives the adapters of the stage-0 LoRAProAdamW run on 1 rank. ZeRO-3 rounds its
     fp32 gradients differently (also for plain LoRA, ~3e-5); while B is small (B^T B + delta I)^-1 amplifies such
     differences and Adam turns the few adjusted entries that are ~0 into +-lr steps, hence its looser bound and
-    the loss check."""
+    the loss check. ZeRO-2 on 2 ranks sums in another order too: measured 2.3e-4 since the selector learns from the
+    summed target (its larger gradient sets the global clip factor, so B stays smaller), 1.1e-4 before."""
     out = tmp_path / "run"
     launch(base_overrides(out, **{**PRO, "lora_pro.mode": "efficient", "train.save_steps": 0,
                                   "train.micro_batch_size": 2}), nproc=2, ds=ds_config(tmp_path, stage))

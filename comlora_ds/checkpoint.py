@@ -251,14 +251,15 @@ def check_resume_compatible(folder: Path, cfg, world_size: int, total_steps: int
 def check_resume_manifest(folder: Path, saved: dict, data: dict, base_model: dict, cfg) -> float | None:
     """Refuses a resume whose data files, base model or settings differ from the checkpoint's, except the changes
     listed in ``train.resume_allow_changes``. Returns the new learning rate when that change is allowed."""
-    from .manifest import ALLOWED_CHANGES, resume_changes, settings_of
+    from .config import RESUME_ALLOWED_CHANGES
+    from .manifest import resume_changes, settings_of
 
     allowed = set(cfg.train.resume_allow_changes)
     changes = resume_changes(saved, data, base_model, settings_of(cfg))
     refused = [c for c in changes if c[0] not in allowed]
     if refused:
         what = "; ".join(f"{name}: {old!r} in the checkpoint, {new!r} now" for name, old, new in refused)
-        hint = [name for name, _, _ in refused if name in ALLOWED_CHANGES]
+        hint = [name for name, _, _ in refused if name in RESUME_ALLOWED_CHANGES]
         raise ResumeError(f"checkpoint {folder} was trained on something else: {what}. Nothing was changed"
                           + (f"; to continue with the new value on purpose, add "
                              f"train.resume_allow_changes=[{','.join(hint)}]" if hint else ""))

@@ -33,7 +33,8 @@ ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 CLIP_SCOPES = ("auto", "global", "per_group")
 LOSS_REDUCTIONS = ("sum", "mean")
-RESUME_ALLOWED_CHANGES = ("train.learning_rate",)      # comlora_ds.manifest.ALLOWED_CHANGES
+# Settings a resume may change on purpose (train.resume_allow_changes); each one really applies to the remaining steps.
+RESUME_ALLOWED_CHANGES = ("train.learning_rate",)
 WANDB_MODES = ("offline", "online", "disabled")
 DATA_FORMATS = ("llm_adapters",)
 OVERLONG_POLICIES = ("truncate", "drop")

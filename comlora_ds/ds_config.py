@@ -15,6 +15,7 @@ import hjson
 import torch
 
 from .config import RunConfig
+from .data.formats import repeated_keys
 from .modeling import fast_bf16_available
 
 AUTO = "auto"
@@ -32,8 +33,7 @@ def load_ds_config(source: str | Path | dict) -> dict:
         raise DeepSpeedConfigError(f"DeepSpeed config {path} does not exist")
 
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
-        keys = [key for key, _ in pairs]
-        repeated = sorted({key for key in keys if keys.count(key) > 1})
+        repeated = repeated_keys(pairs)
         if repeated:
             raise DeepSpeedConfigError(f"DeepSpeed config {path}: key(s) {', '.join(map(repr, repeated))} given twice "
                                        f"in one object (DeepSpeed refuses duplicate keys)")

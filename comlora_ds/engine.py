@@ -307,8 +307,8 @@ class Trainer:
                     self.state.epoch += 1
                     self.state.batches_in_epoch = 0
             if stopped:
-                logger.message(f"stop requested (SIGTERM or Ctrl-C): stopped at step {self.state.global_step} after writing {last_checkpoint}; "
-                               f"resume with train.resume=auto")
+                logger.message(f"stop requested (SIGTERM or Ctrl-C): stopped at step {self.state.global_step} after "
+                               f"writing {last_checkpoint}; resume with train.resume=auto")
                 return TrainResult(self.output_dir, self.state.global_step, last_checkpoint, True, None)
             validation = self.validate(logger)
             return TrainResult(self.output_dir, self.state.global_step, last_checkpoint, False, validation)
@@ -341,13 +341,13 @@ class Trainer:
 
 
 def on_rank0(compute):
-    """``compute()`` on rank 0 only (hashing large files once), its result or its input error given to every rank, so
-    all ranks go on, or stop with the same message, together."""
+    """``compute()`` on rank 0 only (hashing large files once), its result or its error given to every rank, so all
+    ranks go on, or stop with the same error, together (no rank is left waiting for the broadcast)."""
     result, error = None, None
     if dist.get_rank() == 0:
         try:
             result = compute()
-        except INPUT_ERRORS as err:
+        except Exception as err:
             error = err
     shared = [result, error]
     dist.broadcast_object_list(shared, src=0)

@@ -24,8 +24,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .config import RESUME_ALLOWED_CHANGES
-
 MANIFEST = "manifest.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 STORAGE_KEYS = ("torch_dtype", "dtype", "transformers_version", "_name_or_path")
@@ -36,8 +34,6 @@ RESUME_SETTINGS = ("data.seed", "data.val_size", "data.max_length", "data.overlo
                    "data.max_train_samples", "train.seed", "train.micro_batch_size",
                    "train.gradient_accumulation_steps", "train.learning_rate", "train.lr_scheduler",
                    "train.warmup_ratio", "train.weight_decay", "comlora.loss_reduction", "comlora.lm_reduction")
-# Changes a user may make on purpose (train.resume_allow_changes); each one really applies to the remaining steps.
-ALLOWED_CHANGES = RESUME_ALLOWED_CHANGES
 
 
 class ManifestError(ValueError):
@@ -81,16 +77,16 @@ def base_model_fingerprint(model_path: str) -> dict[str, str]:
     import torch
     from safetensors import safe_open
 
-    where = {}
+    digests = {}                          # per tensor, each shard opened once
     for shard in shards:
         with safe_open(str(shard), framework="pt") as f:
-            where.update({name: shard for name in f.keys()})
+            for name in f.keys():
+                t = f.get_tensor(name).to(torch.bfloat16).contiguous()
+                digests[name] = hashlib.sha256(f"{name}:{list(t.shape)}".encode()
+                                               + t.view(torch.int16).numpy().tobytes()).hexdigest()
     h = hashlib.sha256()
-    for name in sorted(where):
-        with safe_open(str(where[name]), framework="pt") as f:
-            t = f.get_tensor(name).to(torch.bfloat16).contiguous()
-        h.update(f"{name}:{list(t.shape)}".encode())
-        h.update(t.view(torch.int16).numpy().tobytes())
+    for name in sorted(digests):
+        h.update(digests[name].encode())
     out["weights"] = h.hexdigest()
     return out
 

@@ -213,11 +213,8 @@ def test_ranks_draw_independent_streams_from_identical_initial_weights(tmp_path)
     assert not torch.equal(r0["draws"], r1["draws"])
 
 
-def test_killed_run_resumes_from_last_complete_checkpoint(reference, tmp_path):
-    """SIGKILL a 2-rank run after its first checkpoint; a leftover partial checkpoint is never used;
-    resume=auto continues and matches the uninterrupted run."""
-    out = tmp_path / "run"
-    overrides = base_overrides(out, **{"train.micro_batch_size": 2, "train.save_steps": 2, "train.max_steps": 6})
+def kill_after_first_checkpoint(overrides: list[str], out: Path, tmp_path: Path) -> Path:
+    """Starts a 2-rank ZeRO-2 run and SIGKILLs it once its first checkpoint is published; returns ``latest``."""
     proc = launch(overrides, nproc=2, ds=ds_config(tmp_path, 2), wait=False)
     latest = out / "checkpoints" / "latest"
     deadline = time.time() + 240
@@ -226,6 +223,15 @@ def test_killed_run_resumes_from_last_complete_checkpoint(reference, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert latest.exists(), proc.stdout.read()[-3000:]
+    return latest
+
+
+def test_killed_run_resumes_from_last_complete_checkpoint(reference, tmp_path):
+    """SIGKILL a 2-rank run after its first checkpoint; a leftover partial checkpoint is never used;
+    resume=auto continues and matches the uninterrupted run."""
+    out = tmp_path / "run"
+    overrides = base_overrides(out, **{"train.micro_batch_size": 2, "train.save_steps": 2, "train.max_steps": 6})
+    latest = kill_after_first_checkpoint(overrides, out, tmp_path)
     tag = latest.read_text()
     # a crash in the middle of the next save leaves a tmp- folder behind: it must be ignored
     shutil.copytree(out / "checkpoints" / tag, out / "checkpoints" / "tmp-step_00000099")
@@ -245,14 +251,7 @@ def test_killed_run_with_dropout_and_noise_resumes_bit_exactly(tmp_path):
     launch(base_overrides(full, **random_parts), nproc=2, ds=ds_config(tmp_path, 2))
     out = tmp_path / "run"
     overrides = base_overrides(out, **random_parts)
-    proc = launch(overrides, nproc=2, ds=ds_config(tmp_path, 2), wait=False)
-    latest = out / "checkpoints" / "latest"
-    deadline = time.time() + 240
-    while not latest.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert latest.exists(), proc.stdout.read()[-3000:]
+    kill_after_first_checkpoint(overrides, out, tmp_path)
     launch(overrides + ["train.resume=auto"], nproc=2, ds=ds_config(tmp_path, 2))
     assert step_losses(out) == step_losses(full)
 

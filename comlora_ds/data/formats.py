@@ -68,12 +68,17 @@ class _DuplicateKey(ValueError):
     pass
 
 
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
-    """json's object hook: a key given twice is ambiguous (parsers keep the last one silently)."""
+def repeated_keys(pairs: list[tuple[str, Any]]) -> list[str]:
+    """The keys a JSON object gives more than once, sorted: ambiguous, as parsers keep the last one silently.
+    For ``object_pairs_hook`` of json (data rows) and hjson (the DeepSpeed config)."""
     keys = [key for key, _ in pairs]
-    for key in keys:
-        if keys.count(key) > 1:
-            raise _DuplicateKey(key)
+    return sorted({key for key in keys if keys.count(key) > 1})
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    repeated = repeated_keys(pairs)
+    if repeated:
+        raise _DuplicateKey(repeated[0])
     return dict(pairs)
 
 

@@ -70,12 +70,12 @@ def refuse_training_output(out: Path) -> None:
 
 
 def check_output(out: Path, fp: str, overwrite: bool, protected: list[Path]) -> None:
-    """Refuse an OUT we must not replace. ``out`` and ``protected`` are absolute."""
+    """Refuse an OUT we must not replace (after ``refuse_training_output``, which runs before any tensor is read).
+    ``out`` and ``protected`` are absolute."""
     for path in protected:
         if _holds(out, path.resolve()):
             raise ConsolidationError(f"--out {out} is or contains {path}: replacing it would delete it; choose "
                                      f"another output folder")
-    refuse_training_output(out)
     if not out.exists():
         return
     if not out.is_dir():

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointError, UnsafeCheckpointError, find_checkpoint, safe_load, screen_checkpoint
 from .. import manifest
+from ..checkpoint import CheckpointError, UnsafeCheckpointError, find_checkpoint, safe_load, screen_checkpoint
 from ..config import ConfigError, RunConfig, load_config
 from .errors import ConsolidationError
 

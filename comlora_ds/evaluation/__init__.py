@@ -10,7 +10,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "COMMONSENSE_KEYWORDS": "keywords",
+    "ANSWER_KEYWORDS": "keywords",
     "COMMONSENSE_TASKS": "keywords",
     "extract_answer": "keywords",
     "extract_letter": "keywords",

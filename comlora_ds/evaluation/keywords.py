@@ -21,7 +21,7 @@ pinned by ``tests/test_eval_keywords.py``):
 * **Keyword sets follow upstream, not the task's option count**: social_i_qa, ARC-Challenge, ARC-Easy and
   openbookqa all use ``answer1..answer5``. So for a 3-option SIQA question "answer4 or answer2" predicts
   ``answer4`` (wrong), exactly as upstream; ARC-Easy really has a few 5-option rows. boolq ``true/false``,
-  piqa ``solution1/2``, hellaswag ``ending1-4``, winogrande ``option1/2``.
+  piqa ``solution1/2``, hellaswag ``ending1-4``, winogrande ``option1/2``, sst2 ``positive/negative``.
 
 ``rule="word"`` is the stricter alternative (not the paper's): case-insensitive, the keyword must stand alone
 (``\\b`` on both sides, so "untrue" and "answer10" do not count), result lower-cased. Reports always say which
@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import re
 
-COMMONSENSE_KEYWORDS: dict[str, tuple[str, ...]] = {
+ANSWER_KEYWORDS: dict[str, tuple[str, ...]] = {
     "boolq": ("true", "false"),
     "piqa": ("solution1", "solution2"),
     "social_i_qa": tuple(f"answer{i}" for i in range(1, 6)),
@@ -45,13 +45,16 @@ COMMONSENSE_KEYWORDS: dict[str, tuple[str, ...]] = {
     "openbookqa": tuple(f"answer{i}" for i in range(1, 6)),
     "hellaswag": tuple(f"ending{i}" for i in range(1, 5)),
     "winogrande": ("option1", "option2"),
+    "sst2": ("positive", "negative"),
 }
-COMMONSENSE_TASKS: tuple[str, ...] = tuple(COMMONSENSE_KEYWORDS)
+# The paper's eight tasks: what commonsense evaluation scores when no task is named. sst2 (the demo's task, not
+# a commonsense one) is scored the same way, but only when asked for.
+COMMONSENSE_TASKS: tuple[str, ...] = tuple(t for t in ANSWER_KEYWORDS if t != "sst2")
 RULES = ("llm-adapters", "word")
 MMLU_LETTERS = ("A", "B", "C", "D")
 
 _PATTERNS: dict[tuple[str, str], re.Pattern[str]] = {}
-for _task, _words in COMMONSENSE_KEYWORDS.items():
+for _task, _words in ANSWER_KEYWORDS.items():
     _alternation = "|".join(_words)
     _PATTERNS[(_task, "llm-adapters")] = re.compile(_alternation)
     _PATTERNS[(_task, "word")] = re.compile(rf"\b(?:{_alternation})\b", re.IGNORECASE)
@@ -59,8 +62,8 @@ _LETTER = re.compile(r"\b([A-D])\b")
 
 
 def check_task(task: str) -> None:
-    if task not in COMMONSENSE_KEYWORDS:
-        raise ValueError(f"unknown commonsense task {task!r}; choose from {', '.join(COMMONSENSE_TASKS)}")
+    if task not in ANSWER_KEYWORDS:
+        raise ValueError(f"unknown task {task!r}; choose from {', '.join(ANSWER_KEYWORDS)}")
 
 
 def extract_answer(task: str, text: str, rule: str = "llm-adapters") -> str:

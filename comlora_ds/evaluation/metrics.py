@@ -69,9 +69,9 @@ def meteor(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, An
 
     _check_pairs(hypotheses, references)
     wordnet = load_wordnet()
-    scores = [meteor_score([meteor_tokens(r)], meteor_tokens(h), wordnet=wordnet)
+    scores = [100.0 * meteor_score([meteor_tokens(r)], meteor_tokens(h), wordnet=wordnet)
               for h, r in zip(hypotheses, references)]
-    return {"meteor": 100.0 * sum(scores) / len(scores), "meteor_wordnet": wordnet.comlora_source}
+    return {"meteor": sum(scores) / len(scores), "meteor_wordnet": wordnet.comlora_source, "per_example": scores}
 
 
 def rouge_l(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
@@ -80,8 +80,8 @@ def rouge_l(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, A
 
     _check_pairs(hypotheses, references)
     scorer = rouge_scorer.RougeScorer(["rougeL"])
-    scores = [scorer.score(r, h)["rougeL"].fmeasure for h, r in zip(hypotheses, references)]
-    return {"rougeL": 100.0 * sum(scores) / len(scores)}
+    scores = [100.0 * scorer.score(r, h)["rougeL"].fmeasure for h, r in zip(hypotheses, references)]
+    return {"rougeL": sum(scores) / len(scores), "per_example": scores}
 
 
 def default_bertscore_model() -> tuple[str, int]:
@@ -111,13 +111,16 @@ def bertscore(hypotheses: Sequence[str], references: Sequence[str], model: Optio
     # bert_score gives an empty candidate (or reference) P = R = F1 = 0; with transformers 5 its encoding of ""
     # fails (it calls the removed build_inputs_with_special_tokens), so empty pairs get their 0 here.
     keep = [i for i, (h, r) in enumerate(zip(hypotheses, references)) if h.strip() and r.strip()]
+    f1_each = [0.0] * len(hypotheses)
     totals = [0.0, 0.0, 0.0]
     if keep:
         scores = bert_score.score([hypotheses[i] for i in keep], [references[i] for i in keep], model_type=model,
                                   num_layers=num_layers, batch_size=batch_size, device=device)
         totals = [s.sum().item() for s in scores]
+        for i, value in zip(keep, scores[2].tolist()):
+            f1_each[i] = 100.0 * value
     precision, recall, f1 = (100.0 * t / len(hypotheses) for t in totals)
-    return {"bertscore_f1": f1, "bertscore_r": recall, "bertscore_p": precision,
+    return {"bertscore_f1": f1, "bertscore_r": recall, "bertscore_p": precision, "per_example": f1_each,
             "bertscore_empty": len(hypotheses) - len(keep),
             "bertscore_model": model if not Path(model).is_dir() else _describe_folder(model),
             "bertscore_layers": num_layers}
@@ -136,18 +139,26 @@ def _describe_folder(folder: str) -> str:
 
 def text_metrics(hypotheses: Sequence[str], references: Sequence[str], bertscore_model: Optional[str] = None,
                  bertscore_layers: Optional[int] = None, bertscore_batch_size: int = 64,
-                 device: Optional[str] = None, skip: Sequence[str] = ()) -> dict[str, Any]:
+                 device: Optional[str] = None, skip: Sequence[str] = (), per_example: bool = False) -> dict[str, Any]:
     """BLEU, METEOR, ROUGE-L and BERTScore F1/R/P (0-100) plus how each was computed.
 
-    ``skip``: metric groups to leave out ("bleu", "meteor", "rougeL", "bertscore").
+    ``skip``: metric groups to leave out ("bleu", "meteor", "rougeL", "bertscore"). ``per_example``: also
+    ``"per_example"``, one dict per pair of its METEOR, ROUGE-L and BERTScore F1 (the means' terms, for paired
+    tests; BLEU is a corpus statistic and has none).
     """
     out: dict[str, Any] = {}
+    each: dict[str, list[float]] = {}
     if "bleu" not in skip:
         out.update(bleu(hypotheses, references))
-    if "meteor" not in skip:
-        out.update(meteor(hypotheses, references))
-    if "rougeL" not in skip:
-        out.update(rouge_l(hypotheses, references))
+    for name, score in (("meteor", meteor), ("rougeL", rouge_l)):
+        if name not in skip:
+            result = score(hypotheses, references)
+            each[name] = result.pop("per_example")
+            out.update(result)
     if "bertscore" not in skip:
-        out.update(bertscore(hypotheses, references, bertscore_model, bertscore_layers, bertscore_batch_size, device))
+        result = bertscore(hypotheses, references, bertscore_model, bertscore_layers, bertscore_batch_size, device)
+        each["bertscore_f1"] = result.pop("per_example")
+        out.update(result)
+    if per_example:
+        out["per_example"] = [{name: values[i] for name, values in each.items()} for i in range(len(hypotheses))]
     return out

@@ -212,7 +212,7 @@ def mmlu_markdown(metrics: dict[str, Any]) -> str:
 
 def convai2_markdown(metrics: dict[str, Any]) -> str:
     names = [("BLEU", "bleu"), ("METEOR", "meteor"), ("R-L", "rougeL"), ("BERT_F1", "bertscore_f1"),
-             ("BERT_R", "bertscore_r"), ("BERT_P", "bertscore_p")]
+             ("BERT_R", "bertscore_r"), ("BERT_P", "bertscore_p"), ("NLL", "nll"), ("PPL", "perplexity")]
     present = [(label, key) for label, key in names if key in metrics]
     table = markdown_table([label for label, _ in present], [[metrics[key] for _, key in present]])
     notes = [f"- {k}: {metrics[k]}" for k in ("bleu_signature", "meteor_wordnet", "bertscore_model",

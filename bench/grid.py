@@ -1,0 +1,90 @@
+"""What the reproduction drivers share: a time budget, subprocess stages that stop resumably when it runs out,
+a lock per run folder so several drivers can share one grid, and the chunked run of a grid.
+
+A stage is a command whose output files say it is done; a driver skips finished stages, so it can be stopped at
+any time (Ctrl-C, or the budget: the trainer gets SIGTERM and writes a checkpoint) and run again to continue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Budget:
+    def __init__(self, minutes: float):
+        self.deadline = time.time() + 60 * minutes if minutes else None
+
+    def left(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.time()
+
+    def exhausted(self) -> bool:
+        left = self.left()
+        return left is not None and left <= 0
+
+
+def run(cmd: list[str], budget: Budget, log: Path) -> bool:
+    """Runs cmd (logging to a file); on budget exhaustion sends SIGTERM (the trainer checkpoints). True
+    when it finished on its own with exit code 0."""
+    print("$", shlex.join(cmd), flush=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as out:
+        out.write(f"$ {shlex.join(cmd)}\n")
+        out.flush()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+        try:
+            while proc.poll() is None:
+                time.sleep(2)
+                if budget.exhausted():
+                    proc.send_signal(signal.SIGTERM)
+                    proc.wait()
+                    return False
+        except KeyboardInterrupt:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait()
+            raise
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {shlex.join(cmd)}; see {log}")
+    return True
+
+
+@contextlib.contextmanager
+def claim(folder: Path):
+    """An exclusive lock on one run folder (or the base evaluation) for as long as this driver works on it:
+    several drivers over the same --out (one per GPU, or one per core here) then share the grid."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".driver.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"skipping {folder}: another driver is working on it", flush=True)
+            yield False
+            return
+        yield True
+
+
+def run_chunk(args, run_grid) -> bool:
+    """The grid's unfinished work within ``--chunk-minutes`` (all of it without a budget), unless ``--report-only``;
+    False (and a message) when the budget ran out first."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.report_only or run_grid(args, Budget(args.chunk_minutes)):
+        return True
+    print("stopped (time budget); run again to continue")
+    return False
+
+
+def display(commands: list[list[str]]) -> list[str]:
+    """Commands as a user would type them from the repository root (python, relative paths, ../shared)."""
+    shorten = {sys.executable: "python", str(REPO) + "/": "", str(REPO.parent / "shared"): "../shared"}
+    texts = [shlex.join(c) for c in commands]
+    for long, short in shorten.items():
+        texts = [t.replace(long, short) for t in texts]
+    return texts

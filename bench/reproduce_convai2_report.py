@@ -1,0 +1,210 @@
+"""The results section of bench/reproduce_convai2.py: paper Table 4 (with best-of-K LoRA), paired tests, Table 10.
+
+Everything is read back from the runs' own files: validation.json (validation loss per component, the selector's
+winner and diagnostics), eval/<model>/results.json (corpus metrics) and eval/<model>/predictions.jsonl (per test
+example: the reference's summed NLL and token count, METEOR, ROUGE-L, BERTScore F1).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from comlora_ds.evaluation.stats import paired_comparison
+from reproduce_report import compose_page
+
+METRICS = (("BLEU", "bleu"), ("METEOR", "meteor"), ("R-L", "rougeL"), ("BERT F1", "bertscore_f1"),
+           ("BERT R", "bertscore_r"), ("BERT P", "bertscore_p"), ("NLL", "nll"), ("PPL", "perplexity"))
+# per-example scores for the paired tests: name, how to read it from a predictions row, higher is better?
+PAIRED = (("NLL / token", lambda r: r["nll_sum"] / r["response_tokens"], False),
+          ("METEOR", lambda r: r["meteor"], True), ("R-L", lambda r: r["rougeL"], True),
+          ("BERT F1", lambda r: r["bertscore_f1"], True))
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _predictions(folder: Path) -> list[dict] | None:
+    path = folder / "predictions.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else None
+
+
+def _fmt(values: list[float], digits: int = 2) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def finished_runs(args, run_dir) -> dict[str, list[dict]]:
+    """Per variant, the finished seeds: {seed, folder, validation, winner (results), predictions, components}."""
+    out: dict[str, list[dict]] = {}
+    for variant in args.variants:
+        for seed in args.seeds:
+            folder = run_dir(args, variant, seed)
+            validation = _load(folder / "validation.json")
+            winner = _load(folder / "eval" / "winner" / "results.json")
+            if validation is None or winner is None:
+                continue
+            components = {validation["winner"]: winner}
+            for k in range(len(validation["mean_loss"])):
+                found = _load(folder / "eval" / f"component_{k}" / "results.json")
+                if found is not None:
+                    components[k] = found
+            out.setdefault(variant, []).append({
+                "seed": seed, "folder": folder, "validation": validation, "winner": winner,
+                "predictions": _predictions(folder / "eval" / "winner"), "components": components})
+    return out
+
+
+def best_of(runs: list[dict], k: int) -> list[dict]:
+    """For every k-subset of the runs (by seed order), the run with the lowest validation loss: the best-of-k
+    control, one entry per subset."""
+    return [min(group, key=lambda r: r["validation"]["mean_loss"][0]) for group in itertools.combinations(runs, k)]
+
+
+def _metric_row(name: str, n: int, results: list[dict], validation: list[float]) -> str:
+    cells = [_fmt([r["metrics"][key] for r in results], 3 if key == "nll" else 2) for _, key in METRICS]
+    return f"| {name} | {n} | " + " | ".join(cells) + f" | {_fmt(validation, 4)} |"
+
+
+def _mean_scores(prediction_lists: list[list[dict]], read) -> list[float]:
+    """Per test example, the score averaged over the given runs (all scored the same examples)."""
+    keys = [[(p["dialogue"], p["turn"]) for p in preds] for preds in prediction_lists]
+    if any(k != keys[0] for k in keys):
+        raise SystemExit("runs scored different test examples; rerun their evaluations")
+    return [statistics.mean(read(preds[i]) for preds in prediction_lists) for i in range(len(keys[0]))]
+
+
+def _paired_rows(label_a: str, runs_a: list[list[dict]], label_b: str, runs_b: list[list[dict]]) -> list[str]:
+    rows = []
+    for metric, read, higher in PAIRED:
+        c = paired_comparison(_mean_scores(runs_a, read), _mean_scores(runs_b, read))
+        better = c.a_better if higher else c.b_better
+        worse = c.b_better if higher else c.a_better
+        rows.append(f"| {label_a} vs {label_b} | {metric} | {c.mean_a:.3f} | {c.mean_b:.3f} | {c.difference:+.3f} | "
+                    f"{c.standard_error:.3f} | {better}/{worse} | {c.sign_test_p:.2g} | {c.bootstrap_p:.2g} |")
+    return rows
+
+
+def _rank_of(variant: str) -> str:
+    return variant.rsplit("_r", 1)[1]
+
+
+def comparisons(runs: dict[str, list[dict]], base_predictions: list[dict] | None) -> list[str]:
+    """Paired tests: each ComLoRA winner vs LoRA of its rank and vs best-of-K LoRA; every variant vs the base."""
+    rows = []
+    for variant, group in runs.items():
+        if not variant.startswith("comlora"):
+            continue
+        lora = runs.get(f"lora_r{_rank_of(variant)}", [])
+        k = len(group[0]["validation"]["mean_loss"])
+        mine = [r["predictions"] for r in group]
+        if lora:
+            rows += _paired_rows(f"{variant} winner", mine, f"lora_r{_rank_of(variant)}",
+                                 [r["predictions"] for r in lora])
+        if len(lora) >= k:
+            rows += _paired_rows(f"{variant} winner", mine, f"best-of-{k} lora_r{_rank_of(variant)}",
+                                 [r["predictions"] for r in best_of(lora, k)])
+    if base_predictions is not None:
+        for variant, group in runs.items():
+            rows += _paired_rows(variant, [r["predictions"] for r in group], "base", [base_predictions])[:1]
+    return rows
+
+
+def component_rows(runs: dict[str, list[dict]]) -> list[str]:
+    """Paper Table 10: per ComLoRA run, each component's validation and test numbers and the selector's pick."""
+    rows = []
+    for variant, group in runs.items():
+        for run in group:
+            v = run["validation"]
+            if len(v["mean_loss"]) < 2:
+                continue
+            nll = {k: res["metrics"]["nll"] for k, res in run["components"].items()}
+            meteor = {k: res["metrics"]["meteor"] for k, res in run["components"].items()}
+            best_test = min(nll, key=nll.get) if len(nll) == len(v["mean_loss"]) else None
+            rows.append(
+                f"| {variant} seed {run['seed']} | " + ", ".join(f"{x:.4f}" for x in v["mean_loss"])
+                + f" | {v['winner']} | {v['lowest_loss_component']} | "
+                + ", ".join(f"{nll[k]:.3f}" if k in nll else "–" for k in range(len(v["mean_loss"]))) + " | "
+                + ", ".join(f"{meteor[k]:.2f}" if k in meteor else "–" for k in range(len(v["mean_loss"])))
+                + f" | {v.get('selector_agreement_rate', float('nan')):.2f} | "
+                f"{v.get('selector_rank_correlation', float('nan')):.2f} | "
+                + ("–" if best_test is None else f"{best_test} ({'yes' if best_test == v['winner'] else 'no'})")
+                + " |")
+    return rows
+
+
+def _intro(args) -> list[str]:
+    from common import cpu_model
+
+    device = (torch.cuda.get_device_name() + f" x {torch.cuda.device_count()}" if torch.cuda.is_available()
+              else f"{cpu_model()}, {len(os.sched_getaffinity(0))} CPU cores, no GPU")
+    info = _load(args.out / "data" / "data.json") or {}
+    span = {key: "{}-{}".format(start, end - 1) for key, (start, end) in
+            (("train", args.train_dialogues), ("test", args.test_dialogues))}
+    return [f"## ConvAI2 (paper Table 4 at small scale): ComLoRA vs LoRA vs best-of-K LoRA on {Path(args.model).name}",
+            "", f"Machine: {device}, torch {torch.__version__}. Written {time.strftime('%Y-%m-%d')} by:", "",
+            "```bash", "python " + " ".join(sys.argv), "```", "",
+            f"Data: ConvAI2 self persona (ParlAI valid file, dialogues 0-799 in ../shared/data/convai2). Training: "
+            f"dialogues {span['train']} ({info.get('train_rows')} rows, {args.val_size} of them held "
+            f"out for validation, data seed 42: the same rows in the same order for every run); prompt = persona + "
+            f"the last {args.max_history} dialogue line(s). Test: dialogues {span['test']}, the first "
+            f"{info.get('test_turns') or 'all'} turns of each ({info.get('test_rows')} replies). {args.max_steps} "
+            f"steps x micro-batch {args.micro_batch} (= {args.max_steps * args.micro_batch} training rows seen), lr "
+            f"{args.lr} linear decay, 3% warm-up, seeds {args.seeds}. Greedy replies of at most "
+            f"{args.max_new_tokens} tokens; BERTScore with the offline all-MiniLM-L6-v2 (not comparable to the "
+            "paper's roberta-large numbers); NLL = the reference reply's tokens (EOS included) per token.", ""]
+
+
+LEGEND = ("Mean ± standard deviation over seeds (n). ComLoRA rows are the validation winner merged into the base; "
+          "best-of-K LoRA: K independent LoRA runs (seeds), the lowest validation loss kept, over every K-subset of "
+          "the seeds. Validation loss = the kept model's mean response-token loss on the held-out rows.")
+PAIRED_LEGEND = ("Per test reply, the score averaged over the seeds of each side (for best-of-K: over the kept runs of "
+                 "every K-subset), then compared reply by reply: difference of means, its paired standard error, "
+                 "replies where the first side is better / worse, the two-sided sign test and a paired bootstrap "
+                 "(10,000 resamples). NLL: lower is better. BLEU is a corpus statistic and is left out here.")
+
+
+def write_report(args, run_dir, commands: list[str]) -> None:
+    runs = finished_runs(args, run_dir)
+    base = _load(args.out / "base" / "eval" / "results.json")
+    header = ["method", "n", *[label for label, _ in METRICS], "validation loss"]
+    lines = [*_intro(args), "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    if base:
+        lines.append(_metric_row(f"{Path(args.model).name} (no training)", 1, [base], []))
+    k = max((len(g[0]["validation"]["mean_loss"]) for v, g in runs.items() if v.startswith("comlora")), default=0)
+    for variant, group in runs.items():
+        lines.append(_metric_row(variant, len(group), [r["winner"] for r in group],
+                                 [r["validation"]["mean_loss"][r["validation"]["winner"]] for r in group]))
+        if not variant.startswith("comlora") and k and len(group) >= k:
+            kept = best_of(group, k)
+            lines.append(_metric_row(f"best-of-{k} {variant}", len(kept), [r["winner"] for r in kept],
+                                     [r["validation"]["mean_loss"][0] for r in kept]))
+    lines += ["", LEGEND, ""]
+    paired = comparisons(runs, _predictions(args.out / "base" / "eval"))
+    if paired:
+        lines += ["### Paired tests over the test replies", "",
+                  "| comparison | score | first | second | difference | SE | better/worse | sign test p | "
+                  "bootstrap p |", "|---|---|---|---|---|---|---|---|---|", *paired, "", PAIRED_LEGEND, ""]
+    table10 = component_rows(runs)
+    if table10:
+        lines += ["### ComLoRA's components (paper Table 10)", "",
+                  "| run | validation loss per component | selector winner | lowest validation loss | test NLL per "
+                  "component | test METEOR per component | selector agreement (validation) | selector rank "
+                  "correlation | best test NLL (= winner?) |", "|---|---|---|---|---|---|---|---|---|",
+                  *table10, ""]
+    lines += ["### Commands", "", "What the driver runs (the first seed; the others differ only in `train.seed` and "
+              "the folders; each other ComLoRA component is evaluated like the winner):", "", "```bash", *commands,
+              "```", ""]
+    old = args.report.read_text() if args.report.exists() else ""
+    args.report.write_text(compose_page(old, args.tag, "\n".join(lines).rstrip("\n")))

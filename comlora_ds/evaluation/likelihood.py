@@ -1,0 +1,44 @@
+"""Summed log-likelihood of responses after their prompts, tokenised exactly as in training.
+
+Used by rank classification (:func:`comlora_ds.evaluation.commonsense.choice_predictions`: the offered answer with
+the highest likelihood) and by the ConvAI2 response NLL / perplexity (:mod:`comlora_ds.evaluation.convai2`).
+A response is scored on the tokens training supervises: its own tokens and the EOS that ends it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+
+@torch.no_grad()
+def response_logprobs(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], *, batch_size: int = 8,
+                      max_length: int = 2048) -> tuple[list[float], list[int]]:
+    """Per (prompt, response) pair: the summed log-probability of the response tokens and their count.
+
+    Pairs longer than ``max_length`` keep the response and lose the prompt's left end, as in training."""
+    from ..data.tokenize import ResponseCollator, tokenize_example
+    from .generate import ensure_pad_token, model_device
+
+    collate = ResponseCollator(ensure_pad_token(tokenizer))
+    sequences = [tokenize_example(tokenizer, prompt, response, max_length) for prompt, response in pairs]
+    sums: list[float] = []
+    counts: list[int] = []
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(sequences), batch_size):
+            batch = {k: v.to(device) for k, v in collate(sequences[start:start + batch_size]).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            targets = batch["labels"][:, 1:]
+            rows, cols = (targets != -100).nonzero(as_tuple=True)       # response positions only
+            logp = torch.log_softmax(logits[:, :-1][rows, cols].float(), -1)
+            picked = logp.gather(-1, targets[rows, cols][:, None])[:, 0]
+            sums += torch.zeros(len(targets), device=device).index_add_(0, rows, picked).tolist()
+            counts += (targets != -100).sum(1).tolist()
+    finally:
+        model.train(was_training)
+    return sums, counts

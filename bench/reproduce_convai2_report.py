@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from comlora_ds.evaluation.stats import paired_comparison
-from reproduce_report import compose_page
+from reproduce_report import compose_page, mean_sd
 
 METRICS = (("BLEU", "bleu"), ("METEOR", "meteor"), ("R-L", "rougeL"), ("BERT F1", "bertscore_f1"),
            ("BERT R", "bertscore_r"), ("BERT P", "bertscore_p"), ("NLL", "nll"), ("PPL", "perplexity"))
@@ -35,14 +35,6 @@ def _load(path: Path) -> dict | None:
 def _predictions(folder: Path) -> list[dict] | None:
     path = folder / "predictions.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else None
-
-
-def _fmt(values: list[float], digits: int = 2) -> str:
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def finished_runs(args, run_dir) -> dict[str, list[dict]]:
@@ -73,8 +65,8 @@ def best_of(runs: list[dict], k: int) -> list[dict]:
 
 
 def _metric_row(name: str, n: int, results: list[dict], validation: list[float]) -> str:
-    cells = [_fmt([r["metrics"][key] for r in results], 3 if key == "nll" else 2) for _, key in METRICS]
-    return f"| {name} | {n} | " + " | ".join(cells) + f" | {_fmt(validation, 4)} |"
+    cells = [mean_sd([r["metrics"][key] for r in results], 3 if key == "nll" else 2) for _, key in METRICS]
+    return f"| {name} | {n} | " + " | ".join(cells) + f" | {mean_sd(validation, 4)} |"
 
 
 def _mean_scores(prediction_lists: list[list[dict]], read) -> list[float]:

@@ -30,7 +30,8 @@ def _file_params(path: Path) -> int:
         return sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
 
 
-def _fmt(values: list[float], digits: int = 1) -> str:
+def mean_sd(values: list[float], digits: int = 1) -> str:
+    """'mean ± sd' over seeds (one value as is, none as a dash)."""
     if not values:
         return "–"
     if len(values) == 1:
@@ -211,8 +212,8 @@ def _variant_rows(args, variant: str, run_dir, tasks, trained: list[str]) -> tup
     if not scores:
         return None, component_rows
     row = (f"| {variant} (n={len(scores['average'])}) | {share} | "
-           + " | ".join(_fmt(scores.get(t, [])) for t in [*tasks, "average", "trained_average"])
-           + f" | {_fmt(scores.get('kappa', []), digits=2)} | {_fmt(scores['val_loss'], digits=4)} |")
+           + " | ".join(mean_sd(scores.get(t, [])) for t in [*tasks, "average", "trained_average"])
+           + f" | {mean_sd(scores.get('kappa', []), digits=2)} | {mean_sd(scores['val_loss'], digits=4)} |")
     return row, component_rows
 
 

@@ -27,7 +27,6 @@ from omegaconf.errors import OmegaConfBaseException
 from .data.olmo_eval import DEFAULT_TASKS, OLMO_EVAL_TASKS
 
 LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-METHODS = ("lora", "lora_pro", "lora_dash")
 ANNEALING_SCHEDULES = ("constant", "cosine", "exponential", "linear")
 EXECUTION_MODES = ("batched", "sequential")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -281,7 +280,6 @@ def _validate(cfg: RunConfig) -> None:
     if not m.name_or_path:
         _fail("model.name_or_path", m.name_or_path, "must name a model")
 
-    _choice("adapter.method", a.method, METHODS)
     if a.num_components < 1:
         _fail("adapter.num_components", a.num_components, "K must be >= 1")
     _positive("adapter.rank", a.rank)

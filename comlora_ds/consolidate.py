@@ -6,8 +6,8 @@ to bottom; the pieces live in ``comlora_ds/export/``:
 1. ``recover``: find the checkpoint, recover every trainable tensor in fp32 (DeepSpeed's zero_to_fp32) and check
    each against the shapes the run config + base model imply (refusing empty/partial ZeRO-3 tensors).
 2. ``scoring``: rebuild the trained model and score the stored validation split: accumulated selector score
-   per component (the winner, DESIGN.md section 1), per-component validation LM loss, per-sample argmax counts.
-3. ``factors``: component k of each layer as LoRA factors (A', B', scaling), the one place a method extends.
+   per component (the winner, docs/method.md "Winner"), per-component validation LM loss, per-sample argmax counts.
+3. ``factors``: component k of each layer as LoRA factors (A', B', scaling), from its adapter layer's ``factors_of``.
 4. ``peft_adapter``: the winner (and optionally every component) as a standard PEFT LoRA adapter.
 5. ``merge``: the winner merged into the base, shard by shard, tensor by tensor, in fp32, cast to the base dtype.
 6. ``report``: report.json, report.md, plots.

@@ -144,6 +144,8 @@ class Trainer:
                              f"or train.gradient_accumulation_steps")
         self.total_steps = cfg.train.max_steps or math.ceil(cfg.train.num_epochs * self.steps_per_epoch)
         warmup = int(cfg.train.warmup_ratio * self.total_steps)
+        self.method = get_method(cfg)
+        self.method.check_plan(self.total_steps)
 
         self.fingerprints = on_rank0(lambda: (manifest.data_fingerprint(cfg.data),
                                               manifest.base_model_fingerprint(model_path)))
@@ -158,12 +160,11 @@ class Trainer:
 
         hidden_size = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code).hidden_size
         self.ds_config = fill_ds_config(raw_ds, cfg, self.world, hidden_size, self.total_steps, warmup)
-        self.method = get_method(cfg)
         self.method.check_ds_config(self.ds_config)
 
         seed_everything(cfg.train.seed)
         llm = load_base_model(model_path, cfg.model, resolve_dtype(cfg.model.dtype, self.bf16))
-        self.model = build_model(cfg, llm)
+        self.model = build_model(cfg, llm, self.method)
         self.objective = build_objective(cfg)
         optimizer = self.method.build_optimizer(self.model, self._param_groups())
         scheduler = None

@@ -9,7 +9,7 @@ the *summed* NLL by default, as in eqs. 4 and 6; on a per-token mean the compone
 the alpha = 0.1 noise. L_LM and L_align keep the per-token mean by default, so K = 1 is exactly PEFT/HF
 LoRA and a learning rate tuned for LoRA carries over (docs/method.md has the measurement behind that).
 
-Sign decisions (DESIGN.md section 1), fixed here, not user knobs:
+Sign decisions (docs/method.md, "Losses"), fixed here, not user knobs:
   * L_align carries a *plus* sign: it reinforces the components the selector prefers. With the minus
     sign of one extraction of eq. 5 the preferred component would be pushed towards gradient ascent.
   * In L_pairwise, D_lm[i, j] = Lt[j] - Lt[i], so a *lower* loss earns a *higher* score, which is what

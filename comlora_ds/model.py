@@ -74,14 +74,16 @@ def _replicate(t: torch.Tensor, n: int) -> torch.Tensor:
     return t if n == 1 else t.repeat(n, *([1] * (t.dim() - 1)))
 
 
-def build_model(cfg: RunConfig, llm: PreTrainedModel) -> ComLoRAModel:
-    """Freeze ``llm``, inject the K-component adapters, add the selector (ComLoRA only), and turn on
-    non-reentrant gradient checkpointing if asked (it needs no input grads with a frozen base)."""
+def build_model(cfg: RunConfig, llm: PreTrainedModel, method=None) -> ComLoRAModel:
+    """Freeze ``llm``, inject the K-component adapters of ``method`` (the run's AdapterMethod; default: a new one for
+    ``cfg.adapter.method``), add the selector (ComLoRA only), and turn on non-reentrant gradient checkpointing if
+    asked (it needs no input grads with a frozen base)."""
     from .methods import get_method
 
     a, c = cfg.adapter, cfg.comlora
+    method = method or get_method(cfg)
     inject_adapters(llm, a.target_modules, a.num_components, a.rank, a.alpha, a.dropout, a.use_rslora,
-                    layer_cls=get_method(cfg).layer_cls)
+                    layer_cls=method.layer_cls)
     if cfg.model.gradient_checkpointing:
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     selector = None

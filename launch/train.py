@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from comlora_ds.config import ConfigError, load_config  # noqa: E402
+from comlora_ds.methods import method_class  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None):
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     try:   # validated before the heavy imports: a bad value fails in well under a second
         cfg = load_config(args.config or REPO / "launch" / "configs" / "demo.yaml", overrides)
+        method_class(cfg.adapter.method)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

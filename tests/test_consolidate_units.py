@@ -15,10 +15,10 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from comlora_ds.adapters.inject import adapter_layers, inject_adapters, merge_component
+from comlora_ds.adapters.layer import lora_scaling
 from comlora_ds.config import AdapterConfig, RunConfig
-from comlora_ds.export import ConsolidationError, LoRAFactors, register_factors
-from comlora_ds.export import factors as factors_module
-from comlora_ds.export.factors import ComponentExporter, adapter_scaling
+from comlora_ds.export import ConsolidationError
+from comlora_ds.export.factors import ComponentExporter
 from comlora_ds.export.merge import SAFE_INDEX, stream_merge
 from comlora_ds.export.outdir import check_output, publish, staging
 from comlora_ds.export.peft_adapter import write_peft_adapter
@@ -75,7 +75,7 @@ def test_factors_delta_is_the_layers_delta_weight(use_rslora):
     tensors = trained_tensors(llm, adapter)
     exporter = ComponentExporter(tensors, adapter)
     for name, layer in adapter_layers(llm).items():
-        assert exporter.scaling == layer.scaling == adapter_scaling(adapter)
+        assert exporter.scaling == layer.scaling == lora_scaling(adapter.alpha, adapter.rank, adapter.use_rslora)
         for k in range(K):
             assert torch.equal(exporter.factors(name, k).delta(), layer.delta_weight(k))   # bitwise
 
@@ -86,9 +86,9 @@ def test_unknown_method_and_component_are_refused():
     module = next(iter(exporter.layers))
     with pytest.raises(ConsolidationError, match="component 3 does not exist: the checkpoint has K = 3"):
         exporter.factors(module, 3)
-    exporter = ComponentExporter(tensors, adapter_cfg(method="no_such_method"))
-    with pytest.raises(ConsolidationError, match="'no_such_method' has no export rule; register one"):
-        exporter.factors(module, 0)
+    with pytest.raises(ConsolidationError, match="the checkpoint's adapter.method = 'no_such_method' is not "
+                                                 "available; known: lora, lora_dash, lora_pro"):
+        ComponentExporter(tensors, adapter_cfg(method="no_such_method"))
 
 
 # ---------------------------------------------------------------------------------------------------- merge
@@ -147,8 +147,8 @@ def test_merge_refuses_non_finite_weights(tmp_path):
 
 # ------------------------------------------------------------------------------------- extension point
 def test_extension_point_exports_a_higher_rank_component(tmp_path):
-    """A LoRA-Dash-like rule (an extra U diag(d) V^T per component, from extra checkpoint tensors) exports as
-    a rank-(r + s) PEFT LoRA: stock PEFT and the merged model agree with the hand-computed weights."""
+    """LoRA-Dash's layer (an extra U diag(d) V^T per component, from extra checkpoint tensors) exports as a
+    rank-(r + s) PEFT LoRA: stock PEFT and the merged model agree with the hand-computed weights."""
     s, k = 2, 1
     adapter = adapter_cfg(method="lora_dash")
     base = save_base(tmp_path / "base")
@@ -160,27 +160,13 @@ def test_extension_point_exports_a_higher_rank_component(tmp_path):
         tensors[f"{module}.dash_V"] = torch.linalg.qr(torch.randn(K, d_in, s, generator=g))[0]
         tensors[f"{module}.dash_d"] = torch.randn(K, s, generator=g)
 
-    previous = factors_module._RULES.get("lora_dash")
-
-    @register_factors("lora_dash")
-    def dash_factors(t, comp, scaling):
-        U, V, d = t["dash_U"][comp], t["dash_V"][comp], t["dash_d"][comp]
-        A = torch.cat([t["lora_A"][comp], V.t()])
-        B = torch.cat([t["lora_B"][comp], U * (d / scaling)], dim=1)
-        return LoRAFactors(A, B, scaling)
-
-    try:
-        exporter = ComponentExporter(tensors, adapter)
-        for module, t in exporter.layers.items():
-            want = adapter_scaling(adapter) * t["lora_B"][k] @ t["lora_A"][k] \
-                + t["dash_U"][k] @ torch.diag(t["dash_d"][k]) @ t["dash_V"][k].t()
-            torch.testing.assert_close(exporter.factors(module, k).delta(), want, rtol=1e-5, atol=1e-6)
-        summary = write_peft_adapter(exporter, k, adapter, str(base), tmp_path / "adapter")
-        stream_merge(base, tmp_path / "merged", exporter.weight_deltas(k), merge_shapes(exporter))
-    finally:
-        factors_module.unregister_factors("lora_dash")
-        if previous is not None:
-            register_factors("lora_dash")(previous)
+    exporter = ComponentExporter(tensors, adapter)      # lora_dash: DashLinear.factors_of, rank r + s
+    for module, t in exporter.layers.items():
+        want = lora_scaling(adapter.alpha, adapter.rank) * t["lora_B"][k] @ t["lora_A"][k] \
+            + t["dash_U"][k] @ torch.diag(t["dash_d"][k]) @ t["dash_V"][k].t()
+        torch.testing.assert_close(exporter.factors(module, k).delta(), want, rtol=1e-5, atol=1e-6)
+    summary = write_peft_adapter(exporter, k, adapter, str(base), tmp_path / "adapter")
+    stream_merge(base, tmp_path / "merged", exporter.weight_deltas(k), merge_shapes(exporter))
     assert summary["rank"] == RANK + s and summary["rank_pattern"] == {}
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == RANK + s and config["lora_alpha"] == ALPHA and config["task_type"] == "CAUSAL_LM"

@@ -16,7 +16,7 @@ from torch import nn
 from comlora_ds.adapters.inject import adapter_layers, merge_component
 from comlora_ds.config import load_config
 from comlora_ds.methods import get_method
-from comlora_ds.methods.lora_dash import (DashLinear, change_rates, dash_layers, export_factors,
+from comlora_ds.methods.lora_dash import (DashLinear, change_rates, dash_layers,
                                           select_directions, switch_to_dash)
 from comlora_ds.model import build_model, build_objective
 from comlora_ds.step import forward_backward
@@ -167,9 +167,13 @@ def test_export_factors_are_an_exact_peft_lora_of_rank_r_plus_s_d():
     with torch.no_grad():
         for name, layer in adapter_layers(ours.llm).items():
             tensors = {n: t for n, t in layer.state_dict().items() if n.startswith(("lora_", "dash_"))}
-            A, B, scaling = export_factors(tensors, k, layer.scaling)
+            f = DashLinear.factors_of(tensors, k, layer.scaling)
+            A, B, scaling = f.A, f.B, f.scaling
             assert scaling == 1.0 and A.shape == (r + s_d, layer.in_features)
-            torch.testing.assert_close(scaling * B @ A, layer.delta_weight(k), atol=1e-6, rtol=1e-5)
+            want = layer.scaling * layer.lora_B[k] @ layer.lora_A[k] \
+                + layer.dash_U[k] @ torch.diag(layer.dash_d[k]) @ layer.dash_V[k].T   # s B A + U diag(d) V^T
+            torch.testing.assert_close(B @ A, want, atol=1e-6, rtol=1e-5)
+            assert torch.equal(layer.delta_weight(k), f.delta())          # merge uses the same factors
             peft_layer = peft_model.base_model.model.get_submodule(name)
             peft_layer.lora_A["default"].weight.copy_(A)
             peft_layer.lora_B["default"].weight.copy_(B)

@@ -115,6 +115,14 @@ def _duplicate_key_row(tmp):
     return {"data.train_files": f"[{_write(tmp / 'train.json', text)}]"}
 
 
+def _unknown_method(tmp):
+    return {"adapter.method": "lora_plus"}
+
+
+def _dash_switch_after_the_last_epoch(tmp):
+    return {"adapter.method": "lora_dash", "train.max_steps": "null", "train.num_epochs": 1, "lora_dash.t_steps": 500}
+
+
 BAD_INPUTS = {
     "malformed JSON": (_bad_json, "train.json: malformed JSON at line 1 column 38"),
     "empty data set": (_empty_json, "train.json"),
@@ -127,6 +135,10 @@ BAD_INPUTS = {
     "max_length too small for any example": (_tiny_max_length, "data.max_length = 2 leaves no room for a prompt"),
     "non-finite config value": (_nan_learning_rate, "train.learning_rate = nan: must be a finite number"),
     "duplicate key in a data row": (_duplicate_key_row, "train.json: row 2 (counting from 1) has the key 'output' twice"),
+    "unknown adapter method": (_unknown_method, "adapter.method = 'lora_plus' is not available; known: lora, "
+                                                "lora_dash, lora_pro"),
+    "LoRA-Dash switch after the last step (num_epochs)": (
+        _dash_switch_after_the_last_epoch, "lora_dash.t_steps = 500: the switch would never happen: the run has "),
 }
 
 

@@ -12,9 +12,34 @@ gathers the frozen weight once per forward for all K components.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+
+def lora_scaling(alpha: float, rank: int, use_rslora: bool = False) -> float:
+    """alpha / r, or alpha / sqrt(r) with rsLoRA (PEFT's two rules)."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+@dataclass
+class LoRAFactors:
+    """One component of one layer as a LoRA pair: ``delta = scaling * B @ A`` (what merge adds to W0, what the PEFT
+    adapter stores)."""
+
+    A: torch.Tensor          # [rank, d_in] fp32
+    B: torch.Tensor          # [d_out, rank] fp32
+    scaling: float
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def delta(self) -> torch.Tensor:
+        """``scaling * B @ A`` in fp32, [d_out, d_in]."""
+        return (self.B.float() @ self.A.float()).mul_(self.scaling)
 
 
 class ComLoRALinear(nn.Module):
@@ -35,7 +60,7 @@ class ComLoRALinear(nn.Module):
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.num_components, self.rank, self.alpha = num_components, rank, alpha
-        self.scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        self.scaling = lora_scaling(alpha, rank, use_rslora)
         device = base.weight.device
         self.lora_A = nn.Parameter(torch.empty(num_components, rank, self.in_features, device=device))
         self.lora_B = nn.Parameter(torch.zeros(num_components, self.out_features, rank, device=device))
@@ -73,9 +98,22 @@ class ComLoRALinear(nn.Module):
         delta = torch.bmm(torch.bmm(h, A.transpose(1, 2)), B.transpose(1, 2))
         return (self.scaling * delta).reshape(*x.shape[:-1], self.out_features)
 
+    @staticmethod
+    def factors_of(tensors: Mapping[str, torch.Tensor], k: int, scaling: float) -> LoRAFactors:
+        """Component k as LoRA factors, from one layer's tensors by attribute name (``lora_A`` [K, r, d_in],
+        ``lora_B`` [K, d_out, r], and a subclass's own parameters and persistent buffers): the live layer's
+        (:meth:`component_factors`) or those recovered from a checkpoint (consolidation). THE definition of a
+        component's weight update: training's merge, the streamed merge and the PEFT adapter all use it. A method
+        whose component is more than ``B_k A_k`` overrides it with an equivalent (possibly higher-rank) pair."""
+        return LoRAFactors(tensors["lora_A"][k].float(), tensors["lora_B"][k].float(), scaling)
+
+    def component_factors(self, k: int) -> LoRAFactors:
+        tensors = {**dict(self.named_parameters(recurse=False)), **dict(self.named_buffers(recurse=False))}
+        return self.factors_of({name: t.detach() for name, t in tensors.items()}, k, self.scaling)
+
     def delta_weight(self, k: int) -> torch.Tensor:
-        """Component k's weight update ``scaling * B_k A_k`` in fp32, [d_out, d_in]."""
-        return self.scaling * (self.lora_B[k].float() @ self.lora_A[k].float())
+        """Component k's weight update in fp32, [d_out, d_in] (``scaling * B_k A_k`` for LoRA)."""
+        return self.component_factors(k).delta()
 
     @torch.no_grad()
     def merge(self, k: int, safe: bool = True) -> None:

@@ -9,7 +9,6 @@ scaling for a layer differs from the rule's, the ratio is folded into B so the a
 
 from __future__ import annotations
 
-import math
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -17,14 +16,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..adapters.layer import lora_scaling
 from ..config import AdapterConfig
 from .factors import ComponentExporter
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
-def _peft_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
-    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
 def write_peft_adapter(exporter: ComponentExporter, k: int, adapter: AdapterConfig, base_name_or_path: str,
@@ -38,7 +34,7 @@ def write_peft_adapter(exporter: ComponentExporter, k: int, adapter: AdapterConf
     rank_pattern = {module: r for module, r in ranks.items() if r != rank}
     weights: dict[str, torch.Tensor] = {}
     for module, f in factors.items():
-        ratio = f.scaling / _peft_scaling(adapter.alpha, f.rank, adapter.use_rslora)
+        ratio = f.scaling / lora_scaling(adapter.alpha, f.rank, adapter.use_rslora)
         B = f.B if ratio == 1.0 else f.B * ratio
         weights[f"base_model.model.{module}.lora_A.weight"] = f.A.float().contiguous()
         weights[f"base_model.model.{module}.lora_B.weight"] = B.float().contiguous()

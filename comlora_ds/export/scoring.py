@@ -1,5 +1,5 @@
 """Scoring the stored validation split offline: the real model (base + K adapters + selector) rebuilt from the
-run config and the recovered tensors, then ``comlora_ds.validation.score_validation`` (DESIGN.md section 1:
+run config and the recovered tensors, then ``comlora_ds.validation.score_validation`` (docs/method.md, "Winner":
 accumulated selector similarity per component, per-component LM loss, per-sample argmax counts)."""
 
 from __future__ import annotations

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from ..config import ConfigError
 from .base import AdapterMethod, LoRAMethod
 
 _METHODS: dict[str, type[AdapterMethod]] = {"lora": LoRAMethod}
 
 
 def register_method(cls: type[AdapterMethod]) -> type[AdapterMethod]:
+    """Make ``cls`` available as ``adapter.method = cls.name`` (training, consolidation and evaluation)."""
     _METHODS[cls.name] = cls
     return cls
 
@@ -20,12 +22,17 @@ register_method(LoRAProMethod)
 register_method(LoRADashMethod)
 
 
-def get_method(cfg) -> AdapterMethod:
-    """The method object for ``cfg.adapter.method`` (importing a method's module registers it)."""
-    name = cfg.adapter.method
+def method_class(name: str) -> type[AdapterMethod]:
+    """The registered method class called ``name`` (ConfigError naming the known ones)."""
     if name not in _METHODS:
-        raise ValueError(f"adapter.method = {name!r} is not available; known: {sorted(_METHODS)}")
-    return _METHODS[name](cfg)
+        raise ConfigError(f"adapter.method = {name!r} is not available; known: {', '.join(sorted(_METHODS))}")
+    return _METHODS[name]
 
 
-__all__ = ["AdapterMethod", "LoRADashMethod", "LoRAMethod", "LoRAProMethod", "get_method", "register_method"]
+def get_method(cfg) -> AdapterMethod:
+    """The method object for ``cfg.adapter.method``: create it once per run and hand it to whatever needs it."""
+    return method_class(cfg.adapter.method)(cfg)
+
+
+__all__ = ["AdapterMethod", "LoRADashMethod", "LoRAMethod", "LoRAProMethod", "get_method", "method_class",
+           "register_method"]

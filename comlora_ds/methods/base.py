@@ -3,8 +3,10 @@
 A method may (1) use its own adapter layer class (extra parameters/buffers created before
 ``deepspeed.initialize``, an extra forward term, its merged delta), (2) bring its own optimizer,
 (3) act before and after every optimizer step, and (4) refuse DeepSpeed settings it does not support.
-Its extra state lives in module buffers or optimizer state, so DeepSpeed's checkpoints carry it. Export
-turns a layer's recovered tensors into LoRA factors through ``comlora_ds.export.register_factors``.
+Its extra state lives in module buffers or optimizer state, so DeepSpeed's checkpoints carry it. The layer class
+owns the method's weight update (``factors_of``), which training's merge, the streamed merge and the PEFT adapter
+writer all use; a new method is one layer class (if its weights differ) plus one method class, registered with
+``comlora_ds.methods.register_method`` (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -18,10 +20,20 @@ from ..config import RunConfig
 
 class AdapterMethod:
     name = "base"
-    layer_cls: type[ComLoRALinear] = ComLoRALinear
+    layer_type: type[ComLoRALinear] = ComLoRALinear     # whose factors_of export uses
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
+
+    @property
+    def layer_cls(self):
+        """What injection calls as ``layer_cls(base, K, r, alpha, dropout, use_rslora)``: ``layer_type`` with the
+        method's own settings bound."""
+        return self.layer_type
+
+    def check_plan(self, total_steps: int) -> None:
+        """Raise ConfigError when the method cannot do its job in a run of ``total_steps`` optimizer steps (known
+        once the data is read, e.g. from train.num_epochs)."""
 
     def check_ds_config(self, ds_config: dict) -> None:
         """Raise ValueError for DeepSpeed settings the method cannot train correctly under. May also edit

@@ -8,7 +8,8 @@ Per adapted layer (each of the K components its own directions and scales):
     components): W0 = U diag(sigma) V^T; for each k the change rate c_i = |u_i^T dW_k v_i| / (sigma_i + eps) with
     dW_k = s B_k A_k; the s_d largest give U_S,k [d_out, s_d] and V_S,k [d_in, s_d], frozen from then on;
   * dash phase: W_k = W0 + s B_k A_k + U_S,k diag(d_k) V_S,k^T with d_k learnable, initialised to 0 (so the
-    output is continuous at the switch); A and B keep training. Merge and export include the dash term.
+    output is continuous at the switch); A and B keep training. Merge and export include the dash term
+    (``DashLinear.factors_of``: a rank-(r + s_d) LoRA pair).
 
 Unlike the official code (a counter of forward calls inside the layer: shifted by gradient accumulation,
 evaluation and checkpoint recomputation, lost on resume) the switch is an optimizer-step callback and its state
@@ -26,9 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..adapters.layer import ComLoRALinear
+from ..adapters.layer import ComLoRALinear, LoRAFactors
 from ..config import ConfigError
-from ..export.factors import register_factors
 from ._zero import gathered
 from .base import AdapterMethod
 
@@ -74,9 +74,15 @@ class DashLinear(ComLoRALinear):
         dash = torch.bmm(torch.bmm(h, V) * d.to(V.dtype).unsqueeze(1), U.transpose(1, 2))
         return out + dash.reshape(*x.shape[:-1], self.out_features).to(out.dtype)
 
-    def delta_weight(self, k: int) -> torch.Tensor:
-        """``s B_k A_k + U_k diag(d_k) V_k^T`` in fp32 (what merge and export fold into W0)."""
-        return super().delta_weight(k) + dash_delta(self.dash_U[k], self.dash_V[k], self.dash_d[k])
+    @staticmethod
+    def factors_of(tensors: Mapping[str, Tensor], k: int, scaling: float) -> LoRAFactors:
+        """Component k as an exact LoRA pair of rank r + s_d: ``B' A' = s B_k A_k + U_k diag(d_k) V_k^T`` with
+        ``B' = [s B_k, U_k diag(d_k)]``, ``A' = [A_k; V_k^T]``, scaling 1 (in PEFT: r = lora_alpha = r + s_d,
+        use_rslora = False). Before the switch U = V = 0 and the extra block is zero, so every layer of a run has
+        the same rank."""
+        A, B = tensors["lora_A"][k].float(), tensors["lora_B"][k].float()
+        U, V, d = tensors["dash_U"][k].float(), tensors["dash_V"][k].float(), tensors["dash_d"][k].float()
+        return LoRAFactors(torch.cat([A, V.T], 0), torch.cat([scaling * B, U * d], 1), 1.0)
 
     @torch.no_grad()
     def set_directions(self, idx: Tensor, U: Tensor, V: Tensor, step: int) -> None:
@@ -88,11 +94,6 @@ class DashLinear(ComLoRALinear):
 
 
 # ------------------------------------------------------------------------------------------------ the maths
-def dash_delta(U: Tensor, V: Tensor, d: Tensor) -> Tensor:
-    """``U diag(d) V^T`` in fp32 for one component: U [d_out, s_d], V [d_in, s_d], d [s_d]."""
-    return (U.float() * d.float()) @ V.float().T
-
-
 def change_rates(U: Tensor, S: Tensor, Vh: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
                  sigma_eps: float = 1e-12) -> Tensor:
     """c[k, i] = |u_i^T dW_k v_i| / (sigma_i + eps) with dW_k = s B_k A_k, without forming dW_k: [K, min(m, n)].
@@ -143,31 +144,24 @@ def switch_to_dash(model: nn.Module, step: int, sigma_eps: float = 1e-12) -> Non
         layer.set_directions(idx, U, V, step)
 
 
-# ----------------------------------------------------------------------------------------------- export
-@register_factors("lora_dash")
-def export_factors(tensors: Mapping[str, Tensor], k: int, scaling: float) -> tuple[Tensor, Tensor, float]:
-    """Component k of one DashLinear as an exact PEFT LoRA pair of rank r + s_d, from recovered tensors.
-
-    ``tensors`` holds the layer's tensors under their local names: lora_A [K, r, d_in], lora_B [K, d_out, r],
-    dash_U [K, d_out, s_d], dash_V [K, d_in, s_d], dash_d [K, s_d]. Returns (A' [r + s_d, d_in],
-    B' [d_out, r + s_d], 1.0) in fp32 with B' A' = s B_k A_k + U_k diag(d_k) V_k^T: B' = [s B_k, U_k diag(d_k)],
-    A' = [A_k; V_k^T]. In PEFT: r = lora_alpha = r + s_d, use_rslora = False (scaling 1). Before the switch
-    U = V = 0 and the extra rank-s_d block is zero, so every layer of a run has the same rank."""
-    A, B = tensors["lora_A"][k].float(), tensors["lora_B"][k].float()
-    U, V, d = tensors["dash_U"][k].float(), tensors["dash_V"][k].float(), tensors["dash_d"][k].float()
-    return torch.cat([A, V.T], 0), torch.cat([scaling * B, U * d], 1), 1.0
-
-
 # ---------------------------------------------------------------------------------------------- the method
 class LoRADashMethod(AdapterMethod):
     """LoRA-Dash per component (K = 1: LoRA-Dash; K > 1: ComLoRA x LoRA-Dash). Works with every ZeRO stage, bf16
     and offload: the switch only reads W0 (gathered under ZeRO-3) and writes buffers."""
 
     name = "lora_dash"
+    layer_type = DashLinear
 
     @property
     def layer_cls(self):
         return partial(DashLinear, num_directions=self.cfg.lora_dash.num_directions)
+
+    def check_plan(self, total_steps: int) -> None:
+        t = self.cfg.lora_dash.t_steps
+        if t >= total_steps:
+            raise ConfigError(f"lora_dash.t_steps = {t}: the switch would never happen: the run has {total_steps} "
+                              f"optimizer steps (train.max_steps = {self.cfg.train.max_steps}, train.num_epochs = "
+                              f"{self.cfg.train.num_epochs}); lower lora_dash.t_steps or train longer")
 
     def on_optimizer_step(self, model: nn.Module, step: int) -> None:
         """Switch right after optimizer step t. ``>= t`` with the per-layer flag also covers a run resumed from a

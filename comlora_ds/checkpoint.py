@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .errors import InputError
+
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
 TMP_PREFIX = "tmp-"
 
@@ -34,7 +36,7 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError, ValueError):
     """A path that does not lead to a usable checkpoint: no such folder, an unpublished one, or a ``latest`` that
     names a missing folder or one outside its checkpoints folder."""
 
@@ -96,7 +98,7 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-class OutputDirError(OSError):
+class OutputDirError(InputError, OSError):
     """The output directory cannot take the run: not writable, holds another run, or is full."""
 
 
@@ -185,7 +187,7 @@ def resolve_resume(resume: str | None, save_dir: str | Path) -> tuple[Path, str]
     return folder.parent, folder.name
 
 
-class UnsafeCheckpointError(ValueError):
+class UnsafeCheckpointError(InputError, ValueError):
     """A checkpoint file would need arbitrary code to unpickle."""
 
 
@@ -219,7 +221,7 @@ def screen_checkpoint(folder: str | Path) -> None:
         safe_load(path)
 
 
-class ResumeError(ValueError):
+class ResumeError(InputError, ValueError):
     """The checkpoint does not belong to this run configuration."""
 
 
@@ -288,10 +290,10 @@ def load_checkpoint(engine, save_dir: str | Path, tag: str) -> dict:
     load_path, client_state = engine.load_checkpoint(str(save_dir), tag=tag, load_module_strict=False,
                                                      load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
-        raise FileNotFoundError(f"DeepSpeed could not load checkpoint {Path(save_dir) / tag}")
+        raise ResumeError(f"DeepSpeed could not load checkpoint {Path(save_dir) / tag}")
     rng_file = Path(save_dir) / tag / f"rng_state_rank{dist.get_rank()}.pt"
     if not rng_file.is_file():
-        raise FileNotFoundError(f"{rng_file} is missing: resume with the world size the checkpoint was "
+        raise ResumeError(f"{rng_file} is missing: resume with the world size the checkpoint was "
                                 f"written with ({client_state.get('world_size')} ranks)")
     _set_rng_state(torch.load(rng_file, weights_only=True))
     return client_state

@@ -24,6 +24,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .errors import InputError
 from .data.olmo_eval import DEFAULT_TASKS, OLMO_EVAL_TASKS
 
 LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -44,7 +45,7 @@ LORA_PRO_X_MODES = ("sylvester", "zero", "symmetry")
 LORA_PRO_CLIP_MODES = ("pre_adam", "official")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A configuration value is invalid; the message names the field and the value."""
 
 

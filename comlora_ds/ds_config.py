@@ -15,13 +15,14 @@ import hjson
 import torch
 
 from .config import RunConfig
+from .errors import InputError
 from .data.formats import repeated_keys
 from .modeling import fast_bf16_available
 
 AUTO = "auto"
 
 
-class DeepSpeedConfigError(ValueError):
+class DeepSpeedConfigError(InputError, ValueError):
     pass
 
 

@@ -30,20 +30,16 @@ from . import checkpoint as ckpt
 from . import manifest
 from .clipping import clip_per_group
 from .config import ConfigError, RunConfig
-from .data import DataError, ResponseCollator, build_datasets, prepare_tokenizer
-from .ds_config import DeepSpeedConfigError, backward_passes, fill_ds_config, load_ds_config, resolve_bf16, zero_stage
+from .data import ResponseCollator, build_datasets, prepare_tokenizer
+from .ds_config import backward_passes, fill_ds_config, load_ds_config, resolve_bf16, zero_stage
+from .errors import InputError
 from .losses import annealing_eta
 from .methods import get_method
 from .model import build_model, build_objective
-from .modeling import ModelError, load_base_model, load_tokenizer, resolve_dtype, resolve_model_path
+from .modeling import load_base_model, load_tokenizer, resolve_dtype, resolve_model_path
 from .step import forward_backward
 from .tracking import RunLogger, StepAccumulator
 from .validation import score_validation
-
-
-# Errors that mean "the input is wrong" (the CLI prints them as one line); anything else is a bug.
-INPUT_ERRORS = (ConfigError, DataError, DeepSpeedConfigError, ckpt.OutputDirError, ckpt.ResumeError,
-                ckpt.CheckpointError, manifest.ManifestError, ModelError)
 
 
 def init_distributed() -> None:
@@ -104,7 +100,7 @@ class Trainer:
         created = [p for p in (output_dir, *output_dir.parents) if not p.exists()]
         try:
             self._setup(cfg, ds_config)
-        except INPUT_ERRORS:
+        except InputError:
             for folder in created:         # a refused run leaves no empty output folder behind
                 try:
                     folder.rmdir()

@@ -24,6 +24,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from .errors import InputError
+
 MANIFEST = "manifest.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 STORAGE_KEYS = ("torch_dtype", "dtype", "transformers_version", "_name_or_path")
@@ -36,7 +38,7 @@ RESUME_SETTINGS = ("data.seed", "data.val_size", "data.max_length", "data.overlo
                    "train.warmup_ratio", "train.weight_decay", "comlora.loss_reduction", "comlora.lm_reduction")
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError, ValueError):
     """A checkpoint's files are not the ones its manifest lists."""
 
 

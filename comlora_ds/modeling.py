@@ -10,6 +10,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import ModelConfig
+from .errors import InputError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -63,7 +64,7 @@ def resolve_model_path(cfg: ModelConfig) -> str:
     return str(folder)
 
 
-class ModelError(ValueError):
+class ModelError(InputError, ValueError):
     """The base model named by the run config cannot be used."""
 
 

@@ -42,19 +42,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")      # zero_to_fp32 needs no accelerator
-    from comlora_ds.consolidate import ConsolidationError, consolidate
+    from comlora_ds.errors import run_cli
 
-    try:
-        report = consolidate(args.checkpoint, args.out, winner=args.winner, base=args.base,
-                             all_components=args.all_components, adapter=not args.no_adapter,
-                             merged=not args.no_merged, score=not args.skip_validation, overwrite=args.overwrite,
-                             batch_size=args.batch_size, device=args.device, score_dtype=args.score_dtype,
-                             log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    except ConsolidationError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: _consolidate(parse_args(argv)))
+
+
+def _consolidate(args: argparse.Namespace) -> int:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")      # zero_to_fp32 needs no accelerator
+    from comlora_ds.consolidate import consolidate
+
+    report = consolidate(args.checkpoint, args.out, winner=args.winner, base=args.base,
+                         all_components=args.all_components, adapter=not args.no_adapter,
+                         merged=not args.no_merged, score=not args.skip_validation, overwrite=args.overwrite,
+                         batch_size=args.batch_size, device=args.device, score_dtype=args.score_dtype,
+                         log=lambda msg: print(msg, file=sys.stderr, flush=True))
     v = report["validation"]
     print(f"winner: component {report['winner']} (by {report['winner_by']})")
     if v:

@@ -66,25 +66,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from comlora_ds.errors import run_cli
+
+    return run_cli(lambda: _evaluate(vars(parse_args(argv))))
+
+
+def _evaluate(args: dict) -> int:
     from comlora_ds.evaluation.runner import EvalSettings, default_out_dir, run_evaluation
 
-    args = vars(parse_args(argv))
-    try:
-        settings = EvalSettings(**args)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    settings = EvalSettings(**args)
     if not settings.out:
         settings.out = str(default_out_dir(settings))
-    try:
-        results = run_evaluation(settings)
-    except (ValueError, RuntimeError, ImportError, OSError) as err:
-        # bad input, a results conflict, a missing package or file: the message names the file/row/field or the
-        # pip command; set COMLORA_DEBUG=1 for the traceback
-        if os.environ.get("COMLORA_DEBUG"):
-            raise
-        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
-        return 2
+    results = run_evaluation(settings)
     print(open(os.path.join(settings.out, "results.md"), encoding="utf-8").read())
     print(f"results: {settings.out}/results.json ({results['runtime']['seconds']} s)")
     return 0

@@ -16,7 +16,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from comlora_ds.config import ConfigError, load_config  # noqa: E402
+from comlora_ds.config import load_config  # noqa: E402
+from comlora_ds.errors import run_cli  # noqa: E402
 from comlora_ds.methods import method_class  # noqa: E402
 
 
@@ -30,21 +31,18 @@ def parse_args(argv: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, overrides = parse_args(argv)
-    try:   # validated before the heavy imports: a bad value fails in well under a second
-        cfg = load_config(args.config or REPO / "launch" / "configs" / "demo.yaml", overrides)
-        method_class(cfg.adapter.method)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    from comlora_ds.engine import INPUT_ERRORS, Trainer
+    return run_cli(lambda: _train(argv))
 
-    try:
-        trainer = Trainer(cfg, args.deepspeed)
-        result = trainer.train()
-    except INPUT_ERRORS as err:   # bad input (or a full disk): one line naming the problem, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+
+def _train(argv: list[str] | None) -> int:
+    args, overrides = parse_args(argv)
+    # validated before the heavy imports: a bad value fails in about a second
+    cfg = load_config(args.config or REPO / "launch" / "configs" / "demo.yaml", overrides)
+    method_class(cfg.adapter.method)
+    from comlora_ds.engine import Trainer
+
+    trainer = Trainer(cfg, args.deepspeed)
+    result = trainer.train()
     trainer.close()
     if result.checkpoint is not None and trainer.rank == 0:
         print(f"checkpoint: {result.checkpoint}\nnext: python launch/consolidate.py {result.checkpoint.parent} "

@@ -166,3 +166,42 @@ def test_a_toy_method_trains_merges_and_exports_through_its_layer_class(toy_meth
                                          tmp_path / "adapter").eval()(**batch).logits
     for logits in (merged_in_memory, merged, peft):
         torch.testing.assert_close(logits, unmerged.detach(), rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ one error style
+def test_every_user_error_is_an_input_error_and_keeps_its_builtin_base():
+    from comlora_ds import checkpoint, errors, manifest
+    from comlora_ds.config import ConfigError
+    from comlora_ds.data.formats import DataError
+    from comlora_ds.ds_config import DeepSpeedConfigError
+    from comlora_ds.evaluation.load import TrainingCheckpointError
+    from comlora_ds.evaluation.report import ResultsConflict
+    from comlora_ds.evaluation.wordnet import MetricUnavailable
+    from comlora_ds.export.errors import ConsolidationError
+    from comlora_ds.modeling import ModelError
+
+    kept = {ConfigError: ValueError, DataError: ValueError, DeepSpeedConfigError: ValueError,
+            checkpoint.CheckpointError: ValueError, checkpoint.OutputDirError: OSError,
+            checkpoint.UnsafeCheckpointError: ValueError, checkpoint.ResumeError: ValueError,
+            manifest.ManifestError: ValueError, ModelError: ValueError, ConsolidationError: RuntimeError,
+            ResultsConflict: RuntimeError, MetricUnavailable: RuntimeError, TrainingCheckpointError: ValueError,
+            errors.EvaluationError: ValueError, errors.MissingPackage: ImportError}
+    for cls, builtin in kept.items():
+        assert issubclass(cls, errors.InputError) and issubclass(cls, builtin), cls
+
+
+def test_run_cli_prints_one_line_and_exits_2_and_lets_bugs_through(monkeypatch, capsys):
+    from comlora_ds.errors import InputError, run_cli
+
+    def refuse():
+        raise InputError("data.train_files[0] = 'x.json': no such file")
+
+    monkeypatch.delenv("COMLORA_DEBUG", raising=False)
+    assert run_cli(refuse) == 2
+    assert capsys.readouterr().err == "error: data.train_files[0] = 'x.json': no such file\n"
+    assert run_cli(lambda: 0) == 0
+    with pytest.raises(ZeroDivisionError):
+        run_cli(lambda: 1 // 0)
+    monkeypatch.setenv("COMLORA_DEBUG", "1")
+    with pytest.raises(InputError):
+        run_cli(refuse)

@@ -171,6 +171,12 @@ def test_results_never_silently_replaced(tmp_path):
     assert (tmp_path / "results.md").read_text() == "# b\n"
 
 
+def test_cli_names_a_model_that_is_not_there(tmp_path, capsys):
+    assert run_cli(tmp_path / "no-such-model", "--task", "commonsense", "--out", tmp_path / "o") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot load '{tmp_path / 'no-such-model'}' (hub): ") and err.count("\n") == 1
+
+
 def test_cli_rejects_bad_settings(capsys):
     assert run_cli(STORIES, "--task", "commonsense", "--shots", 5) == 2
     assert "shots applies to --task mmlu only" in capsys.readouterr().err

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from comlora_ds.evaluation.stats import cohen_kappa
 

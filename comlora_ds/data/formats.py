@@ -17,12 +17,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputError
+
 LLM_ADAPTERS_FIELDS = ("instruction", "input", "output", "answer")
 REQUIRED_FIELDS = ("instruction", "output")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
 
-class DataError(ValueError):
+class DataError(InputError, ValueError):
     """Bad input data; the message names the file, the row, the field and the offending value."""
 
 

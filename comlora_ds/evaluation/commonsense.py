@@ -27,6 +27,7 @@ from typing import Any, Optional
 
 from ..data.formats import DataError, load_llm_adapters
 from ..data.prompts import build_llm_adapters_eval_prompt, build_prompt
+from ..errors import EvaluationError
 from .keywords import ANSWER_KEYWORDS, COMMONSENSE_TASKS, check_task, extract_answer
 
 PROMPTS: dict[str, Callable[..., str]] = {"train": build_prompt, "llm-adapters-eval": build_llm_adapters_eval_prompt}
@@ -189,7 +190,7 @@ def evaluate_commonsense(model: Any, tokenizer: Any, task_data: dict[str, dict[s
     from .generate import generate
 
     if prompt not in PROMPTS:
-        raise ValueError(f"prompt {prompt!r}: choose from {', '.join(PROMPTS)}")
+        raise EvaluationError(f"prompt {prompt!r}: choose from {', '.join(PROMPTS)}")
     per_task: dict[str, dict[str, Any]] = {}
     examples: list[dict[str, Any]] = []
     for task, entry in task_data.items():

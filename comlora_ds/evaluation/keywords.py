@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import re
 
+from ..errors import EvaluationError
+
 ANSWER_KEYWORDS: dict[str, tuple[str, ...]] = {
     "boolq": ("true", "false"),
     "piqa": ("solution1", "solution2"),
@@ -63,14 +65,14 @@ _LETTER = re.compile(r"\b([A-D])\b")
 
 def check_task(task: str) -> None:
     if task not in ANSWER_KEYWORDS:
-        raise ValueError(f"unknown task {task!r}; choose from {', '.join(ANSWER_KEYWORDS)}")
+        raise EvaluationError(f"unknown task {task!r}; choose from {', '.join(ANSWER_KEYWORDS)}")
 
 
 def extract_answer(task: str, text: str, rule: str = "llm-adapters") -> str:
     """The predicted answer keyword of ``task`` in ``text``, or ``""`` when there is none (see module doc)."""
     check_task(task)
     if rule not in RULES:
-        raise ValueError(f"unknown extraction rule {rule!r}; choose from {', '.join(RULES)}")
+        raise EvaluationError(f"unknown extraction rule {rule!r}; choose from {', '.join(RULES)}")
     match = _PATTERNS[(task, rule)].search(text.strip())
     return match.group(0).lower() if match else ""
 

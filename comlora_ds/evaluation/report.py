@@ -16,8 +16,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputError
 
-class ResultsConflict(RuntimeError):
+
+class ResultsConflict(InputError, RuntimeError):
     """The output folder already holds different results."""
 
 

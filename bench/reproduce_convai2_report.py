@@ -84,8 +84,12 @@ def _paired_rows(label_a: str, runs_a: list[list[dict]], label_b: str, runs_b: l
         better = c.a_better if higher else c.b_better
         worse = c.b_better if higher else c.a_better
         rows.append(f"| {label_a} vs {label_b} | {metric} | {c.mean_a:.3f} | {c.mean_b:.3f} | {c.difference:+.3f} | "
-                    f"{c.standard_error:.3f} | {better}/{worse} | {c.sign_test_p:.2g} | {c.bootstrap_p:.2g} |")
+                    f"{c.standard_error:.3f} | {better}/{worse} | {c.sign_test_p:.2g} | {_bootstrap_p(c.bootstrap_p)} |")
     return rows
+
+
+def _bootstrap_p(p: float) -> str:
+    return f"{p:.2g}" if p > 0 else "< 1e-4"     # no resample of 10,000 crossed zero
 
 
 def _rank_of(variant: str) -> str:
@@ -164,7 +168,8 @@ LEGEND = ("Mean ± standard deviation over seeds (n). ComLoRA rows are the valid
 PAIRED_LEGEND = ("Per test reply, the score averaged over the seeds of each side (for best-of-K: over the kept runs of "
                  "every K-subset), then compared reply by reply: difference of means, its paired standard error, "
                  "replies where the first side is better / worse, the two-sided sign test and a paired bootstrap "
-                 "(10,000 resamples). NLL: lower is better. BLEU is a corpus statistic and is left out here.")
+                 "(10,000 resamples). NLL / token here is each reply's mean (every reply weighs the same; the table "
+                 "above pools all tokens); lower is better. BLEU is a corpus statistic and is left out here.")
 
 
 def write_report(args, run_dir, commands: list[str]) -> None:

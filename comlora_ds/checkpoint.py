@@ -1,11 +1,4 @@
-"""Training checkpoints: complete or invisible.
-
-Layout under ``<output_dir>/checkpoints/``::
-
-    latest                       the tag of the newest *complete* checkpoint (written last, atomically)
-    step_00000200/               DeepSpeed's files (trainable tensors only, optimizer, scheduler),
-                                 rng_state_rank{r}.pt per rank, run_config.yaml, ds_config.json, tokenizer
-    zero_to_fp32.py              DeepSpeed's recovery script
+"""Training checkpoints: complete or invisible. The folder layout and the lookup are :mod:`comlora_ds.run_layout`'s.
 
 Every rank calls ``save_checkpoint``: DeepSpeed writes into ``tmp-<tag>/``; after a barrier rank 0
 renames it to ``<tag>/``, then replaces ``latest``, then deletes checkpoints beyond the last M. A run
@@ -27,56 +20,9 @@ import torch
 import torch.distributed as dist
 
 from .errors import InputError
-
-TAG_PATTERN = re.compile(r"^step_(\d{8})$")
-TMP_PREFIX = "tmp-"
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-class CheckpointError(InputError, ValueError):
-    """A path that does not lead to a usable checkpoint: no such folder, an unpublished one, or a ``latest`` that
-    names a missing folder or one outside its checkpoints folder."""
-
-
-def read_latest(save_dir: str | Path) -> str | None:
-    """The tag ``latest`` names; None when there is no ``latest`` (no checkpoint was completed). A ``latest`` that
-    names anything but an existing ``step_NNNNNNNN`` folder beside it (``../elsewhere``, a deleted step) is refused:
-    resuming or consolidating would otherwise start over or read another run."""
-    latest = Path(save_dir) / "latest"
-    if not latest.is_file():
-        return None
-    tag = latest.read_text().strip()
-    if not TAG_PATTERN.match(tag):
-        raise CheckpointError(f"{latest} names {tag!r}, not a step_NNNNNNNN checkpoint folder beside it; nothing was "
-                              f"changed")
-    if not (Path(save_dir) / tag).is_dir():
-        raise CheckpointError(f"{latest} names {tag}, which does not exist in {save_dir} (deleted or moved?): restore "
-                              f"it or name an existing step folder; nothing was changed")
-    return tag
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """The checkpoint folder a user means by ``path``: a ``step_NNNNNNNN`` folder, a checkpoints folder (its
-    ``latest``) or a run folder (its ``checkpoints/latest``). The one place that reads a path this way (training's
-    resume, consolidation, evaluation)."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"no checkpoint at {path}: no such file or folder")
-    if path.name.startswith(TMP_PREFIX):
-        raise CheckpointError(f"{path} is an unpublished checkpoint (DeepSpeed was still writing it when the run "
-                              f"stopped); use the checkpoints folder, whose 'latest' names the last complete one")
-    if path.is_dir() and TAG_PATTERN.match(path.name):
-        return path
-    for save_dir in (path, path / "checkpoints"):
-        tag = read_latest(save_dir)
-        if tag is not None:
-            return save_dir / tag
-    raise CheckpointError(f"{path} is not a checkpoint: expected a checkpoints folder with a 'latest' file, a run "
-                          f"folder holding one, or a step_NNNNNNNN folder")
-
+from .fileio import atomic_write_text
+from .run_layout import (CHECKPOINTS, LATEST, METRICS, RUN_CONFIG, TAG_PATTERN, TMP_PREFIX, TRAINER_STATE,
+                         CheckpointError, find_checkpoint, read_latest, tag_for)
 
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
@@ -92,12 +38,6 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 class OutputDirError(InputError, OSError):
     """The output directory cannot take the run: not writable, holds another run, or is full."""
 
@@ -106,8 +46,8 @@ def check_output_dir(output_dir: str | Path, resuming: bool) -> None:
     """Before any expensive work: the directory must be creatable and writable, and must not hold
     another run's checkpoints or metrics unless we are resuming it (nothing is overwritten)."""
     output_dir = Path(output_dir)
-    save_dir = output_dir / "checkpoints"
-    if not resuming and (save_dir.is_dir() and any(save_dir.iterdir()) or (output_dir / "metrics.jsonl").exists()):
+    save_dir = output_dir / CHECKPOINTS
+    if not resuming and (save_dir.is_dir() and any(save_dir.iterdir()) or (output_dir / METRICS).exists()):
         raise OutputDirError(f"train.output_dir = {str(output_dir)!r} already holds a run; continue it with "
                              f"train.resume=auto, or choose another output_dir (nothing was changed)")
     try:
@@ -157,7 +97,7 @@ def save_checkpoint(engine, save_dir: str | Path, step: int, client_state: dict,
         if final_dir.exists():
             shutil.rmtree(final_dir)
         os.replace(tmp_dir, final_dir)
-        _write_atomic(save_dir / "latest", tag)
+        atomic_write_text(save_dir / LATEST, tag)
         _rotate(save_dir, keep_last, keep=tag)
     dist.barrier()
     return final_dir
@@ -235,8 +175,8 @@ def check_resume_compatible(folder: Path, cfg, world_size: int, total_steps: int
     """Before the model is loaded: the checkpoint's saved run config and trainer state must match."""
     from .config import load_config
 
-    saved = load_config(folder / "run_config.yaml")
-    state = json.loads((folder / "trainer_state.json").read_text())
+    saved = load_config(folder / RUN_CONFIG)
+    state = json.loads((folder / TRAINER_STATE).read_text())
     for dotted in RESUME_FIELDS:
         group, name = dotted.split(".")
         old, new = getattr(getattr(saved, group), name), getattr(getattr(cfg, group), name)
@@ -300,4 +240,4 @@ def load_checkpoint(engine, save_dir: str | Path, tag: str) -> dict:
 
 
 def write_json(path: Path, obj: dict) -> None:
-    _write_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True))

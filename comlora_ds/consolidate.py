@@ -34,6 +34,7 @@ from .export.recover import check_tensors, expected_shapes, locate_checkpoint, r
 from .export.report import read_training_metrics, write_plots, write_report
 from .export.scoring import build_live_model, load_validation_rows, resolve_score_dtype, score_checkpoint
 from .manifest import base_model_fingerprint
+from .run_layout import TOKENIZER
 from .validation import ValidationScores
 
 __all__ = ["ConsolidationError", "consolidate", "choose_winner", "recover_checked", "resolve_base"]
@@ -138,7 +139,7 @@ def consolidate(checkpoint: str | Path, out: str | Path, *, winner: int | None =
     rows = load_validation_rows(ref.step_dir) if score else None
     if rows:
         model = build_live_model(cfg, str(base_dir), tensors, resolve_score_dtype(score_dtype, device), device)
-        scores = score_checkpoint(model, rows, ref.step_dir / "tokenizer", k_total,
+        scores = score_checkpoint(model, rows, ref.step_dir / TOKENIZER, k_total,
                                   batch_size or cfg.train.micro_batch_size, device)
         del model
         gc.collect()
@@ -149,7 +150,7 @@ def consolidate(checkpoint: str | Path, out: str | Path, *, winner: int | None =
 
     # 4. write everything beside OUT, then publish it in one rename
     exporter = ComponentExporter(tensors, cfg.adapter)
-    tokenizer_dir = ref.step_dir / "tokenizer"
+    tokenizer_dir = ref.step_dir / TOKENIZER
     outputs, written = {}, {}
     with staging(out) as tmp:
         if adapter:

@@ -28,6 +28,7 @@ from transformers import AutoConfig, get_scheduler
 
 from . import checkpoint as ckpt
 from . import manifest
+from . import run_layout as layout
 from .clipping import clip_per_group
 from .config import ConfigError, RunConfig
 from .data import ResponseCollator, build_datasets, prepare_tokenizer
@@ -94,8 +95,20 @@ def exit_process(code: int) -> NoReturn:
     os._exit(code)
 
 
+class TrainerCallback:
+    """What code outside the trainer (a benchmark, a monitor) can attach to, without patching it. Every rank calls
+    both hooks; reading gradients (``deepspeed.utils.safe_get_full_grad``) is collective, so do it on every rank."""
+
+    def on_gradients(self, trainer: "Trainer", step: int) -> None:
+        """Step ``step``'s gradients are reduced and rewritten by the method; clipping and the optimizer come next."""
+
+    def on_step_end(self, trainer: "Trainer", step: int, metrics: dict) -> None:
+        """Optimizer step ``step`` was applied; ``metrics`` is what gets logged for it."""
+
+
 class Trainer:
-    def __init__(self, cfg: RunConfig, ds_config: str | Path | dict):
+    def __init__(self, cfg: RunConfig, ds_config: str | Path | dict, callbacks: list[TrainerCallback] = ()):
+        self.callbacks = list(callbacks)
         output_dir = Path(cfg.train.output_dir).absolute()
         created = [p for p in (output_dir, *output_dir.parents) if not p.exists()]
         try:
@@ -112,7 +125,7 @@ class Trainer:
         """Every build step, in the order that refuses bad input before the expensive work."""
         self.cfg = cfg
         self.output_dir = Path(cfg.train.output_dir)
-        self.save_dir = self.output_dir / "checkpoints"
+        self.save_dir = self.output_dir / layout.CHECKPOINTS
         raw_ds = load_ds_config(ds_config)                     # fail on a bad file before any model work
         ckpt.check_output_dir(self.output_dir, resuming=cfg.train.resume is not None)
         init_distributed()
@@ -176,6 +189,7 @@ class Trainer:
                                                model_parameters=self._param_groups(), config=self.ds_config)
         seed_everything(rank_stream_seed(cfg.train.seed, self.rank))     # initial weights identical on every rank
         self.passes = backward_passes(cfg)
+        self.gradient_transforms = self._gradient_transforms()
         self.state = TrainState()
         self._stop_requested = False
 
@@ -199,13 +213,13 @@ class Trainer:
         manifest.write(folder, *self.fingerprints, manifest.settings_of(self.cfg))
 
     def _write_extras(self, folder: Path, logger: RunLogger) -> None:
-        self.cfg.save(folder / "run_config.yaml")
-        ckpt.write_json(folder / "trainer_state.json", self.client_state(logger))
-        ckpt.write_json(folder / "ds_config.json", self.ds_config)
-        ckpt.write_json(folder / "data_report.json", self.data_report.to_dict())
+        self.cfg.save(folder / layout.RUN_CONFIG)
+        ckpt.write_json(folder / layout.TRAINER_STATE, self.client_state(logger))
+        ckpt.write_json(folder / layout.DS_CONFIG, self.ds_config)
+        ckpt.write_json(folder / layout.DATA_REPORT, self.data_report.to_dict())
         if len(self.val_rows):   # consolidation scores exactly these rows, even if the data files move
-            self.val_rows.to_json(folder / "validation_rows.jsonl", lines=True)
-        self.tokenizer.save_pretrained(folder / "tokenizer")
+            self.val_rows.to_json(folder / layout.VALIDATION_ROWS, lines=True)
+        self.tokenizer.save_pretrained(folder / layout.TOKENIZER)
 
     def _checkpoint_bytes(self) -> int:
         """A generous estimate of one checkpoint: fp32 weight + master + Adam m, v of every trainable
@@ -238,6 +252,27 @@ class Trainer:
     def _backward(self, loss: torch.Tensor) -> None:
         # DeepSpeed divides by its accumulation steps, which count the K passes in sequential mode.
         self.engine.backward(loss * self.passes if self.passes > 1 else loss)
+
+    def _gradient_transforms(self) -> list:
+        """What happens to a step's reduced gradients before the optimizer, in order: the method's rewrite (LoRA-Pro's
+        equivalent gradients), the callbacks' look at them, per-group clipping (ComLoRA). Each is called as
+        ``transform(engine, step)`` and may return metrics to log."""
+        transforms = [self.method.before_optimizer_step, self._show_gradients]
+        if self.cfg.clip_scope == "per_group":
+            transforms.append(self._clip_per_group)
+        return transforms
+
+    def _show_gradients(self, engine, step: int) -> None:
+        for callback in self.callbacks:
+            callback.on_gradients(self, step)
+
+    def _clip_per_group(self, engine, step: int) -> dict:
+        return {"grad_norm": clip_per_group(engine.module, self.cfg.adapter.num_components,
+                                            self.cfg.train.max_grad_norm)}
+
+    def request_stop(self) -> None:
+        """Checkpoint at the end of the current step, then stop (what SIGTERM does)."""
+        self._stop_requested = True
 
     def _request_stop(self, signum, frame) -> None:
         """SIGTERM (preemption) or a first Ctrl-C: checkpoint at the next step boundary, then stop. A second
@@ -279,20 +314,22 @@ class Trainer:
                                            cfg.comlora.execution, between_passes=engine.step)
                     accumulator.add(out, batch)
                     self.state.batches_in_epoch += 1
-                    if not engine.is_gradient_accumulation_boundary():
-                        engine.step()
+                    boundary = engine.is_gradient_accumulation_boundary()
+                    if boundary:       # the step's gradients are accumulated and reduced
+                        step = self.state.global_step + 1
+                        metrics = accumulator.reduce(self._stop_requested)
+                        accumulator.reset()
+                        _check_finite(metrics, step)
+                        lr = engine.get_lr()[0]
+                        for transform in self.gradient_transforms:
+                            metrics.update(transform(engine, step) or {})
+                    engine.step()      # every micro-step: DeepSpeed applies the optimizer at the boundary only
+                    if not boundary:
                         continue
-                    metrics = accumulator.reduce(self._stop_requested)
-                    accumulator.reset()
-                    _check_finite(metrics, self.state.global_step + 1)
-                    lr = engine.get_lr()[0]
-                    self.method.before_optimizer_step(engine, self.state.global_step + 1)
-                    if cfg.clip_scope == "per_group":
-                        metrics["grad_norm"] = clip_per_group(engine.module, cfg.adapter.num_components,
-                                                              cfg.train.max_grad_norm)
-                    engine.step()
                     self.state.global_step += 1
                     self.method.on_optimizer_step(engine.module, self.state.global_step)
+                    for callback in self.callbacks:
+                        callback.on_step_end(self, self.state.global_step, metrics)
                     logger.log_step(self.state.global_step, metrics, lr, eta)
                     stopped = metrics["stop_requested"]
                     done = self.state.global_step >= self.total_steps
@@ -330,7 +367,7 @@ class Trainer:
         self.engine.train()
         result = {"step": self.state.global_step, **scores.as_dict()}
         if self.rank == 0:
-            ckpt.write_json(self.output_dir / "validation.json", result)
+            ckpt.write_json(self.output_dir / layout.VALIDATION, result)
             logger.write({"validation": result, "step": self.state.global_step})
             logger.message(f"validation: component losses {[round(x, 4) for x in result['mean_loss']]}, "
                            f"winner {result['winner']} (by {result['winner_by']})")

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from .data.tokenize import IGNORE_INDEX
+
 ALIGN_SIGN = 1.0
 
 

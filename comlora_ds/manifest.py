@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 from .errors import InputError
+from .fileio import atomic_write_text
 
 MANIFEST = "manifest.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -108,9 +108,7 @@ def write(folder: Path, data: dict, base_model: dict, settings: dict) -> None:
              if p.is_file() and p.name != MANIFEST}
     text = json.dumps({"files": files, "data": data, "base_model": base_model, "settings": settings}, indent=2,
                       sort_keys=True)
-    tmp = folder / f".{MANIFEST}.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, folder / MANIFEST)
+    atomic_write_text(folder / MANIFEST, text)
 
 
 def verify(folder: Path) -> dict | None:

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from .config import ModelConfig
 from .errors import InputError
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def choose_attn_implementation(requested: str = "auto") -> str:
@@ -40,7 +40,7 @@ def resolve_dtype(requested: str, bf16: bool | None = None) -> torch.dtype:
     if requested == "auto":
         use_bf16 = fast_bf16_available() if bf16 is None else bf16
         return torch.bfloat16 if use_bf16 else torch.float32
-    return _DTYPES[requested]
+    return DTYPES[requested]
 
 
 def _looks_like_a_path(name: str) -> bool:

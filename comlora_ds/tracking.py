@@ -18,6 +18,8 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .config import RunConfig
+from .fileio import atomic_write_text
+from .run_layout import METRICS
 from .losses import PairTarget
 from .step import StepOutput
 
@@ -106,8 +108,8 @@ class RunLogger:
         if not enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
-        _drop_records_after(output_dir / "metrics.jsonl", start_step)
-        self.jsonl = open(output_dir / "metrics.jsonl", "a")
+        _drop_records_after(output_dir / METRICS, start_step)
+        self.jsonl = open(output_dir / METRICS, "a")
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
         self.wandb = None
         if cfg.logging.wandb_mode != "disabled":
@@ -196,9 +198,7 @@ def _drop_records_after(path: Path, step: int) -> None:
             continue
         if record.get("step", 0) <= step:
             kept.append(line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(kept))
 
 
 def _flatten(record: dict) -> dict:

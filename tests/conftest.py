@@ -9,6 +9,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from helpers import base_overrides, ds_config, launch
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -73,3 +75,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """One process, global batch 4, ZeRO-2 fp32, 6 steps with checkpoints at 3 and 6."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    launch(base_overrides(out, **{"logging.wandb_mode": "offline"}), nproc=1, ds=ds_config(out.parent, 2))
+    return out

@@ -170,7 +170,7 @@ def test_a_toy_method_trains_merges_and_exports_through_its_layer_class(toy_meth
 
 # ------------------------------------------------------------------------------------------ one error style
 def test_every_user_error_is_an_input_error_and_keeps_its_builtin_base():
-    from comlora_ds import checkpoint, errors, manifest
+    from comlora_ds import checkpoint, errors, manifest, run_layout
     from comlora_ds.config import ConfigError
     from comlora_ds.data.formats import DataError
     from comlora_ds.ds_config import DeepSpeedConfigError
@@ -181,7 +181,7 @@ def test_every_user_error_is_an_input_error_and_keeps_its_builtin_base():
     from comlora_ds.modeling import ModelError
 
     kept = {ConfigError: ValueError, DataError: ValueError, DeepSpeedConfigError: ValueError,
-            checkpoint.CheckpointError: ValueError, checkpoint.OutputDirError: OSError,
+            run_layout.CheckpointError: ValueError, checkpoint.OutputDirError: OSError,
             checkpoint.UnsafeCheckpointError: ValueError, checkpoint.ResumeError: ValueError,
             manifest.ManifestError: ValueError, ModelError: ValueError, ConsolidationError: RuntimeError,
             ResultsConflict: RuntimeError, MetricUnavailable: RuntimeError, TrainingCheckpointError: ValueError,

@@ -17,7 +17,7 @@ from comlora_ds.clipping import clip_per_group, component_tensor_names
 from comlora_ds.config import load_config
 from comlora_ds.model import build_model
 from conftest import tiny_llama
-from test_engine import FP32_TOL, assert_trajectories_match, base_overrides, ds_config, launch, step_losses
+from helpers import FP32_TOL, assert_trajectories_match, base_overrides, ds_config, launch, step_losses
 
 
 class Toy(nn.Module):

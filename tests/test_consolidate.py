@@ -76,11 +76,11 @@ from comlora_ds.export.scoring import build_live_model, load_validation_rows  # 
 
 from assets import tiny_model_dir  # noqa: E402
 from comlora_ds import manifest  # noqa: E402
-from test_engine import _env as _engine_env, _port, base_overrides, ds_config  # noqa: E402
+from helpers import base_overrides, ds_config, free_port, subprocess_env  # noqa: E402
 
 
 def _env() -> dict:
-    return {**_engine_env(), "WANDB_MODE": "disabled"}
+    return {**subprocess_env(), "WANDB_MODE": "disabled"}
 
 pytestmark = pytest.mark.distributed
 
@@ -108,7 +108,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     out = {}
     for name, (stage, nproc, extra) in RUNS.items():
         run = root / name
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_port()}",
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={free_port()}",
                __file__, str(ds_config(root, stage)),
                *base_overrides(run, **{**RUN_SETTINGS, "train.micro_batch_size": 4 // nproc, **extra})]
         proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)

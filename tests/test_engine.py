@@ -12,7 +12,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,79 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from assets import commonsense_file, tiny_model_dir
+from helpers import (BF16_TOL, FP32_TOL, REPO, assert_trajectories_match, base_overrides, ds_config, free_port,
+                     launch, step_losses, subprocess_env)
 
 pytestmark = pytest.mark.distributed
-
-REPO = Path(__file__).resolve().parents[1]
-FP32_TOL = 1e-5   # fp32: same math, different all-reduce order
-BF16_TOL = 2e-2   # bf16: 8 mantissa bits; per-rank partial sums round differently
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-            "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
-
-
-def base_overrides(output_dir: Path, **extra) -> list[str]:
-    items = {
-        "model.name_or_path": tiny_model_dir(),
-        "data.train_files": f"[{commonsense_file('ARC-Challenge')}]",
-        "data.max_train_samples": 48, "data.val_size": 8, "data.max_length": 64,
-        "adapter.num_components": 2, "adapter.rank": 4, "adapter.dropout": 0.0, "comlora.noise": 0.0,
-        "train.max_steps": 6, "train.save_steps": 3, "train.save_total_limit": 3, "train.learning_rate": 5e-3,
-        "train.output_dir": output_dir, "logging.wandb_mode": "disabled", "train.micro_batch_size": 4,
-    }
-    items.update(extra)
-    return [f"{key}={value}" for key, value in items.items()]
-
-
-def ds_config(tmp_path: Path, stage: int) -> Path:
-    """The shipped config, with ZeRO-3 forced to partition even tiny tensors (else it tests nothing)."""
-    cfg = json.loads((REPO / "ds_configs" / f"zero{stage}.json").read_text())
-    if stage == 3:
-        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    path = tmp_path / f"zero{stage}.json"
-    path.write_text(json.dumps(cfg))
-    return path
-
-
-def launch(overrides: list[str], nproc: int, ds: Path, timeout: int = 300, wait: bool = True):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_port()}",
-           str(REPO / "launch" / "train.py"), "--deepspeed", str(ds), *overrides]
-    if not wait:
-        return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                start_new_session=True, text=True)
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc
-
-
-def step_losses(output_dir: Path, key: str = "loss") -> dict[int, float]:
-    """Per-step ``key`` of metrics.jsonl (the total loss by default)."""
-    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r[key] for r in records if key in r}
-
-
-def assert_trajectories_match(got: dict, want: dict, tol: float) -> None:
-    assert got.keys() == want.keys(), (got, want)
-    for step in want:
-        assert abs(got[step] - want[step]) <= tol * max(1.0, abs(want[step])), (step, got, want)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    """One process, global batch 4, ZeRO-2 fp32, 6 steps with checkpoints at 3 and 6."""
-    out = tmp_path_factory.mktemp("ref") / "run"
-    launch(base_overrides(out, **{"logging.wandb_mode": "offline"}), nproc=1, ds=ds_config(out.parent, 2))
-    return out
-
 
 def test_single_process_run_writes_everything(reference):
     losses = step_losses(reference)
@@ -201,9 +131,9 @@ def test_ranks_draw_independent_streams_from_identical_initial_weights(tmp_path)
     streams (what the trainer leaves in torch's global RNG), while every rank starts from the same adapters."""
     script = tmp_path / "streams.py"
     script.write_text(RANK_STREAMS)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            str(script), str(ds_config(tmp_path, 2)), str(tmp_path), *base_overrides(tmp_path / "run")]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     import torch
 
@@ -279,13 +209,13 @@ def test_two_nodes_on_loopback(tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
     out = tmp_path / "run"
-    port = _port()
+    port = free_port()
     overrides = base_overrides(out, **{"train.micro_batch_size": 2, "train.max_steps": 2, "train.save_steps": 2})
     procs = [subprocess.Popen(
         [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
          "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
          str(REPO / "launch" / "train.py"), "--deepspeed", str(ds_config(tmp_path, 2)), *overrides],
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+        env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
     assert (out / "checkpoints" / "latest").read_text() == "step_00000002"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_engine import REPO, assert_trajectories_match, base_overrides, launch, step_losses
+from helpers import REPO, assert_trajectories_match, base_overrides, launch, step_losses
 
 pytestmark = pytest.mark.distributed
 

@@ -22,12 +22,13 @@ import pytest
 import torch
 
 from comlora_ds import checkpoint as ckpt
+from comlora_ds import run_layout
 from comlora_ds.config import load_config
 from comlora_ds.ds_config import DeepSpeedConfigError, resolve_bf16
 
 from assets import commonsense_file, tiny_model_dir
-from test_engine import (FP32_TOL, REPO, _env, _port, assert_trajectories_match, base_overrides, ds_config, launch,
-                         reference, step_losses)  # noqa: F401  (reference is a fixture)
+from helpers import (FP32_TOL, REPO, assert_trajectories_match, base_overrides, ds_config, free_port, launch,
+                     step_losses, subprocess_env)
 
 TRAIN_JSON = commonsense_file("ARC-Challenge")
 
@@ -198,8 +199,8 @@ def test_bf16_on_a_gpu_without_bf16_is_refused(monkeypatch):
 
 def test_latest_naming_a_folder_outside_is_refused(tmp_path):
     (tmp_path / "latest").write_text("../../elsewhere")
-    with pytest.raises(ckpt.CheckpointError, match="not a step_NNNNNNNN checkpoint folder"):
-        ckpt.read_latest(tmp_path)
+    with pytest.raises(run_layout.CheckpointError, match="not a step_NNNNNNNN checkpoint folder"):
+        run_layout.read_latest(tmp_path)
 
 
 def test_ds_config_with_a_duplicate_key_is_refused(run_cli, tmp_path, capsys):
@@ -223,7 +224,7 @@ def test_latest_naming_a_missing_step_stops_resume_and_consolidation(reference, 
     assert rc == 2 and "names step_00000006, which does not exist" in err and err.count("\n") == 1
     assert _snapshot(out) == before
     proc = subprocess.run([sys.executable, str(REPO / "launch" / "consolidate.py"), str(out / "checkpoints"), "--out",
-                           str(tmp_path / "export")], env=_env(), capture_output=True, text=True, timeout=120)
+                           str(tmp_path / "export")], env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "names step_00000006, which does not exist" in proc.stderr, proc.stderr
     assert _snapshot(out) == before and not (tmp_path / "export").exists()
 
@@ -239,7 +240,7 @@ def test_consolidation_never_writes_into_a_run_or_checkpoint(reference, tmp_path
            "inside a checkpoint": run / "checkpoints" / "step_00000003" / "export"}[target]
     before = {name: _snapshot(folder) for name, folder in (("run", run), ("other", other))}
     proc = subprocess.run([sys.executable, str(REPO / "launch" / "consolidate.py"), str(run / "checkpoints" /
-                           "step_00000006"), "--out", str(out), "--overwrite"], env=_env(), capture_output=True,
+                           "step_00000006"), "--out", str(out), "--overwrite"], env=subprocess_env(), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "a training run or checkpoint" in proc.stderr, proc.stderr
     assert proc.stderr.count("\n") == 1
@@ -293,7 +294,7 @@ def test_one_rank_killed_mid_step_resumes_from_last_checkpoint(reference, tmp_pa
     os.kill(victim, signal.SIGKILL)              # only rank 1; torchrun tears the rest down
     proc.communicate(timeout=120)
     assert proc.returncode != 0
-    assert ckpt.read_latest(out / "checkpoints") in {"step_00000002", "step_00000004"}
+    assert run_layout.read_latest(out / "checkpoints") in {"step_00000002", "step_00000004"}
     launch(overrides + ["train.resume=auto"], nproc=2, ds=ds_config(tmp_path, 2))
     assert_trajectories_match(step_losses(out), step_losses(reference), FP32_TOL)
 
@@ -331,8 +332,8 @@ def test_non_finite_loss_stops_naming_step_and_component(tmp_path):
 
 
 def _launch_with_fault(overrides: list[str], nproc: int, ds: Path, **fault_env) -> subprocess.CompletedProcess:
-    env = {**_env(), "PYTHONPATH": f"{REPO / 'tests' / 'faults'}:{REPO}", **fault_env}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_port()}",
+    env = {**subprocess_env(), "PYTHONPATH": f"{REPO / 'tests' / 'faults'}:{REPO}", **fault_env}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
            str(REPO / "launch" / "train.py"), "--deepspeed", str(ds), *overrides]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
@@ -517,7 +518,7 @@ def test_a_changed_checkpoint_file_is_refused_by_resume_and_consolidation(refere
     err = capsys.readouterr().err
     assert rc == 2 and f"{shard.name} is not the file that was written" in err and err.count("\n") == 1, err
     proc = subprocess.run([sys.executable, str(REPO / "launch" / "consolidate.py"), str(out / "checkpoints"), "--out",
-                           str(tmp_path / "export")], env=_env(), capture_output=True, text=True, timeout=120)
+                           str(tmp_path / "export")], env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and f"{shard.name} is not the file that was written" in proc.stderr, proc.stderr
 
 
@@ -531,7 +532,7 @@ def test_consolidation_refuses_a_base_with_the_same_shapes_but_other_weights(ref
     model.save_pretrained(other)
     shutil.copy(tiny_model_dir() / "tokenizer.json", other)
     proc = subprocess.run([sys.executable, str(REPO / "launch" / "consolidate.py"), str(reference / "checkpoints"),
-                           "--out", str(tmp_path / "export"), "--base", str(other)], env=_env(), capture_output=True,
+                           "--out", str(tmp_path / "export"), "--base", str(other)], env=subprocess_env(), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and f"base model {other} is not the one" in proc.stderr, proc.stderr
     assert "weights differ(s)" in proc.stderr and not (tmp_path / "export").exists()

@@ -12,7 +12,7 @@ from pathlib import Path
 from comlora_ds.evaluation.stats import cohen_kappa
 
 from assets import commonsense_dir, commonsense_file, tiny_model_dir
-from test_engine import _env
+from helpers import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -26,7 +26,7 @@ def drive(out: Path, *extra: str, timeout: int = 600) -> str:
            "--model", str(tiny_model_dir()), "--train-files", str(TRAIN), "--test-dir", str(commonsense_dir()),
            "--variants", "comlora_k2_r8", "lora_r8", "--seeds", "1", "--max-steps", "4", "--max-length", "64",
            "--eval-limit", "3", "--eval-batch", "4", "--report", str(out / "results.md"), *extra]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 

@@ -13,7 +13,7 @@ import pytest
 from assets import convai2_files, tiny_model_dir
 from comlora_ds.evaluation.convai2 import parse_convai2, training_rows
 from comlora_ds.evaluation.stats import paired_comparison
-from test_engine import _env
+from helpers import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -54,7 +54,7 @@ def test_grid_and_its_results_section(tmp_path):
            "--test-turns", "2", "--variants", "lora_r4", "comlora_k2_r4", "--seeds", "1", "2", "--max-steps", "2",
            "--max-length", "128", "--val-size", "4", "--eval-batch", "4", "--max-new-tokens", "4",
            "--report", str(report)]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     # the data: dialogues 0-5 as training rows, 6-7 cut to two turns each as the test file
@@ -113,7 +113,7 @@ def test_grid_and_its_results_section(tmp_path):
         assert cells[4] == ", ".join(f"{x:.3f}" for x in nll)
     assert "launch/train.py --deepspeed" in page and "<!-- /reproduce: convai2 -->" in page
 
-    rerun = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)   # everything is done
+    rerun = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)   # everything is done
     assert rerun.returncode == 0 and "$ " not in rerun.stdout
 
 

@@ -19,7 +19,7 @@ def response_logprobs(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str
     """Per (prompt, response) pair: the summed log-probability of the response tokens and their count.
 
     Pairs longer than ``max_length`` keep the response and lose the prompt's left end, as in training."""
-    from ..data.tokenize import ResponseCollator, tokenize_example
+    from ..data.tokenize import IGNORE_INDEX, ResponseCollator, tokenize_example
     from .generate import ensure_pad_token, model_device
 
     collate = ResponseCollator(ensure_pad_token(tokenizer))
@@ -34,11 +34,11 @@ def response_logprobs(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str
             batch = {k: v.to(device) for k, v in collate(sequences[start:start + batch_size]).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             targets = batch["labels"][:, 1:]
-            rows, cols = (targets != -100).nonzero(as_tuple=True)       # response positions only
+            rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)       # response positions only
             logp = torch.log_softmax(logits[:, :-1][rows, cols].float(), -1)
             picked = logp.gather(-1, targets[rows, cols][:, None])[:, 0]
             sums += torch.zeros(len(targets), device=device).index_add_(0, rows, picked).tolist()
-            counts += (targets != -100).sum(1).tolist()
+            counts += (targets != IGNORE_INDEX).sum(1).tolist()
     finally:
         model.train(was_training)
     return sums, counts

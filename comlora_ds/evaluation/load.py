@@ -27,9 +27,9 @@ from typing import Any, Optional
 import torch
 
 from ..errors import EvaluationError, InputError
+from ..modeling import DTYPES
+from ..run_layout import TOKENIZER, looks_like_training_output
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_STEP_DIR = "step_"
 
 
 class TrainingCheckpointError(InputError, ValueError):
@@ -51,12 +51,6 @@ class Target:
         return asdict(self)
 
 
-def _is_training_checkpoint(path: Path) -> bool:
-    if (path / "latest").is_file() or (path / "checkpoints" / "latest").is_file():
-        return True
-    return path.name.startswith(_STEP_DIR) and path.name[len(_STEP_DIR):].isdigit()
-
-
 def _has_tokenizer(path: Path) -> bool:
     return any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
 
@@ -67,7 +61,7 @@ def describe_target(model_or_adapter: str, base: Optional[str] = None, component
     from ..builtin_models import BUILTIN_MODELS, resolve_model_path
 
     path = Path(model_or_adapter).expanduser()
-    if path.is_dir() and _is_training_checkpoint(path):
+    if path.is_dir() and looks_like_training_output(path):
         if component is None:
             raise TrainingCheckpointError(
                 f"{path} is a training checkpoint with K components: pass --component k to evaluate component k "
@@ -149,5 +143,5 @@ def _checkpoint_component(target: Target, dtype: torch.dtype, device: str) -> tu
     _, base_dir, tensors = recover_checked(ref, target.base)
     model = build_live_model(ref.cfg, str(base_dir), tensors, dtype, device)
     merge_component(model.llm, k)
-    target = Target("checkpoint", str(ref.step_dir), str(base_dir), str(ref.step_dir / "tokenizer"), k)
+    target = Target("checkpoint", str(ref.step_dir), str(base_dir), str(ref.step_dir / TOKENIZER), k)
     return model.llm, AutoTokenizer.from_pretrained(target.tokenizer), target

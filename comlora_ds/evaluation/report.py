@@ -10,23 +10,17 @@ refusals are lifted by ``overwrite=True``. Files are written to a temporary name
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..fileio import atomic_write_text
 
 
 class ResultsConflict(InputError, RuntimeError):
     """The output folder already holds different results."""
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _dump(data: Any) -> str:
@@ -67,14 +61,14 @@ def write_results(out_dir: str | Path, results: dict[str, Any], markdown: str,
         if not same:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             conflict = out / f"results.conflict-{stamp}.json"
-            _atomic_write(conflict, _dump(results))
+            atomic_write_text(conflict, _dump(results))
             raise ResultsConflict(f"{path} already holds different results; the new ones are in {conflict}. "
                                   "Compare them, then re-run with --overwrite or another --out")
     if predictions is not None:
-        _atomic_write(out / "predictions.jsonl",
+        atomic_write_text(out / "predictions.jsonl",
                       "".join(json.dumps(p, ensure_ascii=False, sort_keys=True) + "\n" for p in predictions))
-    _atomic_write(out / "results.md", markdown)
-    _atomic_write(path, _dump(results))
+    atomic_write_text(out / "results.md", markdown)
+    atomic_write_text(path, _dump(results))
     return path
 
 

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import TAG_PATTERN
+from ..run_layout import LATEST, METRICS, TAG_PATTERN, TRAINER_STATE
 from .errors import ConsolidationError
 
 REPORT = "report.json"
-TRAINING_MARKERS = ("latest", "metrics.jsonl", "trainer_state.json")
+TRAINING_MARKERS = (LATEST, METRICS, TRAINER_STATE)
 
 
 def fingerprint(tensors: dict[str, torch.Tensor], checkpoint: Path, base: str, options: dict) -> str:
@@ -49,7 +49,7 @@ def training_output_in(out: Path) -> tuple[str, Path] | None:
     is, or contains; None when there is none. Inside a run folder is fine (the demo writes ``<run>/export``); inside
     a checkpoints folder or a checkpoint is not."""
     for folder in out.parents:
-        if TAG_PATTERN.match(folder.name) or (folder / "latest").is_file():
+        if TAG_PATTERN.match(folder.name) or (folder / LATEST).is_file():
             return "is inside", folder
     if not out.is_dir():
         return None

@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 from .. import manifest
-from ..checkpoint import CheckpointError, UnsafeCheckpointError, find_checkpoint, safe_load, screen_checkpoint
+from ..checkpoint import UnsafeCheckpointError, safe_load, screen_checkpoint
+from ..run_layout import RUN_CONFIG, TOKENIZER, CheckpointError, find_checkpoint
 from ..config import ConfigError, RunConfig, load_config
 from .errors import ConsolidationError
 
 ADAPTER_PATTERN = re.compile(r"^llm\.(?P<module>.+)\.(?P<tensor>[^.]+)$")
-RUN_CONFIG = "run_config.yaml"
 MAX_LISTED = 8
 
 
@@ -74,7 +74,7 @@ def locate_checkpoint(path: str | Path) -> CheckpointRef:
         saved = manifest.verify(step_dir)
     except manifest.ManifestError as err:
         raise ConsolidationError(str(err)) from None
-    for required in (RUN_CONFIG, "tokenizer"):
+    for required in (RUN_CONFIG, TOKENIZER):
         if not (step_dir / required).exists():
             raise ConsolidationError(f"partial checkpoint {step_dir}: {required} is missing (comlora_ds' trainer "
                                      f"writes it with every checkpoint)")

@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..run_layout import METRICS
+
 PLOTS = "plots"
 
 
 def read_training_metrics(run_dir: Path) -> dict | None:
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS
     if not path.is_file():
         return None
     by_step: dict[int, dict] = {}

@@ -13,19 +13,18 @@ import torch
 from ..config import RunConfig
 from ..data import ResponseCollator, prepare_tokenizer
 from ..model import ComLoRAModel, build_model
-from ..modeling import load_base_model
+from ..modeling import DTYPES, fast_bf16_available, load_base_model
+from ..run_layout import VALIDATION_ROWS
 from ..validation import ValidationScores, score_validation
 from .errors import ConsolidationError
 
-VALIDATION_ROWS = "validation_rows.jsonl"
 
 
 def resolve_score_dtype(name: str, device: str) -> torch.dtype:
     """auto: bf16 on a CUDA device that supports it, else fp32 (bf16 is ~26x slower on CPUs without AMX)."""
     if name == "auto":
-        fast = device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if fast else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+        return torch.bfloat16 if device.startswith("cuda") and fast_bf16_available() else torch.float32
+    return DTYPES[name]
 
 
 def load_validation_rows(step_dir: Path) -> list[dict] | None:

@@ -102,7 +102,7 @@ class BaseModel:
     def __init__(self, name: str, dtype: str = "auto", attn: str = "auto"):
         from transformers import AutoModelForCausalLM
 
-        from comlora_ds.modeling import choose_attn_implementation
+        from comlora_ds.base_model import choose_attn_implementation
 
         self.name, self.path = name, resolve(name)
         self.dtype = default_dtype(dtype)

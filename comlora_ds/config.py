@@ -71,6 +71,14 @@ class ModelConfig:
     cache_dir: Optional[str] = _help("Where converted built-in models are cached "
                                      "(default ~/.cache/comlora_ds).", default=None)
 
+    def validate(self, cfg: "RunConfig") -> None:
+        """Raise ConfigError naming the first bad model.* field."""
+        m = self
+        _choice("model.dtype", m.dtype, DTYPES)
+        _choice("model.attn_implementation", m.attn_implementation, ATTN_IMPLEMENTATIONS)
+        if not m.name_or_path:
+            _fail("model.name_or_path", m.name_or_path, "must name a model")
+
 
 @dataclass
 class AdapterConfig:
@@ -85,6 +93,25 @@ class AdapterConfig:
     use_rslora: bool = _help("Rank-stabilised scaling alpha / sqrt(r).", default=False)
     target_modules: list[str] = _help("Linear modules to adapt (last name component).",
                                       default_factory=lambda: list(LLAMA_LINEAR_MODULES))
+
+    def validate(self, cfg: "RunConfig") -> None:
+        """Raise ConfigError naming the first bad adapter.* field (the method name is the registry's:
+        comlora_ds.methods.method_class)."""
+        a = self
+        if a.num_components < 1:
+            _fail("adapter.num_components", a.num_components, "K must be >= 1")
+        _positive("adapter.rank", a.rank)
+        _positive("adapter.alpha", a.alpha)
+        if not 0.0 <= a.dropout < 1.0:
+            _fail("adapter.dropout", a.dropout, "must be in [0, 1)")
+        if not a.target_modules:
+            _fail("adapter.target_modules", a.target_modules, "must name at least one module")
+        for name in a.target_modules:
+            if name not in LLAMA_LINEAR_MODULES:
+                _fail("adapter.target_modules", name,
+                      f"unknown target module; choose from {', '.join(LLAMA_LINEAR_MODULES)}")
+        if len(set(a.target_modules)) != len(a.target_modules):
+            _fail("adapter.target_modules", a.target_modules, "lists a module twice")
 
 
 @dataclass
@@ -119,6 +146,31 @@ class ComLoRAConfig:
     no_selector: bool = _help("Ablation: no selector at all; the winner is the lowest validation LM loss.",
                               default=False)
 
+    def validate(self, cfg: "RunConfig") -> None:
+        """Raise ConfigError naming the first bad comlora.* field."""
+        c, a = self, cfg.adapter
+        if c.top_n is not None and not 1 <= c.top_n <= a.num_components:
+            _fail("comlora.top_n", c.top_n, f"must be between 1 and K = {a.num_components}")
+        _choice("comlora.annealing", c.annealing, ANNEALING_SCHEDULES)
+        _positive("comlora.annealing_rate", c.annealing_rate)
+        _positive("comlora.noise", c.noise, allow_zero=True)
+        _choice("comlora.loss_reduction", c.loss_reduction, LOSS_REDUCTIONS)
+        _choice("comlora.lm_reduction", c.lm_reduction, LOSS_REDUCTIONS)
+        for name in ("selector_hidden_size", "selector_num_heads", "selector_ffn_size"):
+            value = getattr(c, name)
+            if value is not None:
+                _positive(f"comlora.{name}", value)
+        if c.selector_hidden_size and c.selector_num_heads and c.selector_hidden_size % c.selector_num_heads:
+            _fail("comlora.selector_num_heads", c.selector_num_heads,
+                  f"must divide comlora.selector_hidden_size = {c.selector_hidden_size}")
+        if not 0.0 <= c.selector_dropout < 1.0:
+            _fail("comlora.selector_dropout", c.selector_dropout, "must be in [0, 1)")
+        _choice("comlora.execution", c.execution, EXECUTION_MODES)
+        if cfg.is_comlora and c.no_lm and c.no_align:
+            _fail("comlora.no_align", c.no_align, "with comlora.no_lm nothing would train the LoRA components")
+        if cfg.is_comlora and c.no_selector and c.no_lm:
+            _fail("comlora.no_lm", c.no_lm, "with comlora.no_selector, L_LM is the only loss left")
+
 
 @dataclass
 class LoRAProConfig:
@@ -135,6 +187,14 @@ class LoRAProConfig:
                            "the norm of the raw LoRA gradients scales the final update (ZeRO stage 0 only).",
                            default="pre_adam")
 
+    def validate(self, cfg: "RunConfig") -> None:
+        """Raise ConfigError naming the first bad lora_pro.* field."""
+        pro = self
+        _choice("lora_pro.mode", pro.mode, LORA_PRO_MODES)
+        _choice("lora_pro.x_mode", pro.x_mode, LORA_PRO_X_MODES)
+        _positive("lora_pro.delta", pro.delta)
+        _choice("lora_pro.clip_mode", pro.clip_mode, LORA_PRO_CLIP_MODES)
+
 
 @dataclass
 class LoRADashConfig:
@@ -144,6 +204,16 @@ class LoRADashConfig:
                                 "scale, per component (paper: 8).", default=8)
     sigma_eps: float = _help("Guard in the change rate |u_i^T dW v_i| / (sigma_i + eps) for singular values "
                              "near 0.", default=1e-12)
+
+    def validate(self, cfg: "RunConfig") -> None:
+        """Raise ConfigError naming the first bad lora_dash.* field (a switch after the last planned step, known
+        once the data is read, is refused by LoRADashMethod.check_plan)."""
+        dash, a, t = self, cfg.adapter, cfg.train
+        _positive("lora_dash.t_steps", dash.t_steps)
+        _positive("lora_dash.num_directions", dash.num_directions)
+        _positive("lora_dash.sigma_eps", dash.sigma_eps, allow_zero=True)
+        if t.max_steps is not None and a.method == "lora_dash" and dash.t_steps >= t.max_steps:
+            _fail("lora_dash.t_steps", dash.t_steps, f"the switch would never happen: train.max_steps = {t.max_steps}")
 
 
 @dataclass
@@ -165,6 +235,22 @@ class DataConfig:
     max_train_samples: Optional[int] = _help("Use only the first N training rows (after shuffling).",
                                              default=None)
     seed: int = _help("Seed of the validation split and the data order.", default=42)
+
+    def validate(self, cfg: "RunConfig") -> None:
+        """Raise ConfigError naming the first bad data.* field (the files themselves are checked where they are
+        read: data.formats.check_data_files)."""
+        d = self
+        _choice("data.format", d.format, DATA_FORMATS)
+        _choice("data.overlong", d.overlong, OVERLONG_POLICIES)
+        _positive("data.max_length", d.max_length)
+        _positive("data.val_size", d.val_size, allow_zero=True)
+        if not d.train_files and not d.builtin_tasks:
+            _fail("data.builtin_tasks", d.builtin_tasks,
+                  "is empty and no data.train_files are given: nothing to train on")
+        for task in d.builtin_tasks:
+            _choice("data.builtin_tasks", task, OLMO_EVAL_TASKS)
+        if d.max_train_samples is not None:
+            _positive("data.max_train_samples", d.max_train_samples)
 
 
 @dataclass
@@ -200,6 +286,37 @@ class TrainConfig:
                                             "train.learning_rate (the remaining steps use the new peak rate).",
                                             default_factory=list)
 
+    def validate(self, cfg: "RunConfig") -> None:
+        """Raise ConfigError naming the first bad train.* field."""
+        t, a = self, cfg.adapter
+        if t.max_steps is not None:
+            _positive("train.max_steps", t.max_steps)
+        _positive("train.num_epochs", t.num_epochs)
+        _positive("train.micro_batch_size", t.micro_batch_size)
+        _positive("train.gradient_accumulation_steps", t.gradient_accumulation_steps)
+        _positive("train.learning_rate", t.learning_rate)
+        _positive("train.weight_decay", t.weight_decay, allow_zero=True)
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(t, name) < 1.0:
+                _fail(f"train.{name}", getattr(t, name), "must be in [0, 1)")
+        _positive("train.adam_epsilon", t.adam_epsilon)
+        _choice("train.lr_scheduler", t.lr_scheduler, LR_SCHEDULERS)
+        if not 0.0 <= t.warmup_ratio < 1.0:
+            _fail("train.warmup_ratio", t.warmup_ratio, "must be in [0, 1)")
+        _positive("train.max_grad_norm", t.max_grad_norm, allow_zero=True)
+        _choice("train.clip_scope", t.clip_scope, CLIP_SCOPES)
+        if t.clip_scope == "per_group" and not t.max_grad_norm:
+            _fail("train.clip_scope", t.clip_scope, "needs train.max_grad_norm > 0 (0 disables clipping)")
+        if t.clip_scope == "per_group" and a.method == "lora_pro":
+            _fail("train.clip_scope", t.clip_scope, "is not available with adapter.method = lora_pro, whose "
+                  "optimizer does its own clipping (lora_pro.clip_mode); use global")
+        _choice("train.bf16", str(t.bf16).lower(), ("auto", "true", "false"))
+        _positive("train.ce_chunk_size", t.ce_chunk_size)
+        _positive("train.save_steps", t.save_steps, allow_zero=True)
+        _positive("train.save_total_limit", t.save_total_limit)
+        for name in t.resume_allow_changes:
+            _choice("train.resume_allow_changes", name, RESUME_ALLOWED_CHANGES)
+
 
 @dataclass
 class LoggingConfig:
@@ -209,6 +326,13 @@ class LoggingConfig:
     wandb_mode: str = _help("offline (default, no network), online or disabled.", default="offline")
     wandb_project: str = _help("wandb project name.", default="comlora_ds")
     run_name: Optional[str] = _help("Run name (default: output_dir's name).", default=None)
+
+    def validate(self, cfg: "RunConfig") -> None:
+        """Raise ConfigError naming the first bad logging.* field."""
+        log = self
+        _positive("logging.log_steps", log.log_steps)
+        _positive("logging.winner_window", log.winner_window)
+        _choice("logging.wandb_mode", log.wandb_mode, WANDB_MODES)
 
 
 @dataclass
@@ -240,7 +364,11 @@ class RunConfig:
         return self.comlora.top_n if self.comlora.top_n is not None else self.adapter.num_components
 
     def validate(self) -> "RunConfig":
-        _validate(self)
+        """Every field checked by its own group, in order; ConfigError names the first bad one."""
+        _finite(self)
+        for group in (self.model, self.adapter, self.comlora, self.lora_pro, self.lora_dash, self.data, self.train,
+                      self.logging):
+            group.validate(self)
         return self
 
     def to_yaml(self) -> str:
@@ -271,112 +399,6 @@ def _finite(cfg: RunConfig) -> None:
             value = getattr(section, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 _fail(f"{group.name}.{f.name}", value, "must be a finite number")
-
-
-def _validate(cfg: RunConfig) -> None:
-    _finite(cfg)
-    m, a, c, d, t, log = cfg.model, cfg.adapter, cfg.comlora, cfg.data, cfg.train, cfg.logging
-    _choice("model.dtype", m.dtype, DTYPES)
-    _choice("model.attn_implementation", m.attn_implementation, ATTN_IMPLEMENTATIONS)
-    if not m.name_or_path:
-        _fail("model.name_or_path", m.name_or_path, "must name a model")
-
-    if a.num_components < 1:
-        _fail("adapter.num_components", a.num_components, "K must be >= 1")
-    _positive("adapter.rank", a.rank)
-    _positive("adapter.alpha", a.alpha)
-    if not 0.0 <= a.dropout < 1.0:
-        _fail("adapter.dropout", a.dropout, "must be in [0, 1)")
-    if not a.target_modules:
-        _fail("adapter.target_modules", a.target_modules, "must name at least one module")
-    for name in a.target_modules:
-        if name not in LLAMA_LINEAR_MODULES:
-            _fail("adapter.target_modules", name,
-                  f"unknown target module; choose from {', '.join(LLAMA_LINEAR_MODULES)}")
-    if len(set(a.target_modules)) != len(a.target_modules):
-        _fail("adapter.target_modules", a.target_modules, "lists a module twice")
-
-    if c.top_n is not None and not 1 <= c.top_n <= a.num_components:
-        _fail("comlora.top_n", c.top_n, f"must be between 1 and K = {a.num_components}")
-    _choice("comlora.annealing", c.annealing, ANNEALING_SCHEDULES)
-    _positive("comlora.annealing_rate", c.annealing_rate)
-    _positive("comlora.noise", c.noise, allow_zero=True)
-    _choice("comlora.loss_reduction", c.loss_reduction, LOSS_REDUCTIONS)
-    _choice("comlora.lm_reduction", c.lm_reduction, LOSS_REDUCTIONS)
-    for name in ("selector_hidden_size", "selector_num_heads", "selector_ffn_size"):
-        value = getattr(c, name)
-        if value is not None:
-            _positive(f"comlora.{name}", value)
-    if c.selector_hidden_size and c.selector_num_heads and c.selector_hidden_size % c.selector_num_heads:
-        _fail("comlora.selector_num_heads", c.selector_num_heads,
-              f"must divide comlora.selector_hidden_size = {c.selector_hidden_size}")
-    if not 0.0 <= c.selector_dropout < 1.0:
-        _fail("comlora.selector_dropout", c.selector_dropout, "must be in [0, 1)")
-    _choice("comlora.execution", c.execution, EXECUTION_MODES)
-    if cfg.is_comlora and c.no_lm and c.no_align:
-        _fail("comlora.no_align", c.no_align, "with comlora.no_lm nothing would train the LoRA components")
-    if cfg.is_comlora and c.no_selector and c.no_lm:
-        _fail("comlora.no_lm", c.no_lm, "with comlora.no_selector, L_LM is the only loss left")
-
-    pro, dash = cfg.lora_pro, cfg.lora_dash
-    _choice("lora_pro.mode", pro.mode, LORA_PRO_MODES)
-    _choice("lora_pro.x_mode", pro.x_mode, LORA_PRO_X_MODES)
-    _positive("lora_pro.delta", pro.delta)
-    _choice("lora_pro.clip_mode", pro.clip_mode, LORA_PRO_CLIP_MODES)
-    _positive("lora_dash.t_steps", dash.t_steps)
-    _positive("lora_dash.num_directions", dash.num_directions)
-    _positive("lora_dash.sigma_eps", dash.sigma_eps, allow_zero=True)
-    if t.max_steps is not None and a.method == "lora_dash" and dash.t_steps >= t.max_steps:
-        _fail("lora_dash.t_steps", dash.t_steps, f"the switch would never happen: train.max_steps = {t.max_steps}")
-
-    _choice("data.format", d.format, DATA_FORMATS)
-    _choice("data.overlong", d.overlong, OVERLONG_POLICIES)
-    _positive("data.max_length", d.max_length)
-    _positive("data.val_size", d.val_size, allow_zero=True)
-    if not d.train_files and not d.builtin_tasks:
-        _fail("data.builtin_tasks", d.builtin_tasks, "is empty and no data.train_files are given: nothing to train on")
-    for task in d.builtin_tasks:
-        _choice("data.builtin_tasks", task, OLMO_EVAL_TASKS)
-    if d.max_train_samples is not None:
-        _positive("data.max_train_samples", d.max_train_samples)
-    for name in ("train_files", "val_files"):
-        for path in getattr(d, name):
-            if Path(path).is_dir():
-                _fail(f"data.{name}", path, "is a folder; name the data file(s) in it")
-            if not Path(path).is_file():
-                _fail(f"data.{name}", path, "no such file")
-
-    if t.max_steps is not None:
-        _positive("train.max_steps", t.max_steps)
-    _positive("train.num_epochs", t.num_epochs)
-    _positive("train.micro_batch_size", t.micro_batch_size)
-    _positive("train.gradient_accumulation_steps", t.gradient_accumulation_steps)
-    _positive("train.learning_rate", t.learning_rate)
-    _positive("train.weight_decay", t.weight_decay, allow_zero=True)
-    for name in ("adam_beta1", "adam_beta2"):
-        if not 0.0 <= getattr(t, name) < 1.0:
-            _fail(f"train.{name}", getattr(t, name), "must be in [0, 1)")
-    _positive("train.adam_epsilon", t.adam_epsilon)
-    _choice("train.lr_scheduler", t.lr_scheduler, LR_SCHEDULERS)
-    if not 0.0 <= t.warmup_ratio < 1.0:
-        _fail("train.warmup_ratio", t.warmup_ratio, "must be in [0, 1)")
-    _positive("train.max_grad_norm", t.max_grad_norm, allow_zero=True)
-    _choice("train.clip_scope", t.clip_scope, CLIP_SCOPES)
-    if t.clip_scope == "per_group" and not t.max_grad_norm:
-        _fail("train.clip_scope", t.clip_scope, "needs train.max_grad_norm > 0 (0 disables clipping)")
-    if t.clip_scope == "per_group" and a.method == "lora_pro":
-        _fail("train.clip_scope", t.clip_scope, "is not available with adapter.method = lora_pro, whose "
-              "optimizer does its own clipping (lora_pro.clip_mode); use global")
-    _choice("train.bf16", str(t.bf16).lower(), ("auto", "true", "false"))
-    _positive("train.ce_chunk_size", t.ce_chunk_size)
-    _positive("train.save_steps", t.save_steps, allow_zero=True)
-    _positive("train.save_total_limit", t.save_total_limit)
-    for name in t.resume_allow_changes:
-        _choice("train.resume_allow_changes", name, RESUME_ALLOWED_CHANGES)
-
-    _positive("logging.log_steps", log.log_steps)
-    _positive("logging.winner_window", log.winner_window)
-    _choice("logging.wandb_mode", log.wandb_mode, WANDB_MODES)
 
 
 def _normalise_overrides(args: list[str]) -> list[str]:

@@ -17,7 +17,7 @@ import torch
 from .config import RunConfig
 from .errors import InputError
 from .data.formats import repeated_keys
-from .modeling import fast_bf16_available
+from .base_model import fast_bf16_available
 
 AUTO = "auto"
 

@@ -37,7 +37,7 @@ from .errors import InputError
 from .losses import annealing_eta
 from .methods import get_method
 from .model import build_model, build_objective
-from .modeling import load_base_model, load_tokenizer, resolve_dtype, resolve_model_path
+from .base_model import load_base_model, load_tokenizer, resolve_dtype, resolve_model_path
 from .step import forward_backward
 from .tracking import RunLogger, StepAccumulator
 from .validation import score_validation

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _consolidate(args: argparse.Namespace) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")      # zero_to_fp32 needs no accelerator
-    from comlora_ds.consolidate import consolidate
+    from comlora_ds.export.consolidate import consolidate
 
     report = consolidate(args.checkpoint, args.out, winner=args.winner, base=args.base,
                          all_components=args.all_components, adapter=not args.no_adapter,

@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from comlora_ds.config import load_config  # noqa: E402
+from comlora_ds.data.formats import check_data_files  # noqa: E402
 from comlora_ds.errors import run_cli  # noqa: E402
 from comlora_ds.methods import method_class  # noqa: E402
 
@@ -38,6 +39,7 @@ def _train(argv: list[str] | None) -> int:
     args, overrides = parse_args(argv)
     # validated before the heavy imports: a bad value fails in about a second
     cfg = load_config(args.config or REPO / "launch" / "configs" / "demo.yaml", overrides)
+    check_data_files(cfg.data)
     method_class(cfg.adapter.method)
     from comlora_ds.engine import Trainer
 

@@ -178,7 +178,7 @@ def test_every_user_error_is_an_input_error_and_keeps_its_builtin_base():
     from comlora_ds.evaluation.report import ResultsConflict
     from comlora_ds.evaluation.wordnet import MetricUnavailable
     from comlora_ds.export.errors import ConsolidationError
-    from comlora_ds.modeling import ModelError
+    from comlora_ds.base_model import ModelError
 
     kept = {ConfigError: ValueError, DataError: ValueError, DeepSpeedConfigError: ValueError,
             run_layout.CheckpointError: ValueError, checkpoint.OutputDirError: OSError,

@@ -69,7 +69,7 @@ if __name__ == "__main__":
 
 # ------------------------------------------------------------------------------------------ pytest from here
 from comlora_ds.adapters.inject import active_component  # noqa: E402
-from comlora_ds.consolidate import ConsolidationError, consolidate  # noqa: E402
+from comlora_ds.export.consolidate import ConsolidationError, consolidate  # noqa: E402
 from comlora_ds.data import ResponseCollator  # noqa: E402
 from comlora_ds.export.recover import locate_checkpoint, recover_tensors  # noqa: E402
 from comlora_ds.export.scoring import build_live_model, load_validation_rows  # noqa: E402

@@ -82,6 +82,21 @@ def test_bad_files_raise_data_error_naming_file_row_and_field(tmp_path: Path, na
         load_llm_adapters(path)
 
 
+def test_data_files_are_checked_where_they_are_read_not_by_the_config(tmp_path: Path) -> None:
+    from comlora_ds.config import DataConfig, load_config
+    from comlora_ds.data.formats import check_data_files
+
+    cfg = load_config(overrides=["data.train_files=[/nonexistent/train.json]"])     # a saved config whose data moved
+    with pytest.raises(DataError, match="data.train_files = '/nonexistent/train.json': no such file"):
+        check_data_files(cfg.data)
+    with pytest.raises(DataError, match=f"data.val_files = '{tmp_path}': is a folder; name the data file"):
+        check_data_files(DataConfig(val_files=[str(tmp_path)]))
+    from comlora_ds.data.dataset import build_datasets
+
+    with pytest.raises(DataError, match="no such file"):                 # before the tokenizer is touched
+        build_datasets(cfg.data, tokenizer=None)
+
+
 def test_missing_and_non_utf8_files(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="nope.json: no such file"):
         load_llm_adapters(tmp_path / "nope.json")

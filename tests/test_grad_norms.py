@@ -31,7 +31,7 @@ def _reference_first_step(cfg) -> dict:
     from comlora_ds.engine import seed_everything
     from comlora_ds.losses import annealing_eta
     from comlora_ds.model import build_model, build_objective
-    from comlora_ds.modeling import load_base_model, load_tokenizer, resolve_model_path
+    from comlora_ds.base_model import load_base_model, load_tokenizer, resolve_model_path
 
     path = resolve_model_path(cfg.model)
     tokenizer = prepare_tokenizer(load_tokenizer(path, cfg.model))

@@ -184,7 +184,7 @@ def test_smollm2_short_training_run_lowers_the_loss():
     """SmolLM2-135M (the built-in model, real weights) on 8 real ARC-Challenge training rows through the real data
     pipeline: 12 optimizer steps of ComLoRA K=2 r=8 lower the mean response loss of those rows."""
     from comlora_ds.data import ResponseCollator, build_datasets
-    from comlora_ds.modeling import load_base_model, load_tokenizer, resolve_model_path
+    from comlora_ds.base_model import load_base_model, load_tokenizer, resolve_model_path
 
     from assets import commonsense_file
 

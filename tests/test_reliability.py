@@ -116,6 +116,10 @@ def _duplicate_key_row(tmp):
     return {"data.train_files": f"[{_write(tmp / 'train.json', text)}]"}
 
 
+def _missing_data_file(tmp):
+    return {"data.train_files": f"[{tmp / 'nowhere.json'}]"}
+
+
 def _unknown_method(tmp):
     return {"adapter.method": "lora_plus"}
 
@@ -136,6 +140,7 @@ BAD_INPUTS = {
     "max_length too small for any example": (_tiny_max_length, "data.max_length = 2 leaves no room for a prompt"),
     "non-finite config value": (_nan_learning_rate, "train.learning_rate = nan: must be a finite number"),
     "duplicate key in a data row": (_duplicate_key_row, "train.json: row 2 (counting from 1) has the key 'output' twice"),
+    "missing data file": (_missing_data_file, "nowhere.json': no such file"),
     "unknown adapter method": (_unknown_method, "adapter.method = 'lora_plus' is not available; known: lora, "
                                                 "lora_dash, lora_pro"),
     "LoRA-Dash switch after the last step (num_epochs)": (

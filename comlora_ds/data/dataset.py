@@ -33,7 +33,7 @@ from typing import Any
 import datasets
 
 from ..config import DataConfig
-from .formats import DataError, load_llm_adapters
+from .formats import DataError, check_data_files, load_llm_adapters
 from .olmo_eval import builtin_split
 from .prompts import build_prompt
 from .tokenize import IGNORE_INDEX, assemble_example, special_prefix_ids
@@ -171,6 +171,7 @@ def build_datasets(cfg: DataConfig, tokenizer: Any) -> tuple[datasets.Dataset, d
     ``tokenizer`` is a Hugging Face tokenizer with an EOS token (run
     :func:`~comlora_ds.data.tokenize.prepare_tokenizer` on it first for batching).
     """
+    check_data_files(cfg)
     if cfg.format != "llm_adapters":
         raise DataError(f"data.format = {cfg.format!r}: only 'llm_adapters' is supported")
     if tokenizer.eos_token_id is None:

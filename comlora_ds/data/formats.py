@@ -118,6 +118,19 @@ def _parse_json_lines(path: Path, text: str) -> tuple[list[Any], list[int]]:
     return rows, lines
 
 
+def check_data_files(data_cfg) -> None:
+    """Every ``data.train_files`` / ``data.val_files`` entry is a file (DataError naming the field and path). Called
+    where the files are read (:func:`comlora_ds.data.build_datasets`) and, to fail in about a second, by
+    launch/train.py right after the config; not by the config itself, so a saved run config whose data moved still
+    loads (resume checks the data by content, consolidation does not need it)."""
+    for name in ("train_files", "val_files"):
+        for path in getattr(data_cfg, name):
+            if Path(path).is_dir():
+                raise DataError(f"data.{name} = {str(path)!r}: is a folder; name the data file(s) in it")
+            if not Path(path).is_file():
+                raise DataError(f"data.{name} = {str(path)!r}: no such file")
+
+
 def load_llm_adapters(path: str | Path) -> list[dict[str, str]]:
     """Read an LLM-Adapters JSON (or JSON Lines) file into a list of validated rows.
 

@@ -27,7 +27,7 @@ from typing import Any, Optional
 import torch
 
 from ..errors import EvaluationError, InputError
-from ..modeling import DTYPES
+from ..base_model import DTYPES
 from ..run_layout import TOKENIZER, looks_like_training_output
 
 
@@ -131,7 +131,7 @@ def _checkpoint_component(target: Target, dtype: torch.dtype, device: str) -> tu
     from transformers import AutoTokenizer
 
     from ..adapters.inject import merge_component
-    from ..consolidate import recover_checked
+    from ..export.consolidate import recover_checked
     from ..export.recover import locate_checkpoint
     from ..export.scoring import build_live_model
 

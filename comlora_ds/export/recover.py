@@ -79,7 +79,7 @@ def locate_checkpoint(path: str | Path) -> CheckpointRef:
             raise ConsolidationError(f"partial checkpoint {step_dir}: {required} is missing (comlora_ds' trainer "
                                      f"writes it with every checkpoint)")
     try:   # the training files are not needed (the validation split is stored with the checkpoint)
-        cfg = load_config(step_dir / RUN_CONFIG, ["data.train_files=[]", "data.val_files=[]"])
+        cfg = load_config(step_dir / RUN_CONFIG)
     except ConfigError as err:
         raise ConsolidationError(f"{step_dir / RUN_CONFIG}: {err}") from None
     model_files = sorted(step_dir.glob("*_model_states.pt"))

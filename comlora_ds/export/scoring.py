@@ -13,7 +13,7 @@ import torch
 from ..config import RunConfig
 from ..data import ResponseCollator, prepare_tokenizer
 from ..model import ComLoRAModel, build_model
-from ..modeling import DTYPES, fast_bf16_available, load_base_model
+from ..base_model import DTYPES, fast_bf16_available, load_base_model
 from ..run_layout import VALIDATION_ROWS
 from ..validation import ValidationScores, score_validation
 from .errors import ConsolidationError

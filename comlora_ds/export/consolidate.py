@@ -1,7 +1,7 @@
 """Offline consolidation: ZeRO checkpoint -> fp32 tensors -> winner -> PEFT adapter + streamed merge + report.
 
 Runs on a CPU with no launcher and no GPU (``launch/consolidate.py`` is its CLI). Read :func:`consolidate` top
-to bottom; the pieces live in ``comlora_ds/export/``:
+to bottom; the pieces live beside it in ``comlora_ds/export/``:
 
 1. ``recover``: find the checkpoint, recover every trainable tensor in fp32 (DeepSpeed's zero_to_fp32) and check
    each against the shapes the run config + base model imply (refusing empty/partial ZeRO-3 tensors).
@@ -25,17 +25,17 @@ from typing import Callable
 
 import torch
 
-from .export.errors import ConsolidationError
-from .export.factors import ComponentExporter
-from .export.merge import stream_merge
-from .export.outdir import check_output, fingerprint, publish, refuse_training_output, staging
-from .export.peft_adapter import copy_tokenizer, write_peft_adapter
-from .export.recover import check_tensors, expected_shapes, locate_checkpoint, recover_tensors
-from .export.report import read_training_metrics, write_plots, write_report
-from .export.scoring import build_live_model, load_validation_rows, resolve_score_dtype, score_checkpoint
-from .manifest import base_model_fingerprint
-from .run_layout import TOKENIZER
-from .validation import ValidationScores
+from ..manifest import base_model_fingerprint
+from ..run_layout import TOKENIZER
+from ..validation import ValidationScores
+from .errors import ConsolidationError
+from .factors import ComponentExporter
+from .merge import stream_merge
+from .outdir import check_output, fingerprint, publish, refuse_training_output, staging
+from .peft_adapter import copy_tokenizer, write_peft_adapter
+from .recover import check_tensors, expected_shapes, locate_checkpoint, recover_tensors
+from .report import read_training_metrics, write_plots, write_report
+from .scoring import build_live_model, load_validation_rows, resolve_score_dtype, score_checkpoint
 
 __all__ = ["ConsolidationError", "consolidate", "choose_winner", "recover_checked", "resolve_base"]
 
@@ -43,7 +43,7 @@ __all__ = ["ConsolidationError", "consolidate", "choose_winner", "recover_checke
 def resolve_base(base: str | None, ref) -> tuple[str, Path]:
     """(name recorded in adapter_config.json, local folder with config + safetensors). Default: the run's
     ``model.name_or_path`` (built-in names resolve to their converted folder; hub ids to the local HF cache)."""
-    from .modeling import resolve_model_path
+    from ..base_model import resolve_model_path
 
     if base is None:
         try:

@@ -14,10 +14,11 @@ from typing import Any
 import hjson
 import torch
 
-from .config import RunConfig
-from .errors import InputError
-from .data.formats import repeated_keys
 from .base_model import fast_bf16_available
+from .config import RunConfig
+from .data.formats import repeated_keys
+from .errors import InputError
+from .step import backward_passes
 
 AUTO = "auto"
 
@@ -97,17 +98,11 @@ def resolve_bf16(cfg: RunConfig, ds: dict) -> bool:
     return enabled
 
 
-def backward_passes(cfg: RunConfig) -> int:
-    """Backward calls per micro-batch: K in component-sequential mode (each pass is one DeepSpeed
-    gradient-accumulation micro-step), else 1."""
-    return cfg.adapter.num_components if cfg.comlora.execution == "sequential" else 1
-
-
 def fill_ds_config(source: str | Path | dict, cfg: RunConfig, world_size: int, hidden_size: int,
                    total_steps: int, warmup_steps: int) -> dict:
     ds = load_ds_config(source)
     t = cfg.train
-    gas = t.gradient_accumulation_steps * backward_passes(cfg)
+    gas = t.gradient_accumulation_steps * backward_passes(cfg.adapter.num_components, cfg.comlora.execution)
     if _get(ds, "fp16.enabled") is True:
         raise DeepSpeedConfigError("DeepSpeed config fp16.enabled = true is not supported (dynamic loss "
                                    "scaling with K components is untested); use bf16")

@@ -32,13 +32,13 @@ from . import run_layout as layout
 from .clipping import clip_per_group
 from .config import ConfigError, RunConfig
 from .data import ResponseCollator, build_datasets, prepare_tokenizer
-from .ds_config import backward_passes, fill_ds_config, load_ds_config, resolve_bf16, zero_stage
+from .ds_config import fill_ds_config, load_ds_config, resolve_bf16, zero_stage
 from .errors import InputError
 from .losses import annealing_eta
 from .methods import get_method
 from .model import build_model, build_objective
 from .base_model import load_base_model, load_tokenizer, resolve_dtype, resolve_model_path
-from .step import forward_backward
+from .step import DeepSpeedStepper
 from .tracking import RunLogger, StepAccumulator
 from .validation import score_validation
 
@@ -188,7 +188,7 @@ class Trainer:
         self.engine, *_ = deepspeed.initialize(model=self.model, optimizer=optimizer, lr_scheduler=scheduler,
                                                model_parameters=self._param_groups(), config=self.ds_config)
         seed_everything(rank_stream_seed(cfg.train.seed, self.rank))     # initial weights identical on every rank
-        self.passes = backward_passes(cfg)
+        self.stepper = DeepSpeedStepper(self.engine, self.objective, cfg.comlora.execution)
         self.gradient_transforms = self._gradient_transforms()
         self.state = TrainState()
         self._stop_requested = False
@@ -249,10 +249,6 @@ class Trainer:
         return state
 
     # ------------------------------------------------------------------------------------ training
-    def _backward(self, loss: torch.Tensor) -> None:
-        # DeepSpeed divides by its accumulation steps, which count the K passes in sequential mode.
-        self.engine.backward(loss * self.passes if self.passes > 1 else loss)
-
     def _gradient_transforms(self) -> list:
         """What happens to a step's reduced gradients before the optimizer, in order: the method's rewrite (LoRA-Pro's
         equivalent gradients), the callbacks' look at them, per-group clipping (ComLoRA). Each is called as
@@ -310,8 +306,7 @@ class Trainer:
                     batch = {name: t.to(self.device) for name, t in batch.items()}
                     eta = annealing_eta(cfg.comlora.annealing, self.state.global_step + 1, self.total_steps,
                                         cfg.comlora.annealing_rate)      # t = the step being taken, 1..T
-                    out = forward_backward(engine, batch, self.objective, eta, self._backward,
-                                           cfg.comlora.execution, between_passes=engine.step)
+                    out = self.stepper.forward_backward(batch, eta)
                     accumulator.add(out, batch)
                     self.state.batches_in_epoch += 1
                     boundary = engine.is_gradient_accumulation_boundary()

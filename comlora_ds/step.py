@@ -74,6 +74,31 @@ def forward_backward(model: Callable, batch: dict[str, torch.Tensor], objective:
     return StepOutput(_detach(terms), losses, sims, target)
 
 
+def backward_passes(num_components: int, execution: str) -> int:
+    """Backward calls per micro-batch: K in component-sequential mode (each pass is one DeepSpeed
+    gradient-accumulation micro-step, so the DeepSpeed config accumulates K times as many), else 1."""
+    return num_components if execution == "sequential" else 1
+
+
+class DeepSpeedStepper:
+    """One micro-batch under a DeepSpeed engine, in either execution mode: the one place that knows how the K
+    sequential passes map onto DeepSpeed's micro-steps. DeepSpeed divides every backward by its accumulation
+    steps, which count the K passes, so each pass's loss is scaled back by K; every pass but the last is followed
+    by ``engine.step()`` (a micro-step that applies nothing); the last pass's ``engine.step()`` is the trainer's,
+    after the gradient transforms at an accumulation boundary."""
+
+    def __init__(self, engine, objective: ComLoRAObjective, execution: str):
+        self.engine, self.objective, self.execution = engine, objective, execution
+        self.passes = backward_passes(objective.num_components, execution)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss * self.passes if self.passes > 1 else loss)
+
+    def forward_backward(self, batch: dict[str, torch.Tensor], eta: float) -> StepOutput:
+        return forward_backward(self.engine, batch, self.objective, eta, self.backward, self.execution,
+                                between_passes=self.engine.step)
+
+
 def _pairwise(objective: ComLoRAObjective, sims: torch.Tensor | None) -> bool:
     return sims is not None and objective.use_pairwise
 

@@ -15,7 +15,8 @@ Each variant x seed (default LoRA r=4, LoRA r=8, ComLoRA K=2 r=4) trains under D
 ComLoRA component as its own model too) and evaluated on the test dialogues: BLEU, METEOR, ROUGE-L, BERTScore of
 greedy replies and the reference responses' NLL. The untouched base is evaluated the same way. The report
 (bench/reproduce_convai2_report.py) adds best-of-K LoRA (K independent LoRA runs, the lowest validation loss kept),
-paired tests over the test examples and the paper's Table 10 view.
+paired tests over the test examples and the paper's Table 10 view. A finished run keeps only what the report reads
+(validation.json, export/report.json, eval/) and its checkpoint; its merged models are deleted unless --keep-models.
 
 Every stage is skipped when its output exists and training resumes from its last checkpoint, so the script can be
 stopped at any time and run again; several drivers may share one --out (each run folder is locked), e.g. one per
@@ -28,6 +29,7 @@ import argparse
 import hashlib
 import json
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -76,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--bertscore-model", help="local BERTScore model folder (default: the offline MiniLM)")
     p.add_argument("--bertscore-layers", type=int)
+    p.add_argument("--keep-models", action="store_true",
+                   help="keep each run's merged models after its evaluations (default: delete them; the checkpoint "
+                        "stays, so a run can be consolidated again)")
     p.add_argument("--chunk-minutes", type=float, default=0, help="stop (resumably) after this long; 0 = never")
     p.add_argument("--report", type=Path, help="write the results section here (e.g. docs/results.md)")
     p.add_argument("--report-only", action="store_true")
@@ -219,7 +224,17 @@ def run_grid(args, budget: Budget) -> bool:
                     if not stage(evaluate_command(args, model, out), out / "results.json", budget,
                                  logs / f"{folder.name}.{out.name}.eval.log"):
                         return False
+                if not args.keep_models:
+                    prune_models(folder)
     return True
+
+
+def prune_models(folder: Path) -> None:
+    """Delete a finished run's merged models (the base's size each, K of them for ComLoRA): the report needs only
+    validation.json, export/report.json and eval/; the checkpoint stays for a new consolidation."""
+    for model in [folder / "export" / "merged", *(folder / "export" / "components").glob("component_*")]:
+        if model.is_dir():
+            shutil.rmtree(model)
 
 
 def example_commands(args) -> list[str]:

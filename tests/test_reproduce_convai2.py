@@ -112,6 +112,9 @@ def test_grid_and_its_results_section(tmp_path):
                           .read_text())["metrics"]["nll"] for k in range(2)]
         assert cells[4] == ", ".join(f"{x:.3f}" for x in nll)
     assert "launch/train.py --deepspeed" in page and "<!-- /reproduce: convai2 -->" in page
+    for folder in runs.values():          # finished runs keep what the report reads, not their merged models
+        assert (folder / "export" / "report.json").is_file() and (folder / "checkpoints").is_dir()
+        assert not (folder / "export" / "merged").exists() and not list(folder.glob("export/components/*"))
 
     rerun = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)   # everything is done
     assert rerun.returncode == 0 and "$ " not in rerun.stdout

@@ -1,5 +1,6 @@
-"""Helpers the training tests share: the subprocess environment, the CLI under torchrun, the tiny run's
-overrides, the DeepSpeed configs, loss trajectories. The ``reference`` run fixture is in conftest.py."""
+"""Helpers the tests share: a small ComLoRA model with non-zero adapters, and for the training tests the subprocess
+environment, the CLI under torchrun, the tiny run's overrides, the DeepSpeed configs, loss trajectories. The
+``reference`` run fixture is in conftest.py."""
 
 from __future__ import annotations
 
@@ -72,3 +73,21 @@ def assert_trajectories_match(got: dict, want: dict, tol: float) -> None:
     assert got.keys() == want.keys(), (got, want)
     for step in want:
         assert abs(got[step] - want[step]) <= tol * max(1.0, abs(want[step])), (step, got, want)
+
+
+def comlora_model(num_components=2, seed=0, overrides=(), **llama_overrides):
+    """A ComLoRA model on conftest's tiny LLaMA with random (non-zero) B factors, and its config."""
+    import torch
+
+    from comlora_ds.config import load_config
+    from comlora_ds.model import build_model
+    from conftest import tiny_llama
+
+    cfg = load_config(overrides=[f"adapter.num_components={num_components}", "adapter.rank=4",
+                                 "adapter.dropout=0.0", "train.ce_chunk_size=7", *overrides])
+    model = build_model(cfg, tiny_llama(seed=seed, **llama_overrides))
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for layer in model.adapter_layers().values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.05)
+    return model, cfg

@@ -11,18 +11,8 @@ from comlora_ds.model import build_model, build_objective
 from comlora_ds.selector import Selector
 from comlora_ds.step import forward_backward
 
-from conftest import make_batch, tiny_llama
-
-
-def _model(num_components=2, seed=0, overrides=(), **llama_overrides):
-    cfg = load_config(overrides=[f"adapter.num_components={num_components}", "adapter.rank=4",
-                                 "adapter.dropout=0.0", "train.ce_chunk_size=7", *overrides])
-    model = build_model(cfg, tiny_llama(seed=seed, **llama_overrides))
-    g = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for layer in model.adapter_layers().values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.05)
-    return model, cfg
+from conftest import make_batch
+from helpers import comlora_model
 
 
 def _grads(model):
@@ -31,7 +21,7 @@ def _grads(model):
 
 @pytest.mark.parametrize("llama", [dict(), dict(tie_word_embeddings=True), dict(num_key_value_heads=4)])
 def test_batched_forward_equals_one_component_at_a_time(llama):
-    model, _ = _model(num_components=3, **llama)
+    model, _ = comlora_model(num_components=3, **llama)
     batch = make_batch(pad_tail=(0, 3, 5))
     with torch.no_grad():
         batched = model(**batch)
@@ -43,7 +33,7 @@ def test_batched_forward_equals_one_component_at_a_time(llama):
 
 def test_component_losses_equal_hf_loss_per_sample():
     """L[k, b] == the transformers model's own loss on sample b with component k active."""
-    model, _ = _model(num_components=2)
+    model, _ = comlora_model(num_components=2)
     batch = make_batch(batch_size=2, pad_tail=(0, 4))
     with torch.no_grad():
         losses = model(**batch).losses
@@ -58,7 +48,7 @@ def test_component_losses_equal_hf_loss_per_sample():
                                        ("comlora.no_lm=true",), ("comlora.no_selector=true",),
                                        ("comlora.lm_reduction=sum",), ("comlora.loss_reduction=mean",)])
 def test_sequential_mode_gradients_equal_batched(overrides):
-    model, cfg = _model(num_components=3, overrides=overrides)
+    model, cfg = comlora_model(num_components=3, overrides=overrides)
     objective = build_objective(cfg)
     batch = make_batch(pad_tail=(0, 2, 0))
     torch.manual_seed(5)
@@ -77,7 +67,7 @@ def test_sequential_mode_gradients_equal_batched(overrides):
 
 
 def test_only_adapters_and_selector_receive_gradients():
-    model, cfg = _model(num_components=2)
+    model, cfg = comlora_model(num_components=2)
     forward_backward(model, make_batch(), build_objective(cfg), eta=0.5, backward=torch.Tensor.backward)
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -90,8 +80,8 @@ def test_only_adapters_and_selector_receive_gradients():
 @pytest.mark.parametrize("execution", ["batched", "sequential"])
 def test_gradient_checkpointing_gives_same_gradients(execution):
     """The checkpointed layers are recomputed in the backward: they must run the same component(s)."""
-    plain, cfg = _model(num_components=2)
-    ckpt, _ = _model(num_components=2, overrides=("model.gradient_checkpointing=true",))
+    plain, cfg = comlora_model(num_components=2)
+    ckpt, _ = comlora_model(num_components=2, overrides=("model.gradient_checkpointing=true",))
     ckpt.train(), plain.train()
     assert ckpt.llm.model.gradient_checkpointing
     objective = build_objective(cfg)
@@ -138,7 +128,7 @@ def test_selector_default_size_matches_paper_share_of_llama3_8b():
 
 @pytest.mark.parametrize("winner", [0, 1])
 def test_merged_winner_logits_equal_unmerged(winner):
-    model, _ = _model(num_components=2)
+    model, _ = comlora_model(num_components=2)
     ids = make_batch()["input_ids"]
     with torch.no_grad(), active_component(model.llm, winner):
         unmerged = model.llm(ids).logits
@@ -163,7 +153,7 @@ def _fit(model, batch, objective, steps: int, lr: float) -> list[float]:
 def test_short_training_run_lowers_the_loss():
     """Tiny random LLaMA on a fixed generated data set: ComLoRA K=2 must fit it. (With the default
     initializer_range 0.02 the random base's signals are too weak for rank-4 adapters, PEFT's too.)"""
-    model, cfg = _model(num_components=2, initializer_range=0.1)
+    model, cfg = comlora_model(num_components=2, initializer_range=0.1)
     model.train()
     objective = build_objective(cfg)
     g = torch.Generator().manual_seed(0)

@@ -10,7 +10,7 @@ from comlora_ds.losses import PairTarget
 from comlora_ds.tracking import DIAGNOSTICS, RunLogger, diagnostic_rates, selector_diagnostics
 from comlora_ds.validation import centred_rank_correlation, score_validation
 from conftest import make_batch
-from test_model import _model
+from helpers import comlora_model
 
 
 def test_window_counts_by_hand():
@@ -73,7 +73,7 @@ def test_centred_rank_correlation_by_hand():
 
 
 def test_validation_agreement_counts_rows_whose_top_component_has_the_lowest_loss():
-    model, _ = _model(num_components=2)
+    model, _ = comlora_model(num_components=2)
     batch = make_batch(batch_size=5, seed=3)
     rows = [{key: batch[key][i].tolist() for key in ("input_ids", "attention_mask", "labels")} for i in range(5)]
     scores = score_validation(model.eval(), rows, ResponseCollator(pad_token_id=0), num_components=2, batch_size=2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import shlex
 import signal
 import subprocess
@@ -79,6 +80,24 @@ def run_chunk(args, run_grid) -> bool:
         return True
     print("stopped (time budget); run again to continue")
     return False
+
+
+def stage(cmd: list[str], done: Path, budget: Budget, log: Path) -> bool:
+    """Run ``cmd`` unless ``done`` exists; True when ``done`` exists afterwards (False: stopped by the budget, or the
+    command finished without writing it, e.g. a trainer stopped by SIGTERM)."""
+    if done.exists():
+        return True
+    run(cmd, budget, log)
+    return done.exists()
+
+
+def component_evaluations(folder: Path) -> list[tuple[str, Path]]:
+    """(model to evaluate, results folder) of a consolidated run: the merged winner, and each other component's
+    model (written by ``consolidate.py --all-components``)."""
+    winner = json.loads((folder / "export" / "report.json").read_text())["winner"]
+    jobs = [(str(folder / "export" / "merged"), folder / "eval" / "winner")]
+    components = sorted((folder / "export" / "components").glob("component_*"))
+    return jobs + [(str(c), folder / "eval" / c.name) for c in components if c.name != f"component_{winner}"]
 
 
 def display(commands: list[list[str]]) -> list[str]:

@@ -27,12 +27,11 @@ commonsense_170k on GPUs, e.g.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
 
-from grid import REPO, Budget, claim, display, run, run_chunk
+from grid import REPO, Budget, claim, component_evaluations, display, run_chunk, stage
 
 SHARED = REPO.parent / "shared" / "data" / "commonsense"
 TRAIN_TASKS = ("boolq", "ARC-Challenge", "ARC-Easy", "openbookqa")
@@ -89,10 +88,8 @@ def train_command(args, variant: str, seed: int) -> list[str]:
 
 def train(args, variant: str, seed: int, budget: Budget) -> bool:
     folder = run_dir(args, variant, seed)
-    if (folder / "validation.json").exists():
-        return True
-    run(train_command(args, variant, seed), budget, folder.parent / "logs" / f"{folder.name}.train.log")
-    return (folder / "validation.json").exists()   # absent when the trainer was stopped (SIGTERM) before the end
+    return stage(train_command(args, variant, seed), folder / "validation.json", budget,
+                 folder.parent / "logs" / f"{folder.name}.train.log")
 
 
 def consolidate_command(args, variant: str, seed: int) -> list[str]:
@@ -103,10 +100,8 @@ def consolidate_command(args, variant: str, seed: int) -> list[str]:
 
 def consolidate(args, variant: str, seed: int, budget: Budget) -> bool:
     folder = run_dir(args, variant, seed)
-    if (folder / "export" / "report.json").exists():
-        return True
-    return run(consolidate_command(args, variant, seed), budget,
-               folder.parent / "logs" / f"{folder.name}.consolidate.log")
+    return stage(consolidate_command(args, variant, seed), folder / "export" / "report.json", budget,
+                 folder.parent / "logs" / f"{folder.name}.consolidate.log")
 
 
 def evaluate_command(args, model: str, out: Path, choice: bool = False) -> list[str]:
@@ -119,10 +114,8 @@ def evaluate_command(args, model: str, out: Path, choice: bool = False) -> list[
 
 
 def evaluate(args, model: str, out: Path, budget: Budget, choice: bool = False) -> bool:
-    if (out / "results.json").exists():
-        return True
-    return run(evaluate_command(args, model, out, choice), budget,
-               args.out / "logs" / f"{'.'.join(out.relative_to(args.out).parts)}.log")
+    return stage(evaluate_command(args, model, out, choice), out / "results.json", budget,
+                 args.out / "logs" / f"{'.'.join(out.relative_to(args.out).parts)}.log")
 
 
 def example_commands(args) -> list[str]:
@@ -139,16 +132,6 @@ def example_commands(args) -> list[str]:
     return display(commands)
 
 
-def evaluations(args, variant: str, seed: int) -> list[tuple[str, Path]]:
-    """(model to evaluate, results folder): the merged winner, and each other component's adapter."""
-    folder = run_dir(args, variant, seed)
-    winner = json.loads((folder / "export" / "report.json").read_text())["winner"]
-    jobs = [(str(folder / "export" / "merged"), folder / "eval" / "winner")]
-    components = sorted((folder / "export" / "components").glob("component_*"))
-    jobs += [(str(c), folder / "eval" / c.name) for c in components if c.name != f"component_{winner}"]
-    return jobs
-
-
 def run_grid(args, budget: Budget) -> bool:
     """Every stage not done yet, in order; False when the time budget ran out."""
     with claim(args.out / "base") as mine:
@@ -161,7 +144,7 @@ def run_grid(args, budget: Budget) -> bool:
                     continue
                 if not (train(args, variant, seed, budget) and consolidate(args, variant, seed, budget)):
                     return False
-                for model, out in evaluations(args, variant, seed):
+                for model, out in component_evaluations(run_dir(args, variant, seed)):
                     if not evaluate(args, model, out, budget):
                         return False
     return True

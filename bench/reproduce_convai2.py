@@ -33,7 +33,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from grid import REPO, Budget, claim, display, run, run_chunk
+from grid import REPO, Budget, claim, component_evaluations, display, run_chunk, stage
 
 SHARED = REPO.parent / "shared" / "data" / "convai2"
 PARTS = ("valid_self_original_no_cands.dialogues_0000-0199.txt", "valid_self_original_no_cands.dialogues_0200-0799.txt")
@@ -183,23 +183,6 @@ def evaluate_command(args, model: str, out: Path) -> list[str]:
     return cmd
 
 
-def stage(cmd: list[str], done: Path, budget: Budget, log: Path) -> bool:
-    """Run ``cmd`` unless ``done`` exists; True when ``done`` exists afterwards (False: stopped by the budget)."""
-    if done.exists():
-        return True
-    run(cmd, budget, log)
-    return done.exists()
-
-
-def evaluations(args, variant: str, seed: int) -> list[tuple[str, Path]]:
-    """(model, results folder): the merged winner, and each other component's model."""
-    folder = run_dir(args, variant, seed)
-    winner = json.loads((folder / "export" / "report.json").read_text())["winner"]
-    jobs = [(str(folder / "export" / "merged"), folder / "eval" / "winner")]
-    components = sorted((folder / "export" / "components").glob("component_*"))
-    return jobs + [(str(c), folder / "eval" / c.name) for c in components if c.name != f"component_{winner}"]
-
-
 def run_grid(args, budget: Budget) -> bool:
     """Every stage not done yet, in order; False when the time budget ran out."""
     prepare_data(args)
@@ -220,7 +203,7 @@ def run_grid(args, budget: Budget) -> bool:
                         and stage(consolidate_command(args, variant, seed), folder / "export" / "report.json",
                                   budget, logs / f"{folder.name}.consolidate.log")):
                     return False
-                for model, out in evaluations(args, variant, seed):
+                for model, out in component_evaluations(folder):
                     if not stage(evaluate_command(args, model, out), out / "results.json", budget,
                                  logs / f"{folder.name}.{out.name}.eval.log"):
                         return False

@@ -29,6 +29,7 @@ from transformers import AutoConfig, get_scheduler
 from . import checkpoint as ckpt
 from . import manifest
 from . import run_layout as layout
+from .base_model import load_base_model, load_tokenizer, resolve_dtype, resolve_model_path
 from .clipping import clip_per_group
 from .config import ConfigError, RunConfig
 from .data import ResponseCollator, build_datasets, prepare_tokenizer
@@ -37,7 +38,6 @@ from .errors import InputError
 from .losses import annealing_eta
 from .methods import get_method
 from .model import build_model, build_objective
-from .base_model import load_base_model, load_tokenizer, resolve_dtype, resolve_model_path
 from .step import DeepSpeedStepper
 from .tracking import RunLogger, StepAccumulator
 from .validation import score_validation
@@ -275,7 +275,7 @@ class Trainer:
         Ctrl-C stops at once (the last complete checkpoint stays as it was)."""
         if signum == signal.SIGINT and self._stop_requested:
             raise KeyboardInterrupt
-        self._stop_requested = True
+        self.request_stop()
         if signum == signal.SIGINT and self.rank == 0:
             print("\nCtrl-C: writing a checkpoint at the end of this step, then stopping (Ctrl-C again: stop now)",
                   file=sys.stderr, flush=True)

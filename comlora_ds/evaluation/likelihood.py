@@ -20,6 +20,7 @@ def response_logprobs(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str
 
     Pairs longer than ``max_length`` keep the response and lose the prompt's left end, as in training."""
     from ..data.tokenize import IGNORE_INDEX, ResponseCollator, tokenize_example
+    from ..losses import response_token_counts
     from .generate import ensure_pad_token, model_device
 
     collate = ResponseCollator(ensure_pad_token(tokenizer))
@@ -38,7 +39,7 @@ def response_logprobs(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str
             logp = torch.log_softmax(logits[:, :-1][rows, cols].float(), -1)
             picked = logp.gather(-1, targets[rows, cols][:, None])[:, 0]
             sums += torch.zeros(len(targets), device=device).index_add_(0, rows, picked).tolist()
-            counts += (targets != IGNORE_INDEX).sum(1).tolist()
+            counts += response_token_counts(batch["labels"]).tolist()
     finally:
         model.train(was_training)
     return sums, counts

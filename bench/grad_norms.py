@@ -90,7 +90,7 @@ def main() -> int:
         records = [json.loads(line) for line in (args.out / "grad_norms.jsonl").read_text().splitlines()]
         print("\n".join(summarize(records, _windows(max(r["step"] for r in records)))))
         return 0
-    cfg = load_config(REPO / "launch" / "configs" / "demo.yaml",
+    cfg = load_config(REPO / "launch" / "configs" / "demo_commonsense.yaml",
                       [*args.overrides, f"train.output_dir={args.out}", "train.save_steps=0", "train.resume=null"])
     trainer = Trainer(cfg, args.deepspeed, callbacks=[GradNormRecorder(args.out, args.steps)])
     trainer.train()

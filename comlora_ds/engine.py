@@ -32,7 +32,9 @@ from . import run_layout as layout
 from .base_model import load_base_model, load_tokenizer, resolve_dtype, resolve_model_path
 from .clipping import clip_per_group
 from .config import ConfigError, RunConfig
-from .data import ResponseCollator, build_datasets, prepare_tokenizer
+from .data import ResponseCollator, prepare_tokenizer
+from .data.cache import tokenised_datasets
+from .distributed import on_rank0
 from .ds_config import fill_ds_config, load_ds_config, resolve_bf16, zero_stage
 from .errors import InputError
 from .losses import annealing_eta
@@ -136,7 +138,7 @@ class Trainer:
 
         model_path = resolve_model_path(cfg.model)
         self.tokenizer = prepare_tokenizer(load_tokenizer(model_path, cfg.model))
-        self.train_rows, self.val_rows, self.data_report = build_datasets(cfg.data, self.tokenizer)
+        self.train_rows, self.val_rows, self.data_report = tokenised_datasets(cfg.data, self.tokenizer, model_path)
         self.collate = ResponseCollator(self.tokenizer.pad_token_id)
         self.sampler = DistributedSampler(self.train_rows, num_replicas=self.world, rank=self.rank, shuffle=True,
                                           seed=cfg.data.seed, drop_last=True)
@@ -367,22 +369,6 @@ class Trainer:
             logger.message(f"validation: component losses {[round(x, 4) for x in result['mean_loss']]}, "
                            f"winner {result['winner']} (by {result['winner_by']})")
         return result
-
-
-def on_rank0(compute):
-    """``compute()`` on rank 0 only (hashing large files once), its result or its error given to every rank, so all
-    ranks go on, or stop with the same error, together (no rank is left waiting for the broadcast)."""
-    result, error = None, None
-    if dist.get_rank() == 0:
-        try:
-            result = compute()
-        except Exception as err:
-            error = err
-    shared = [result, error]
-    dist.broadcast_object_list(shared, src=0)
-    if shared[1] is not None:
-        raise shared[1]
-    return shared[0]
 
 
 def _check_finite(metrics: dict, step: int) -> None:

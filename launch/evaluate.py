@@ -43,6 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="mmlu: comma list of logits (next-token letter) and generate (first letter generated)")
     p.add_argument("--prompt-format", default="hendrycks", choices=["hendrycks", "alpaca"],
                    help="mmlu: Hendrycks text prompt, or the LLM-Adapters template of mmlu.training_rows")
+    p.add_argument("--template", default="auto", choices=["auto", "alpaca", "chat"],
+                   help="prompt template: auto = the one the model was trained with (run_config.yaml of a checkpoint, "
+                        "training_template.json of an export; alpaca otherwise), or the tokenizer's chat template")
     p.add_argument("--prompt", default="train", choices=["train", "llm-adapters-eval"],
                    help="commonsense: the fine-tuning template, or upstream's evaluation-script variant")
     p.add_argument("--rule", default="llm-adapters", choices=["llm-adapters", "word"],

@@ -20,7 +20,7 @@ from assets import commonsense_file, tiny_model_dir
 
 ARC_C = str(commonsense_file("ARC-Challenge"))
 OBQA_TEST = str(commonsense_file("openbookqa"))
-RAW = ["instruction", "input", "output", "answer", "source"]
+RAW = ["messages", "input", "answer", "source"]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,11 @@ def tok():
 
 
 def _key(row: dict) -> tuple[str, str]:
-    return row["instruction"], row["answer"]
+    return (row["instruction"] if "instruction" in row else row["messages"][0]["content"]), row["answer"]
+
+
+def _instructions(val) -> list[str]:
+    return [messages[0]["content"] for messages in val["messages"]]
 
 
 def _write(path: Path, n: int, instruction: str = "Q{i}?") -> str:
@@ -48,11 +52,12 @@ def test_files_with_held_out_validation(tok) -> None:
     assert val.column_names == RAW + ["input_ids", "labels"]
     # the held-out rows are exactly the ones LLM-Adapters' finetune.py holds out with the same call and seed
     reference = datasets.Dataset.from_list(rows).train_test_split(test_size=120, seed=42)["test"]
-    assert val["instruction"] == reference["instruction"]
+    assert _instructions(val) == reference["instruction"]
     assert set(val["source"]) == {ARC_C}
     # validation rows are the row's text tokenised with the single-example path
     for row in val.select(range(5)):
-        ex = tokenize_example(tok, build_prompt(row["instruction"], row["input"]), row["output"], 512)
+        (user, reply) = (m["content"] for m in row["messages"])
+        ex = tokenize_example(tok, build_prompt(user, row["input"]), reply, 512)
         assert (row["input_ids"], row["labels"]) == (ex["input_ids"], ex["labels"])
     # training and validation rows do not overlap; together they are the file
     train_text = {tok.decode(ids) for ids in train["input_ids"]}
@@ -67,7 +72,7 @@ def test_files_with_held_out_validation(tok) -> None:
 def test_supervised_tokens_decode_to_the_output(tok) -> None:
     train, val, _ = build_datasets(DataConfig(train_files=[ARC_C], val_size=10, max_length=512), tok)
     for row in val:
-        assert tok.decode([t for t in row["labels"] if t != IGNORE_INDEX]) == row["output"] + "</s>"
+        assert tok.decode([t for t in row["labels"] if t != IGNORE_INDEX]) == row["messages"][1]["content"] + "</s>"
     for labels in train.select(range(50))["labels"]:
         assert tok.decode([t for t in labels if t != IGNORE_INDEX]).startswith("the correct answer is answer")
 
@@ -76,9 +81,9 @@ def test_deterministic_and_seeded(tok) -> None:
     cfg = DataConfig(train_files=[ARC_C], val_size=50, seed=7, max_length=512)
     a_train, a_val, _ = build_datasets(cfg, tok)
     b_train, b_val, _ = build_datasets(cfg, tok)
-    assert a_train["input_ids"] == b_train["input_ids"] and a_val["instruction"] == b_val["instruction"]
+    assert a_train["input_ids"] == b_train["input_ids"] and _instructions(a_val) == _instructions(b_val)
     _, c_val, _ = build_datasets(DataConfig(train_files=[ARC_C], val_size=50, seed=8, max_length=512), tok)
-    assert c_val["instruction"] != a_val["instruction"]
+    assert _instructions(c_val) != _instructions(a_val)
 
 
 def test_max_train_samples_caps_after_shuffling(tok) -> None:
@@ -95,7 +100,7 @@ def test_explicit_validation_files(tok) -> None:
                                                    max_length=512), tok)
     n_val = len(load_llm_adapters(OBQA_TEST))
     assert len(train) == len(load_llm_adapters(ARC_C)) and len(val) == n_val and report.held_out == 0
-    assert val["instruction"] == [r["instruction"] for r in load_llm_adapters(OBQA_TEST)]
+    assert _instructions(val) == [r["instruction"] for r in load_llm_adapters(OBQA_TEST)]
     assert report.val_rows_read == {OBQA_TEST: n_val}
 
 
@@ -178,10 +183,7 @@ def test_bad_file_error_comes_from_the_reader(tmp_path: Path, tok) -> None:
         build_datasets(DataConfig(train_files=[str(path)]), tok)
 
 
-def test_format_and_eos_checks(tok) -> None:
-    with pytest.raises(DataError, match="data.format = 'alpaca'"):
-        build_datasets(DataConfig(train_files=[ARC_C], format="alpaca"), tok)
-
+def test_eos_check(tok) -> None:
     class NoEos:
         eos_token_id = None
 

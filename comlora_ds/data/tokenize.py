@@ -79,26 +79,58 @@ def assemble_example(prefix: Sequence[int], prompt_ids: Sequence[int], response_
                      eos_token_id: int, max_length: int, train_on_prompt: bool = False,
                      overlong: str = "truncate") -> Optional[dict[str, Any]]:
     """Build ``{"input_ids", "labels", "truncated"}`` from already tokenised parts (see the module doc)."""
+    prefix, prompt, response = list(prefix), list(prompt_ids), list(response_ids) + [eos_token_id]
+    labels = [IGNORE_INDEX] * (len(prefix) + len(prompt)) + response
+    return fit_example(prefix + prompt + response, labels, len(prefix), max_length, train_on_prompt, overlong)
+
+
+def fit_example(input_ids: Sequence[int], labels: Sequence[int], n_prefix: int, max_length: int,
+                train_on_prompt: bool = False, overlong: str = "truncate") -> Optional[dict[str, Any]]:
+    """An example (``labels`` = response-only) made to fit ``max_length``; ``n_prefix`` leading special tokens stay.
+
+    One supervised block at the end (a single-turn example): the module doc's policy. Several turns: the tail is
+    cut (the later turns go); when that leaves nothing supervised, the example is cut after its first supervised
+    block and that part gets the single-turn policy. ``train_on_prompt``: labels = ids after fitting."""
     if overlong not in OVERLONG_POLICIES:
         raise ValueError(f"overlong = {overlong!r}: must be one of {', '.join(OVERLONG_POLICIES)}")
-    prefix, prompt, response = list(prefix), list(prompt_ids), list(response_ids) + [eos_token_id]
-    budget = max_length - len(prefix)
-    truncated = len(prompt) + len(response) > budget
+    ids, labels = list(input_ids), list(labels)
+    truncated = len(ids) > max_length
     if truncated:
         if overlong == "drop":
             return None
-        if budget < 2:
+        if max_length - n_prefix < 2:
             raise ValueError(f"max_length = {max_length} leaves no room for a prompt and a response token "
-                             f"after {len(prefix)} special prefix token(s)")
-        if len(response) < budget:
-            prompt = prompt[len(prompt) - (budget - len(response)):]
-        else:
-            keep = min(len(prompt), budget // 2)
-            prompt = prompt[len(prompt) - keep:] if keep else []
-            response = response[:budget - keep]
-    input_ids = prefix + prompt + response
-    labels = list(input_ids) if train_on_prompt else [IGNORE_INDEX] * (len(prefix) + len(prompt)) + response
-    return {"input_ids": input_ids, "labels": labels, "truncated": truncated}
+                             f"after {n_prefix} special prefix token(s)")
+        supervised = [i for i, t in enumerate(labels) if t != IGNORE_INDEX]
+        first_end = next((i for i in range(supervised[0], len(labels)) if labels[i] == IGNORE_INDEX), len(labels))
+        if first_end < len(labels) and any(t != IGNORE_INDEX for t in labels[first_end:]):
+            if any(t != IGNORE_INDEX for t in labels[:max_length]):
+                ids, labels = ids[:max_length], labels[:max_length]
+                return _finish(ids, labels, train_on_prompt, truncated)
+            ids, labels = ids[:first_end], labels[:first_end]
+        ids, labels = _keep_end(ids, labels, n_prefix, supervised[0], max_length)
+    return _finish(ids, labels, train_on_prompt, truncated)
+
+
+def _keep_end(ids: list[int], labels: list[int], n_prefix: int, start: int,
+              max_length: int) -> tuple[list[int], list[int]]:
+    """Single-turn fit: the response (from ``start``) whole and the prompt cut from the left, or, when the response
+    alone does not fit, the prompt's last ``budget // 2`` tokens and the response's head."""
+    if len(ids) <= max_length:
+        return ids, labels
+    prefix, prompt, response = ids[:n_prefix], ids[n_prefix:start], ids[start:]
+    budget = max_length - n_prefix
+    if len(response) < budget:
+        prompt = prompt[len(prompt) - (budget - len(response)):]
+    else:
+        keep = min(len(prompt), budget // 2)
+        prompt = prompt[len(prompt) - keep:] if keep else []
+        response = response[:budget - keep]
+    return prefix + prompt + response, [IGNORE_INDEX] * (n_prefix + len(prompt)) + labels[start:start + len(response)]
+
+
+def _finish(ids: list[int], labels: list[int], train_on_prompt: bool, truncated: bool) -> dict[str, Any]:
+    return {"input_ids": ids, "labels": list(ids) if train_on_prompt else labels, "truncated": truncated}
 
 
 def tokenize_example(tokenizer: Any, prompt: str, response: str, max_length: int,

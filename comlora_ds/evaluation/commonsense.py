@@ -27,6 +27,7 @@ from typing import Any, Optional
 
 from ..data.formats import DataError, load_llm_adapters
 from ..data.prompts import build_llm_adapters_eval_prompt, build_prompt
+from ..data.templates import PromptRenderer
 from ..errors import EvaluationError
 from .keywords import ANSWER_KEYWORDS, COMMONSENSE_TASKS, check_task, extract_answer
 
@@ -160,20 +161,36 @@ def allowed_answers(task: str, row: dict[str, Any]) -> list[str]:
     return [a for a in offered if a in keywords] or list(keywords)
 
 
+def prompt_function(prompt: str, renderer: Optional[PromptRenderer]) -> Callable[..., str]:
+    """``prompt`` = "train": the training template's prompt (``renderer``; default Alpaca); "llm-adapters-eval":
+    upstream's Alpaca evaluation variant, which a chat-trained model never saw (refused)."""
+    if prompt not in PROMPTS:
+        raise EvaluationError(f"prompt {prompt!r}: choose from {', '.join(PROMPTS)}")
+    if renderer is not None and renderer.template != "alpaca":
+        if prompt != "train":
+            raise EvaluationError(f"prompt {prompt!r} is an Alpaca text; the model was trained with the "
+                                  f"{renderer.template} template: use prompt 'train'")
+        return renderer.prompt
+    return PROMPTS[prompt]
+
+
 def choice_predictions(model: Any, tokenizer: Any, task: str, rows: Sequence[dict[str, Any]], prompt: str = "train",
-                       batch_size: int = 8, max_length: int = 2048) -> list[str]:
+                       batch_size: int = 8, max_length: int = 2048,
+                       renderer: Optional[PromptRenderer] = None) -> list[str]:
     """Rank classification: per row, the offered answer whose training response "the correct answer is <a>"
     (tokenised exactly as in training) has the highest summed log-probability after the prompt. Needs no
     keyword in generated text, so it also scores models that were never fine-tuned on the format."""
     from .likelihood import response_logprobs
 
+    render = prompt_function(prompt, renderer)
     pairs, owners = [], []
     for i, row in enumerate(rows):
-        text = PROMPTS[prompt](row["instruction"], row.get("input", ""))
+        text = render(row["instruction"], row.get("input", ""))
         for answer in allowed_answers(task, row):
             pairs.append((text, f"the correct answer is {answer}"))
             owners.append((i, answer))
-    scores, _ = response_logprobs(model, tokenizer, pairs, batch_size=batch_size, max_length=max_length)
+    scores, _ = response_logprobs(model, tokenizer, pairs, batch_size=batch_size, max_length=max_length,
+                                  renderer=renderer)
     best: dict[int, tuple[float, str]] = {}
     for (i, answer), score in zip(owners, scores):
         if i not in best or score > best[i][0]:
@@ -184,26 +201,28 @@ def choice_predictions(model: Any, tokenizer: Any, task: str, rows: Sequence[dic
 def evaluate_commonsense(model: Any, tokenizer: Any, task_data: dict[str, dict[str, Any]], *,
                          limit: Optional[int] = None, batch_size: int = 8, max_new_tokens: int = 32,
                          rule: str = "llm-adapters", prompt: str = "train", max_prompt_tokens: Optional[int] = None,
-                         progress: bool = True, choice: bool = False) -> dict[str, Any]:
+                         progress: bool = True, choice: bool = False,
+                         renderer: Optional[PromptRenderer] = None) -> dict[str, Any]:
     """Generate and score every task of ``task_data`` (from :func:`load_commonsense`), first ``limit`` rows each;
-    with ``choice`` also rank-classification accuracy (:func:`choice_predictions`) as ``choice_accuracy``."""
+    with ``choice`` also rank-classification accuracy (:func:`choice_predictions`) as ``choice_accuracy``.
+    ``renderer``: the training template (default Alpaca)."""
     from .generate import generate
 
-    if prompt not in PROMPTS:
-        raise EvaluationError(f"prompt {prompt!r}: choose from {', '.join(PROMPTS)}")
+    render = prompt_function(prompt, renderer)
+    prefix = renderer.prefix_ids(tokenizer) if renderer is not None else None
     per_task: dict[str, dict[str, Any]] = {}
     examples: list[dict[str, Any]] = []
     for task, entry in task_data.items():
         rows = entry["rows"][:limit] if limit is not None else entry["rows"]
-        prompts = [PROMPTS[prompt](r["instruction"], r.get("input", "")) for r in rows]
+        prompts = [render(r["instruction"], r.get("input", "")) for r in rows]
         outputs = generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                           progress=progress, desc=task, max_prompt_tokens=max_prompt_tokens)
+                           progress=progress, desc=task, max_prompt_tokens=max_prompt_tokens, prefix=prefix)
         scored = score_outputs(task, rows, [response_text(o) for o in outputs], rule)
         for example, raw in zip(scored["examples"], outputs):
             example["generated"] = raw
         if choice:
             picks = choice_predictions(model, tokenizer, task, rows, prompt, batch_size,
-                                       (max_prompt_tokens or 2048) + max_new_tokens)
+                                       (max_prompt_tokens or 2048) + max_new_tokens, renderer)
             for example, pick in zip(scored["examples"], picks):
                 example["pred_choice"] = pick
             scored["choice_accuracy"] = 100.0 * sum(p == r["answer"] for p, r in zip(picks, rows)) / len(rows)

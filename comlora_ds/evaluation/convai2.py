@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..data.formats import DataError
-from ..data.prompts import build_prompt
+from ..data.templates import PromptRenderer
 
 SELF_PERSONA = "your persona:"
 PARTNER_PERSONA = "partner's persona:"
@@ -138,7 +138,8 @@ def clean_response(text: str) -> str:
 def evaluate_convai2(model: Any, tokenizer: Any, path: str | Path, *, limit: Optional[int] = None,
                      batch_size: int = 8, max_new_tokens: int = 64, max_history: Optional[int] = None,
                      bertscore_model: Optional[str] = None, bertscore_layers: Optional[int] = None,
-                     max_prompt_tokens: Optional[int] = None, progress: bool = True) -> dict[str, Any]:
+                     max_prompt_tokens: Optional[int] = None, progress: bool = True,
+                     renderer: Optional[PromptRenderer] = None) -> dict[str, Any]:
     """Generate a reply for every example (the first ``limit``) and score the replies against the references;
     also the reference responses' NLL under the model (``nll``: per response token, EOS included, pooled over all
     examples; ``perplexity`` = exp(nll)), with each example's summed NLL and token count."""
@@ -151,9 +152,11 @@ def evaluate_convai2(model: Any, tokenizer: Any, path: str | Path, *, limit: Opt
     rows = convai2_examples(parse_convai2(path), max_history)
     if limit is not None:
         rows = rows[:limit]
-    prompts = [build_prompt(r["instruction"], r["input"]) for r in rows]
+    renderer = renderer or PromptRenderer()
+    prompts = [renderer.prompt(r["instruction"], r["input"]) for r in rows]
     raw = generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                   progress=progress, desc="convai2", max_prompt_tokens=max_prompt_tokens)
+                   progress=progress, desc="convai2", max_prompt_tokens=max_prompt_tokens,
+                   prefix=renderer.prefix_ids(tokenizer))
     hypotheses = [clean_response(text) for text in raw]
     references = [r["output"] for r in rows]
     device = str(model_device(model))
@@ -161,7 +164,7 @@ def evaluate_convai2(model: Any, tokenizer: Any, path: str | Path, *, limit: Opt
                            bertscore_layers=bertscore_layers, device=device, per_example=True)
     per_example = metrics.pop("per_example")
     logprobs, counts = response_logprobs(model, tokenizer, list(zip(prompts, references)), batch_size=batch_size,
-                                         max_length=(max_prompt_tokens or 2048) + max_new_tokens)
+                                         max_length=(max_prompt_tokens or 2048) + max_new_tokens, renderer=renderer)
     metrics["nll"] = -sum(logprobs) / sum(counts)
     metrics["perplexity"] = math.exp(metrics["nll"])
     examples = [{"dialogue": r["dialogue"], "turn": r["turn"], "reference": r["output"], "generated": g,

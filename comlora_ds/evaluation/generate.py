@@ -36,9 +36,10 @@ def ensure_pad_token(tokenizer: Any) -> int:
     return tokenizer.pad_token_id
 
 
-def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each prompt: special prefix + prompt (no special tokens), as in training."""
-    prefix = special_prefix_ids(tokenizer)
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], prefix: Optional[list[int]] = None) -> list[list[int]]:
+    """Token ids of each prompt: ``prefix`` (default: the special prefix) + prompt (no special tokens), as in training
+    (a chat template writes its own special tokens: pass ``[]``)."""
+    prefix = special_prefix_ids(tokenizer) if prefix is None else prefix
     encoded = tokenizer(list(prompts), add_special_tokens=False, verbose=False)["input_ids"]
     return [prefix + list(ids) for ids in encoded]
 
@@ -78,8 +79,10 @@ def _greedy_kwargs(tokenizer: Any, max_new_tokens: int, pad_id: int) -> dict[str
 
 @torch.no_grad()
 def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, batch_size: int = 8, max_new_tokens: int = 32,
-             progress: bool = True, desc: str = "generate", max_prompt_tokens: Optional[int] = None) -> list[str]:
-    """Greedy continuations of ``prompts`` (see the module doc), in input order.
+             progress: bool = True, desc: str = "generate", max_prompt_tokens: Optional[int] = None,
+             prefix: Optional[list[int]] = None) -> list[str]:
+    """Greedy continuations of ``prompts`` (see the module doc), in input order; ``prefix`` as in
+    :func:`encode_prompts`.
 
     ``max_prompt_tokens``: longer prompts keep their last tokens (after the special prefix), so the model still
     sees the end of the prompt that its answer follows.
@@ -92,9 +95,10 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, batch_size: 
         return []
     pad_id = ensure_pad_token(tokenizer)
     eos = tokenizer.eos_token_id
-    encoded = encode_prompts(tokenizer, prompts)
+    prefix = special_prefix_ids(tokenizer) if prefix is None else prefix
+    encoded = encode_prompts(tokenizer, prompts, prefix)
     if max_prompt_tokens is not None:
-        n_prefix = len(special_prefix_ids(tokenizer))
+        n_prefix = len(prefix)
         encoded = [truncate_left(row, max_prompt_tokens, n_prefix) for row in encoded]
     order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
     device = model_device(model)

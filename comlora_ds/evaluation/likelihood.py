@@ -8,23 +8,32 @@ A response is scored on the tokens training supervises: its own tokens and the E
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Optional
 
 import torch
+
+from ..data.templates import PromptRenderer
 
 
 @torch.no_grad()
 def response_logprobs(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], *, batch_size: int = 8,
-                      max_length: int = 2048) -> tuple[list[float], list[int]]:
+                      max_length: int = 2048, renderer: Optional[PromptRenderer] = None) -> tuple[list[float], list[int]]:
     """Per (prompt, response) pair: the summed log-probability of the response tokens and their count.
 
-    Pairs longer than ``max_length`` keep the response and lose the prompt's left end, as in training."""
-    from ..data.tokenize import IGNORE_INDEX, ResponseCollator, tokenize_example
+    The prompt is text ``renderer`` made (default: the Alpaca template); the response ends as it did in training
+    (EOS, or the chat template's end of turn). Pairs longer than ``max_length`` keep the response and lose the
+    prompt's left end, as in training."""
+    from ..data.tokenize import IGNORE_INDEX, ResponseCollator, fit_example
     from ..losses import response_token_counts
     from .generate import ensure_pad_token, model_device
 
+    renderer = renderer or PromptRenderer()
     collate = ResponseCollator(ensure_pad_token(tokenizer))
-    sequences = [tokenize_example(tokenizer, prompt, response, max_length) for prompt, response in pairs]
+    prefix, end = renderer.prefix_ids(tokenizer), renderer.response_end(tokenizer)
+    prompt_ids = tokenizer([p for p, _ in pairs], add_special_tokens=False, verbose=False)["input_ids"]
+    response_ids = tokenizer([r for _, r in pairs], add_special_tokens=False, verbose=False)["input_ids"]
+    sequences = [fit_example(prefix + list(p) + list(r) + end, [IGNORE_INDEX] * (len(prefix) + len(p)) + list(r) + end,
+                             len(prefix), max_length) for p, r in zip(prompt_ids, response_ids)]
     sums: list[float] = []
     counts: list[int] = []
     device = model_device(model)

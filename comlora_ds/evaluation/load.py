@@ -39,13 +39,15 @@ class TrainingCheckpointError(InputError, ValueError):
 @dataclass
 class Target:
     """What is evaluated: ``kind`` is "merged", "adapter", "checkpoint" or "hub"; ``base`` is set for adapters
-    (and for checkpoints when given), ``component`` for checkpoints."""
+    (and for checkpoints when given), ``component`` for checkpoints; ``template`` is the prompt template it was
+    trained with (:func:`training_template`)."""
 
     kind: str
     path: str
     base: Optional[str] = None
     tokenizer: Optional[str] = None
     component: Optional[int] = None
+    template: str = "alpaca"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,6 +95,20 @@ def describe_target(model_or_adapter: str, base: Optional[str] = None, component
     return Target("hub", model_or_adapter, tokenizer=model_or_adapter)
 
 
+def training_template(target: Target) -> str:
+    """How the target's training rendered prompts: a checkpoint's run_config.yaml (``data.template``), an exported
+    folder's training_template.json; "alpaca" for anything else (a base model, a PEFT adapter from elsewhere)."""
+    from ..data.templates import read_template_file
+
+    if target.kind == "checkpoint":
+        from ..export.recover import locate_checkpoint
+
+        return locate_checkpoint(target.path).cfg.data.template
+    if target.kind in ("adapter", "merged"):
+        return read_template_file(Path(target.path)) or "alpaca"
+    return "alpaca"
+
+
 def default_dtype(device: str) -> torch.dtype:
     """fp32 on CPU (bf16 matmuls are very slow there), bf16 on a GPU that supports it, else fp16."""
     if device.startswith("cuda"):
@@ -110,6 +126,7 @@ def load_for_eval(model_or_adapter: str, base: Optional[str] = None, component: 
     if dtype is not None and dtype not in DTYPES:
         raise EvaluationError(f"dtype {dtype!r}: choose from {', '.join(DTYPES)}")
     torch_dtype = DTYPES[dtype] if dtype else default_dtype(device)
+    target.template = training_template(target)
     if target.kind == "checkpoint":
         return _checkpoint_component(target, torch_dtype, device)
     model_path = target.base if target.kind == "adapter" else target.path
@@ -143,5 +160,6 @@ def _checkpoint_component(target: Target, dtype: torch.dtype, device: str) -> tu
     _, base_dir, tensors = recover_checked(ref, target.base)
     model = build_live_model(ref.cfg, str(base_dir), tensors, dtype, device)
     merge_component(model.llm, k)
-    target = Target("checkpoint", str(ref.step_dir), str(base_dir), str(ref.step_dir / TOKENIZER), k)
+    target = Target("checkpoint", str(ref.step_dir), str(base_dir), str(ref.step_dir / TOKENIZER), k,
+                    ref.cfg.data.template)
     return model.llm, AutoTokenizer.from_pretrained(target.tokenizer), target

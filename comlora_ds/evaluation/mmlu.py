@@ -50,7 +50,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.formats import DataError
-from ..data.prompts import build_prompt
+from ..data.templates import PromptRenderer
 from ..data.tokenize import special_prefix_ids
 from ..errors import EvaluationError, MissingPackage
 from .keywords import MMLU_LETTERS, extract_letter
@@ -274,14 +274,17 @@ def training_rows(path_or_rows: str | Path | Sequence[dict[str, Any]], split: st
 
 def build_prompts(tokenizer: Any, rows: Sequence[dict[str, Any]], dev_rows: Sequence[dict[str, Any]] = (),
                   shots: int = 0, prompt_format: str = "hendrycks",
-                  max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS) -> tuple[list[str], list[int]]:
-    """Prompt of every row and the number of shots it kept (shots dropped while over ``max_prompt_tokens``)."""
+                  max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
+                  renderer: Optional[PromptRenderer] = None) -> tuple[list[str], list[int]]:
+    """Prompt of every row and the number of shots it kept (shots dropped while over ``max_prompt_tokens``);
+    ``alpaca`` prompts are rendered with the training template ``renderer`` (default Alpaca)."""
     if prompt_format not in PROMPT_FORMATS:
         raise EvaluationError(f"prompt_format {prompt_format!r}: must be one of {', '.join(PROMPT_FORMATS)}")
     if prompt_format == "alpaca":
         if shots:
             raise EvaluationError("prompt_format 'alpaca' is zero-shot (the fine-tuning format); use shots=0")
-        return [build_prompt(alpaca_instruction(r)) for r in rows], [0] * len(rows)
+        renderer = renderer or PromptRenderer()
+        return [renderer.prompt(alpaca_instruction(r)) for r in rows], [0] * len(rows)
     by_subject: dict[str, list[dict[str, Any]]] = {}
     for row in dev_rows:
         by_subject.setdefault(row["subject"], []).append(row)
@@ -310,12 +313,12 @@ def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
 
 
 def choice_tokens(tokenizer: Any, prompt: str, prompt_format: str = "hendrycks",
-                  max_tokens: Optional[int] = None) -> tuple[list[int], list[list[int]]]:
+                  max_tokens: Optional[int] = None, prefix: Optional[list[int]] = None) -> tuple[list[int], list[list[int]]]:
     """(context ids, continuation ids per letter) of one prompt (see the module doc); with ``max_tokens`` the
     context loses tokens after its special prefix so that context + the longest continuation fit."""
     from .generate import truncate_left
 
-    prefix = special_prefix_ids(tokenizer)
+    prefix = special_prefix_ids(tokenizer) if prefix is None else prefix
     if prompt_format == "alpaca":
         context = prefix + tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"]
         full = [context + tokenizer(f"{ALPACA_ANSWER_PREFIX} {letter}", add_special_tokens=False)["input_ids"]
@@ -351,12 +354,12 @@ def _forward_tail_logprobs(model: Any, seqs: Sequence[Sequence[int]], tail: int,
 @torch.no_grad()
 def letter_scores(model: Any, tokenizer: Any, prompts: Sequence[str], prompt_format: str = "hendrycks",
                   batch_size: int = 8, progress: bool = True,
-                  max_tokens: Optional[int] = None) -> list[list[float]]:
+                  max_tokens: Optional[int] = None, prefix: Optional[list[int]] = None) -> list[list[float]]:
     """Per prompt, the log-probability of each letter's continuation (A, B, C, D)."""
     from .generate import ensure_pad_token
 
     pad_id = ensure_pad_token(tokenizer)
-    every = [choice_tokens(tokenizer, p, prompt_format, max_tokens) for p in prompts]
+    every = [choice_tokens(tokenizer, p, prompt_format, max_tokens, prefix) for p in prompts]
     order = sorted(range(len(every)), key=lambda i: (-len(every[i][0]), i))  # longest first: less padding
     scores: dict[int, list[float]] = {}
     was_training = model.training
@@ -415,25 +418,28 @@ def accuracy_report(rows: Sequence[dict[str, Any]], predictions: Sequence[str]) 
 def evaluate_mmlu(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]],
                   dev_rows: Sequence[dict[str, Any]] = (), *, shots: int = 0, scorings: Sequence[str] = SCORINGS,
                   prompt_format: str = "hendrycks", batch_size: int = 8, max_new_tokens: int = 16,
-                  max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS, progress: bool = True) -> dict[str, Any]:
-    """Score ``rows`` with each of ``scorings`` ("logits", "generate"); returns the reports and examples."""
+                  max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS, progress: bool = True,
+                  renderer: Optional[PromptRenderer] = None) -> dict[str, Any]:
+    """Score ``rows`` with each of ``scorings`` ("logits", "generate"); returns the reports and examples.
+    ``renderer`` (the training template) applies to ``prompt_format="alpaca"``; the Hendrycks text is raw."""
     from .generate import generate
 
     unknown = [s for s in scorings if s not in SCORINGS]
     if unknown or not scorings:
         raise EvaluationError(f"scorings {list(scorings)}: choose from {', '.join(SCORINGS)}")
-    prompts, kept = build_prompts(tokenizer, rows, dev_rows, shots, prompt_format, max_prompt_tokens)
+    prompts, kept = build_prompts(tokenizer, rows, dev_rows, shots, prompt_format, max_prompt_tokens, renderer)
+    prefix = renderer.prefix_ids(tokenizer) if renderer is not None and prompt_format == "alpaca" else None
     examples = [{"subject": r["subject"], "answer": r["answer"], "shots": k} for r, k in zip(rows, kept)]
     reports: dict[str, Any] = {}
     if "logits" in scorings:
-        scores = letter_scores(model, tokenizer, prompts, prompt_format, batch_size, progress, max_prompt_tokens)
+        scores = letter_scores(model, tokenizer, prompts, prompt_format, batch_size, progress, max_prompt_tokens, prefix)
         preds = [MMLU_LETTERS[max(range(4), key=lambda j: s[j])] for s in scores]
         reports["logits"] = accuracy_report(rows, preds)
         for ex, s, p in zip(examples, scores, preds):
             ex.update(letter_logprobs=[round(v, 6) for v in s], pred_logits=p)
     if "generate" in scorings:
         texts = generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                         progress=progress, desc="mmlu generate", max_prompt_tokens=max_prompt_tokens)
+                         progress=progress, desc="mmlu generate", max_prompt_tokens=max_prompt_tokens, prefix=prefix)
         preds = [extract_letter(t) for t in texts]
         reports["generate"] = accuracy_report(rows, preds)
         for ex, t, p in zip(examples, texts, preds):

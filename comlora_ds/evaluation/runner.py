@@ -19,6 +19,7 @@ from ..errors import EvaluationError
 from .report import check_out_dir, markdown_table, write_results
 
 TASKS = ("commonsense", "mmlu", "convai2")
+TEMPLATE_CHOICES = ("auto", "alpaca", "chat")   # auto: the template the model was trained with
 DEFAULT_MAX_NEW_TOKENS = {"commonsense": 32, "mmlu": 16, "convai2": 64}
 MMLU_PROMPT_CAP = 2048  # hendrycks/test drops shots above this many tokens
 _RUNTIME_ONLY = ("out", "overwrite", "predictions", "batch_size", "device", "progress")
@@ -45,6 +46,7 @@ class EvalSettings:
     scoring: list[str] = field(default_factory=lambda: ["logits", "generate"])
     prompt_format: str = "hendrycks"
     prompt: str = "train"
+    template: str = "auto"
     rule: str = "llm-adapters"
     choice: bool = False
     max_history: Optional[int] = None
@@ -70,6 +72,8 @@ class EvalSettings:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise EvaluationError(f"{name} = {value}: must be >= 1")
+        if self.template not in TEMPLATE_CHOICES:
+            raise EvaluationError(f"template {self.template!r}: choose from {', '.join(TEMPLATE_CHOICES)}")
         if self.task == "convai2" and len(self.data) != 1:
             raise EvaluationError("--task convai2 needs exactly one --data file (ParlAI valid_self_original_no_cands.txt)")
 
@@ -103,7 +107,8 @@ def _prompt_budget(model: Any, settings: EvalSettings, max_new_tokens: int) -> i
     return budget
 
 
-def _run_task(model: Any, tokenizer: Any, s: EvalSettings, max_new_tokens: int) -> tuple[dict, list, str]:
+def _run_task(model: Any, tokenizer: Any, s: EvalSettings, max_new_tokens: int,
+              renderer: Any) -> tuple[dict, list, str]:
     budget = _prompt_budget(model, s, max_new_tokens)
     if s.task == "commonsense":
         from .commonsense import evaluate_commonsense, load_commonsense
@@ -111,7 +116,8 @@ def _run_task(model: Any, tokenizer: Any, s: EvalSettings, max_new_tokens: int) 
         data = load_commonsense(s.data or None, s.tasks or None)
         result = evaluate_commonsense(model, tokenizer, data, limit=s.limit, batch_size=s.batch_size,
                                       max_new_tokens=max_new_tokens, rule=s.rule, prompt=s.prompt,
-                                      max_prompt_tokens=budget, progress=s.progress, choice=s.choice)
+                                      max_prompt_tokens=budget, progress=s.progress, choice=s.choice,
+                                      renderer=renderer)
         metrics = {"per_task": result["per_task"], "average": result["average"]}
         if s.choice:
             metrics["choice_average"] = result["choice_average"]
@@ -133,7 +139,8 @@ def _run_task(model: Any, tokenizer: Any, s: EvalSettings, max_new_tokens: int) 
             dev_rows = load_mmlu(dev_source, split="dev", subjects=sorted({r["subject"] for r in rows}))
         result = evaluate_mmlu(model, tokenizer, rows, dev_rows, shots=s.shots, scorings=s.scoring,
                                prompt_format=s.prompt_format, batch_size=s.batch_size,
-                               max_new_tokens=max_new_tokens, max_prompt_tokens=budget, progress=s.progress)
+                               max_new_tokens=max_new_tokens, max_prompt_tokens=budget, progress=s.progress,
+                               renderer=renderer)
         metrics = {**result["reports"], "shots_dropped": result["shots_dropped"]}
         examples = [{"index": i, **ex} for i, ex in enumerate(result["examples"])]
         return metrics, examples, mmlu_markdown(metrics)
@@ -142,7 +149,7 @@ def _run_task(model: Any, tokenizer: Any, s: EvalSettings, max_new_tokens: int) 
     result = evaluate_convai2(model, tokenizer, s.data[0], limit=s.limit, batch_size=s.batch_size,
                               max_new_tokens=max_new_tokens, max_history=s.max_history,
                               bertscore_model=s.bertscore_model, bertscore_layers=s.bertscore_layers,
-                              max_prompt_tokens=budget, progress=s.progress)
+                              max_prompt_tokens=budget, progress=s.progress, renderer=renderer)
     metrics = {**result["metrics"], "examples_scored": result["examples_scored"]}
     return metrics, result["examples"], convai2_markdown(metrics)
 
@@ -172,8 +179,13 @@ def run_evaluation(settings: EvalSettings, model: Any = None, tokenizer: Any = N
                                                  settings.dtype, settings.device)
     else:
         target = Target("given", settings.model, tokenizer=settings.model)
+    from ..data.templates import PromptRenderer
+
+    if settings.template != "auto":
+        target.template = settings.template
+    renderer = PromptRenderer(target.template, tokenizer, settings.model)
     max_new_tokens = setting["max_new_tokens"]
-    metrics, examples, table = _run_task(model, tokenizer, settings, max_new_tokens)
+    metrics, examples, table = _run_task(model, tokenizer, settings, max_new_tokens, renderer)
     from .generate import model_device
 
     results = {"setting": setting, "target": target.to_dict(), "metrics": metrics,

@@ -32,6 +32,7 @@ from .errors import ConsolidationError
 from .factors import ComponentExporter
 from .merge import stream_merge
 from .outdir import check_output, fingerprint, publish, refuse_training_output, staging
+from ..data.templates import write_template_file
 from .peft_adapter import copy_tokenizer, write_peft_adapter
 from .recover import check_tensors, expected_shapes, locate_checkpoint, recover_tensors
 from .report import read_training_metrics, write_plots, write_report
@@ -169,6 +170,9 @@ def consolidate(checkpoint: str | Path, out: str | Path, *, winner: int | None =
             outputs["merged"] = "merged"
             log(f"merged component {chosen} into {len(written['merge']['shards'])} shard(s)")
             clock.lap("merge")
+        for folder in [outputs.get("adapter"), outputs.get("merged"), *outputs.get("components", [])]:
+            if folder:
+                write_template_file(tmp / folder, cfg.data)
         curves = read_training_metrics(ref.run_dir)
         validation = scores.as_dict() if scores is not None else None
         report = {**_summary(ref, base_name, base_dir, tensors, exporter), **written,

@@ -1,0 +1,112 @@
+"""Tokenise once: the training and validation datasets of a run, built by one process and read by every rank.
+
+The cache folder is ``<data.cache_dir or $COMLORA_DS_CACHE or ~/.cache/comlora_ds>/tokenized/<key>``, the key a
+sha256 of the data's content (every file or folder, :func:`comlora_ds.manifest.data_fingerprint`), the tokenizer
+(its saved files, after :func:`~comlora_ds.data.tokenize.prepare_tokenizer`), every ``data.*`` setting that changes
+the rows, and :data:`FORMAT_VERSION`. Rank 0 computes the key and builds the folder when it is missing
+(:func:`~comlora_ds.data.dataset.build_datasets`, written to a temporary folder and renamed: complete or absent);
+on a node that does not see rank 0's folder (node-local disks), that node's local rank 0 builds it; every rank then
+reads it with ``load_from_disk`` (memory-mapped Arrow: the rows are not in each rank's Python heap). A second run
+with the same key reads the cache without tokenising. ``data.cache = false`` builds in every process and writes
+nothing. A bad row raises on the building rank and every rank stops with that error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from ..config import DataConfig
+from ..distributed import on_local_leaders, on_rank0
+from .dataset import DataReport, build_datasets, no_progress_bars
+
+FORMAT_VERSION = "1"        # bump when the encoding of rows changes
+_NOT_IN_KEY = ("cache_dir", "cache")
+_DONE = "report.json"       # written last
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    from ..builtin_models import cache_root as comlora_cache
+
+    return (Path(cfg.cache_dir).expanduser() if cfg.cache_dir else comlora_cache()) / "tokenized"
+
+
+_LOADING_KEYS = ("local_files_only", "name_or_path", "_commit_hash", "cache_dir", "revision", "token",
+                 "trust_remote_code")    # how the tokenizer was loaded (HF_HUB_OFFLINE sets local_files_only), not what it is
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of the tokenizer's saved files, its tokenizer_config.json without the loading options."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        h = hashlib.sha256()
+        for file in sorted(Path(tmp).iterdir()):
+            data = file.read_bytes()
+            if file.name == "tokenizer_config.json":
+                config = {k: v for k, v in json.loads(data).items() if k not in _LOADING_KEYS}
+                data = json.dumps(config, sort_keys=True).encode()
+            h.update(file.name.encode() + b"\0" + data + b"\0")
+    return h.hexdigest()
+
+
+def cache_key(cfg: DataConfig, tokenizer: Any) -> str:
+    from ..manifest import data_fingerprint
+
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_IN_KEY}
+    parts = {"version": FORMAT_VERSION, "settings": settings, "data": data_fingerprint(cfg),
+             "tokenizer": tokenizer_fingerprint(tokenizer)}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / _DONE).is_file()
+
+
+def _build_into(folder: Path, cfg: DataConfig, tokenizer: Any, model_name: str) -> str:
+    """How this process got the folder: built it (with the seconds it took) or found it complete."""
+    if _complete(folder):
+        return f"read from the cache {folder}"
+    start = time.perf_counter()
+    train, val, report = build_datasets(cfg, tokenizer, model_name)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    try:
+        with no_progress_bars():
+            train.save_to_disk(str(tmp / "train"))
+            val.save_to_disk(str(tmp / "validation"))
+        (tmp / _DONE).write_text(json.dumps(report.to_dict(), indent=1))
+        os.replace(tmp, folder)
+    except OSError:
+        if not _complete(folder):       # not another process publishing the same key first
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return f"tokenised into the cache {folder} in {time.perf_counter() - start:.1f} s"
+
+
+def tokenised_datasets(cfg: DataConfig, tokenizer: Any,
+                       model_name: str = "the model") -> tuple[datasets.Dataset, datasets.Dataset, DataReport]:
+    """:func:`~comlora_ds.data.dataset.build_datasets`, done once (see the module doc); call it on every rank."""
+    if not cfg.cache:
+        return build_datasets(cfg, tokenizer, model_name)
+
+    def build_on_rank0() -> tuple[str, str]:
+        folder = cache_root(cfg) / cache_key(cfg, tokenizer)
+        return str(folder), _build_into(folder, cfg, tokenizer, model_name)
+
+    folder, how = on_rank0(build_on_rank0)
+    folder = Path(folder)
+    on_local_leaders(lambda: _build_into(folder, cfg, tokenizer, model_name), needed=not _complete(folder))
+    report = DataReport(**{**json.loads((folder / _DONE).read_text()), "cache": how})
+    train = datasets.load_from_disk(str(folder / "train"))
+    val = datasets.load_from_disk(str(folder / "validation"))
+    return train, val, report

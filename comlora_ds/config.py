@@ -226,7 +226,8 @@ class SourceConfig:
     hub: Optional[str] = _help("A Hugging Face hub dataset id instead of path (needs a network or the local cache).",
                                default=None)
     subset: Optional[str] = _help("The hub dataset's configuration name.", default=None)
-    split: Optional[str] = _help("Split of a hub id, of a DatasetDict folder, or of MMLU (default: train; MMLU test).",
+    split: Optional[str] = _help("Split of a hub id, of a DatasetDict folder (default: train), or of MMLU (dev, val, test; "
+                                 "default: val).",
                                  default=None)
     format: str = _help("llm_adapters, alpaca, sharegpt, messages, convai2 or mmlu (docs/configuration.md).",
                         default="llm_adapters")
@@ -255,6 +256,8 @@ class SourceConfig:
         if self.num_samples is not None:
             _positive(f"{where}.num_samples", self.num_samples)
         if self.weight is not None:
+            if not math.isfinite(self.weight):
+                _fail(f"{where}.weight", self.weight, "must be a finite number")
             _positive(f"{where}.weight", self.weight)
         if self.max_history is not None:
             if self.format != "convai2":
@@ -534,4 +537,10 @@ def markdown_reference() -> str:
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             lines.append(f"| `{group.name}.{f.name}` | `{default!r}` | {f.metadata['help']} |")
         lines.append("")
+        if group.name == "data":
+            lines += ["Each entry of `data.sources`:", "", "| key | default | meaning |", "|---|---|---|"]
+            for f in dataclasses.fields(SourceConfig):
+                default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                lines.append(f"| `{f.name}` | `{default!r}` | {f.metadata['help']} |")
+            lines.append("")
     return "\n".join(lines)

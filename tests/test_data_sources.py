@@ -201,3 +201,9 @@ def test_source_settings_are_checked_by_the_config(tmp_path: Path) -> None:
     cfg = load_config(overrides=[f"data.sources=[{{path: {tmp_path / 'none.json'}}}]"])
     with pytest.raises(DataError, match=r"data.sources\[0\].path = '.*none.json': no such file"):
         check_data_files(cfg.data)
+
+
+def test_a_mixture_that_selects_nothing_is_refused(tmp_path: Path, tok) -> None:
+    a = _json(tmp_path / "a.json", [{"instruction": f"Q{i}", "output": "R"} for i in range(10)])
+    with pytest.raises(DataError, match="the mixture's num_samples / weight select no training rows"):
+        build_datasets(DataConfig(sources=[SourceConfig(path=a, format="alpaca", weight=0.01)], val_size=0), tok)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from comlora_ds.config import DataConfig, SourceConfig
+from comlora_ds.config import DataConfig
 from comlora_ds.data.dataset import build_datasets
 from comlora_ds.data.formats import DataError
 from comlora_ds.data.prompts import build_prompt
@@ -153,3 +153,12 @@ def test_eval_prompts_render_like_training(smollm2, tiny) -> None:
     assert smollm2.decode(chat.response_end(smollm2)) == "<|im_end|>\n"
     alpaca = PromptRenderer("alpaca", tiny)
     assert alpaca.prompt("Q", "x") == build_prompt("Q", "x") and alpaca.response_end(tiny) == [tiny.eos_token_id]
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused(tiny_chat) -> None:
+    tiny_chat.chat_template, saved = "{{ messages|length }}" + LLAMA3_STYLE, tiny_chat.chat_template
+    try:
+        with pytest.raises(DataError, match="renders a conversation differently from its beginning"):
+            encode_row(MULTI, tiny_chat, "chat", 4096)
+    finally:
+        tiny_chat.chat_template = saved

@@ -134,3 +134,23 @@ def test_convai2_and_mmlu_from_the_shared_files_train(shared_data: Path, tmp_pat
     report = json.loads((tmp_path / "run" / "checkpoints" / "step_00000002" / "data_report.json").read_text())
     assert list(report["mixture"].values()) == [40, 40]
     assert sum(report["rows_read"].values()) > 1500
+
+
+def test_the_cache_returns_what_build_datasets_returns_even_without_validation_rows(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from comlora_ds.config import DataConfig
+    from comlora_ds.data.dataset import build_datasets
+
+    from assets import commonsense_file
+
+    tok = prepare_tokenizer(AutoTokenizer.from_pretrained(tiny_model_dir()))
+    for val_size in (0, 16):
+        cfg = DataConfig(train_files=[str(commonsense_file("piqa"))], val_size=val_size, cache_dir=str(tmp_path))
+        want_train, want_val, _ = build_datasets(cfg, tok)
+        first = tokenised_datasets(cfg, tok)
+        second = tokenised_datasets(cfg, tok)
+        assert first[2].cache.startswith("tokenised into") and second[2].cache.startswith("read from")
+        for train, val, _ in (first, second):
+            assert train["input_ids"] == want_train["input_ids"] and train["labels"] == want_train["labels"]
+            assert val.column_names == want_val.column_names and val.to_list() == want_val.to_list()

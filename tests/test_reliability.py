@@ -128,6 +128,16 @@ def _dash_switch_after_the_last_epoch(tmp):
     return {"adapter.method": "lora_dash", "train.max_steps": "null", "train.num_epochs": 1, "lora_dash.t_steps": 500}
 
 
+def _sharegpt_wrong_role(tmp):
+    row = {"conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "a"}]}
+    return {"data.train_files": "[]", "data.sources": f"[{{path: {_write(tmp / 'chat.json', json.dumps([row]))}, "
+                                                      "format: sharegpt}]"}
+
+
+def _chat_template_missing(tmp):
+    return {"data.template": "chat"}
+
+
 BAD_INPUTS = {
     "malformed JSON": (_bad_json, "train.json: malformed JSON at line 1 column 38"),
     "empty data set": (_empty_json, "train.json"),
@@ -143,6 +153,10 @@ BAD_INPUTS = {
     "missing data file": (_missing_data_file, "nowhere.json': no such file"),
     "unknown adapter method": (_unknown_method, "adapter.method = 'lora_plus' is not available; known: lora, "
                                                 "lora_dash, lora_pro"),
+    "ShareGPT turn with an unknown role": (_sharegpt_wrong_role, "chat.json row 0: conversations[1].from = 'bot': "
+                                                                 "must be one of human, gpt, system"),
+    "chat template asked of a tokenizer without one": (_chat_template_missing, "data.template = 'chat': the tokenizer "
+                                                                               "of "),
     "LoRA-Dash switch after the last step (num_epochs)": (
         _dash_switch_after_the_last_epoch, "lora_dash.t_steps = 500: the switch would never happen: the run has "),
 }

@@ -27,7 +27,7 @@ import datasets
 
 from ..config import DataConfig
 from ..distributed import on_local_leaders, on_rank0
-from .dataset import DataReport, build_datasets, no_progress_bars
+from .dataset import DataReport, build_datasets, empty_split, no_progress_bars
 
 FORMAT_VERSION = "1"        # bump when the encoding of rows changes
 _NOT_IN_KEY = ("cache_dir", "cache")
@@ -82,7 +82,8 @@ def _build_into(folder: Path, cfg: DataConfig, tokenizer: Any, model_name: str) 
     try:
         with no_progress_bars():
             train.save_to_disk(str(tmp / "train"))
-            val.save_to_disk(str(tmp / "validation"))
+            if len(val):            # datasets cannot load a saved split without rows
+                val.save_to_disk(str(tmp / "validation"))
         (tmp / _DONE).write_text(json.dumps(report.to_dict(), indent=1))
         os.replace(tmp, folder)
     except OSError:
@@ -108,5 +109,5 @@ def tokenised_datasets(cfg: DataConfig, tokenizer: Any,
     on_local_leaders(lambda: _build_into(folder, cfg, tokenizer, model_name), needed=not _complete(folder))
     report = DataReport(**{**json.loads((folder / _DONE).read_text()), "cache": how})
     train = datasets.load_from_disk(str(folder / "train"))
-    val = datasets.load_from_disk(str(folder / "validation"))
+    val = datasets.load_from_disk(str(folder / "validation")) if report.val_rows else empty_split(keep_raw=True)
     return train, val, report

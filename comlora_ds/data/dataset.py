@@ -194,12 +194,19 @@ def _tokenize(ds: datasets.Dataset, tokenizer: Any, cfg: DataConfig, keep_raw: b
                 out[key].append(example[key])
         return out
 
+    if len(ds) == 0:  # map never calls `encode`, so it would not create the columns
+        return empty_split(keep_raw, truncated=True)
     features = datasets.Features({**{key: _RAW_FEATURES[key] for key in kept}, **_TOKEN_FEATURES,
                                   "truncated": datasets.Value("bool")})
-    if len(ds) == 0:  # map never calls `encode`, so it would not create the columns
-        return datasets.Dataset.from_dict({key: [] for key in features}, features=features)
     return ds.map(encode, batched=True, remove_columns=ds.column_names, features=features,
                   desc=f"tokenising {name}")
+
+
+def empty_split(keep_raw: bool, truncated: bool = False) -> datasets.Dataset:
+    """A tokenised split without rows, with the columns of a full one."""
+    features = {**({key: _RAW_FEATURES[key] for key in RAW_COLUMNS} if keep_raw else {}), **_TOKEN_FEATURES,
+                **({"truncated": datasets.Value("bool")} if truncated else {})}
+    return datasets.Dataset.from_dict({key: [] for key in features}, features=datasets.Features(features))
 
 
 def _count(ds: datasets.Dataset) -> tuple[int, int, int]:

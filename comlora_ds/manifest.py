@@ -17,6 +17,7 @@ Checkpoints written before manifests existed are used as they are, with a warnin
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import warnings
@@ -33,7 +34,8 @@ STORAGE_KEYS = ("torch_dtype", "dtype", "transformers_version", "_name_or_path")
 # Changing one of these between a checkpoint and its resume changes what the remaining steps compute (data order,
 # validation split, batch, optimisation); the shapes (adapter.*) are checked by checkpoint.RESUME_FIELDS.
 RESUME_SETTINGS = ("data.seed", "data.val_size", "data.max_length", "data.overlong", "data.train_on_prompt",
-                   "data.max_train_samples", "train.seed", "train.micro_batch_size",
+                   "data.max_train_samples", "data.format", "data.template", "data.assistant_turns", "data.sources",
+                   "train.seed", "train.micro_batch_size",
                    "train.gradient_accumulation_steps", "train.learning_rate", "train.lr_scheduler",
                    "train.warmup_ratio", "train.weight_decay", "comlora.loss_reduction", "comlora.lm_reduction")
 
@@ -113,7 +115,8 @@ def settings_of(cfg) -> dict[str, Any]:
     out = {}
     for dotted in RESUME_SETTINGS:
         group, name = dotted.split(".")
-        out[dotted] = getattr(getattr(cfg, group), name)
+        value = getattr(getattr(cfg, group), name)
+        out[dotted] = [dataclasses.asdict(v) for v in value] if name == "sources" else value
     return out
 
 

@@ -40,8 +40,9 @@ def cache_root(cfg: DataConfig) -> Path:
     return (Path(cfg.cache_dir).expanduser() if cfg.cache_dir else comlora_cache()) / "tokenized"
 
 
+# how the tokenizer was loaded (HF_HUB_OFFLINE sets local_files_only), not what it is
 _LOADING_KEYS = ("local_files_only", "name_or_path", "_commit_hash", "cache_dir", "revision", "token",
-                 "trust_remote_code")    # how the tokenizer was loaded (HF_HUB_OFFLINE sets local_files_only), not what it is
+                 "trust_remote_code")
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

@@ -28,28 +28,28 @@ class DataError(InputError, ValueError):
     """Bad input data; the message names the file, the row, the field and the offending value."""
 
 
-def _short(value: Any, limit: int = 60) -> str:
+def short_repr(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _validate_row(row: Any, where: str) -> dict[str, str]:
+def validate_llm_adapters_row(row: Any, where: str) -> dict[str, str]:
     """Check one object and return it normalised to exactly the four LLM-Adapters string fields."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object with fields {', '.join(LLM_ADAPTERS_FIELDS)}, "
-                        f"got {type(row).__name__} {_short(row)}")
+                        f"got {type(row).__name__} {short_repr(row)}")
     out: dict[str, str] = {}
     for name in LLM_ADAPTERS_FIELDS:
         value = row.get(name)
         if name in REQUIRED_FIELDS:
             if not isinstance(value, str) or not value.strip():
-                got = "a missing field" if name not in row else _short(value)
+                got = "a missing field" if name not in row else short_repr(value)
                 raise DataError(f"{where}: field '{name}' must be a non-empty string, got {got}")
         elif value is None:
             value = ""
         elif not isinstance(value, str):
             raise DataError(f"{where}: field '{name}' must be a string (or absent), got "
-                            f"{type(value).__name__} {_short(value)}")
+                            f"{type(value).__name__} {short_repr(value)}")
         out[name] = value
     return out
 
@@ -149,7 +149,12 @@ def load_llm_adapters(path: str | Path) -> list[dict[str, str]]:
     Each returned row has exactly the keys ``instruction``, ``input``, ``output``, ``answer`` (all strings;
     absent or null ``input``/``answer`` become ``""``; other keys are dropped). Raises :class:`DataError`.
     """
-    path = Path(path)
+    return [validate_llm_adapters_row(row, where) for row, where in read_json_rows(Path(path))]
+
+
+def read_json_rows(path: Path) -> list[tuple[Any, str]]:
+    """(row, where) of every row of a JSON array or JSON Lines file; ``where`` names the file and the row (and
+    the line) for error messages. DataError for a file that is not there, not JSON, or has no rows."""
     text = _read_text(path)
     if path.suffix.lower() in JSONL_SUFFIXES:
         raw, lines = _parse_json_lines(path, text)
@@ -159,4 +164,4 @@ def load_llm_adapters(path: str | Path) -> list[dict[str, str]]:
         where = [f"{path} row {i}" for i in range(len(raw))]
     if not raw:
         raise DataError(f"{path}: contains no rows")
-    return [_validate_row(row, w) for row, w in zip(raw, where)]
+    return list(zip(raw, where))

@@ -29,8 +29,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .formats import (DataError, JSONL_SUFFIXES, LLM_ADAPTERS_FIELDS, _parse_json_array, _parse_json_lines,
-                      _read_text, _short, _validate_row, load_llm_adapters)
+from .formats import (DataError, LLM_ADAPTERS_FIELDS, load_llm_adapters, read_json_rows, short_repr,
+                      validate_llm_adapters_row)
 
 DATASETS_SUFFIXES = (".parquet", ".csv")
 DEFAULT_ROLES = {"sharegpt": {"user": "human", "assistant": "gpt", "system": "system"},
@@ -67,14 +67,14 @@ def _string(row: dict, key: str, where: str, field: str, required: bool) -> str:
     value = row.get(key)
     if required:
         if not isinstance(value, str) or not value.strip():
-            got = "a missing field" if key not in row else _short(value)
+            got = "a missing field" if key not in row else short_repr(value)
             raise DataError(f"{where}: field {field!r} must be a non-empty string, got {got}")
         return value
     if value is None:
         return ""
     if not isinstance(value, str):
         raise DataError(f"{where}: field {field!r} must be a string (or absent), got {type(value).__name__} "
-                        f"{_short(value)}")
+                        f"{short_repr(value)}")
     return value
 
 
@@ -91,7 +91,7 @@ def _conversation(row: dict, where: str, columns: dict[str, str], source) -> dic
     ours = {value: name for name, value in roles.items()}
     turns = row.get(key)
     if not isinstance(turns, list):
-        got = "a missing field" if key not in row else f"{type(turns).__name__} {_short(turns)}"
+        got = "a missing field" if key not in row else f"{type(turns).__name__} {short_repr(turns)}"
         raise DataError(f"{where}: field {key!r} must be a list of turns, got {got}")
     if not turns:
         raise DataError(f"{where}: field {key!r} is empty: a conversation needs a {roles['user']} and an "
@@ -103,10 +103,10 @@ def _conversation(row: dict, where: str, columns: dict[str, str], source) -> dic
     for i, turn in enumerate(turns):
         at = f"{where}: {key}[{i}]"
         if not isinstance(turn, dict):
-            raise DataError(f"{at} must be an object with {role_key!r} and {content_key!r}, got {_short(turn)}")
+            raise DataError(f"{at} must be an object with {role_key!r} and {content_key!r}, got {short_repr(turn)}")
         role = ours.get(turn.get(role_key))
         if role is None:
-            raise DataError(f"{at}.{role_key} = {_short(turn.get(role_key))}: must be one of "
+            raise DataError(f"{at}.{role_key} = {short_repr(turn.get(role_key))}: must be one of "
                             f"{', '.join(roles.values())} (map other names with roles)")
         content = _string(turn, content_key, at, content_key, required=True)
         expected = "user" if not messages or messages[-1]["role"] in ("system", "assistant") else "assistant"
@@ -127,18 +127,9 @@ CONVERTERS = {"alpaca": _alpaca, "sharegpt": _conversation, "messages": _convers
 
 
 def _json_records(path: Path) -> Iterator[tuple[dict, str]]:
-    text = _read_text(path)
-    if path.suffix.lower() in JSONL_SUFFIXES:
-        raw, lines = _parse_json_lines(path, text)
-        where = [f"{path} line {line} (row {i})" for i, line in enumerate(lines)]
-    else:
-        raw = _parse_json_array(path, text)
-        where = [f"{path} row {i}" for i in range(len(raw))]
-    if not raw:
-        raise DataError(f"{path}: contains no rows")
-    for row, w in zip(raw, where):
+    for row, w in read_json_rows(path):
         if not isinstance(row, dict):
-            raise DataError(f"{w}: expected a JSON object, got {type(row).__name__} {_short(row)}")
+            raise DataError(f"{w}: expected a JSON object, got {type(row).__name__} {short_repr(row)}")
         yield row, w
 
 
@@ -218,6 +209,7 @@ def read_source(source) -> list[dict[str, Any]]:
 
 def _convert(source, columns: dict[str, str], row: dict, where: str) -> dict[str, Any]:
     if source.format == "llm_adapters":
-        r = _validate_row({name: row[columns[name]] for name in LLM_ADAPTERS_FIELDS if columns[name] in row}, where)
+        mapped = {name: row[columns[name]] for name in LLM_ADAPTERS_FIELDS if columns[name] in row}
+        r = validate_llm_adapters_row(mapped, where)
         return single_turn(r["instruction"], r["output"], r["input"], r["answer"])
     return CONVERTERS[source.format](row, where, columns, source)

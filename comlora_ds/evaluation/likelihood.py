@@ -17,7 +17,8 @@ from ..data.templates import PromptRenderer
 
 @torch.no_grad()
 def response_logprobs(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], *, batch_size: int = 8,
-                      max_length: int = 2048, renderer: Optional[PromptRenderer] = None) -> tuple[list[float], list[int]]:
+                      max_length: int = 2048,
+                      renderer: Optional[PromptRenderer] = None) -> tuple[list[float], list[int]]:
     """Per (prompt, response) pair: the summed log-probability of the response tokens and their count.
 
     The prompt is text ``renderer`` made (default: the Alpaca template); the response ends as it did in training

@@ -313,7 +313,8 @@ def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
 
 
 def choice_tokens(tokenizer: Any, prompt: str, prompt_format: str = "hendrycks",
-                  max_tokens: Optional[int] = None, prefix: Optional[list[int]] = None) -> tuple[list[int], list[list[int]]]:
+                  max_tokens: Optional[int] = None,
+                  prefix: Optional[list[int]] = None) -> tuple[list[int], list[list[int]]]:
     """(context ids, continuation ids per letter) of one prompt (see the module doc); with ``max_tokens`` the
     context loses tokens after its special prefix so that context + the longest continuation fit."""
     from .generate import truncate_left

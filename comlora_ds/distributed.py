@@ -1,8 +1,10 @@
-"""Rank coordination that is not DeepSpeed's: one rank does a piece of work, every rank gets its result or its error."""
+"""Rank coordination that is not DeepSpeed's: one rank does a piece of work, every rank gets its result or its error;
+and the clean-up of DeepSpeed's CPU shared-memory names."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch.distributed as dist
@@ -49,3 +51,18 @@ def on_local_leaders(compute: Callable[[], None], needed: bool) -> None:
     first = next((e for e in errors if e is not None), None)
     if first is not None:
         raise first
+
+
+def release_shm_names() -> None:
+    """Remove this rank's ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` (66 MB of RAM).
+
+    On CPU, when every rank is on one node, DeepSpeed's shm all-reduce op (built in ``init_distributed``) creates one
+    such file per rank, maps every rank's, and never removes them, so each run used to leave them behind. Call after
+    ``init_distributed`` on every rank: after the barrier every rank has mapped every buffer, and a removed name keeps
+    its memory mapped until the processes exit, also after a crash or SIGKILL."""
+    if not _active():
+        return
+    dist.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    (Path("/dev/shm") / name).unlink(missing_ok=True)

@@ -34,7 +34,7 @@ from .clipping import clip_per_group
 from .config import ConfigError, RunConfig
 from .data import ResponseCollator, prepare_tokenizer
 from .data.cache import tokenised_datasets
-from .distributed import on_rank0
+from .distributed import on_rank0, release_shm_names
 from .ds_config import fill_ds_config, load_ds_config, resolve_bf16, zero_stage
 from .errors import InputError
 from .losses import annealing_eta
@@ -57,6 +57,7 @@ def init_distributed() -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     deepspeed.init_distributed(dist_init_required=True)
+    release_shm_names()
 
 
 def seed_everything(seed: int) -> None:

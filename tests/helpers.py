@@ -52,9 +52,9 @@ def ds_config(tmp_path: Path, stage: int) -> Path:
     return path
 
 
-def launch(overrides: list[str], nproc: int, ds: Path, timeout: int = 300, wait: bool = True):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-           str(REPO / "launch" / "train.py"), "--deepspeed", str(ds), *overrides]
+def launch(overrides: list[str], nproc: int, ds: Path, timeout: int = 300, wait: bool = True, port: int | None = None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={port or free_port()}", str(REPO / "launch" / "train.py"), "--deepspeed", str(ds), *overrides]
     if not wait:
         return subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True, text=True)

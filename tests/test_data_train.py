@@ -19,7 +19,7 @@ from comlora_ds.data.tokenize import IGNORE_INDEX, prepare_tokenizer
 from comlora_ds.evaluation.load import describe_target, training_template
 
 from assets import convai2_files, tiny_model_dir
-from helpers import base_overrides, ds_config, launch
+from helpers import base_overrides, ds_config, free_port, launch
 from test_data_sources import ALPACA, MESSAGES, MMLU, SHAREGPT
 
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
@@ -59,12 +59,14 @@ def chat_run(tmp_path_factory):
                                                 "data.max_length": 96, "data.cache_dir": root / "cache",
                                                 "data.val_size": 8, "data.max_train_samples": "null",
                                                 "train.max_steps": 2, "train.save_steps": 2})
-    proc = launch(overrides, nproc=2, ds=ds_config(root, 2))
-    return root, overrides, proc.stdout + proc.stderr
+    port = free_port()
+    proc = launch(overrides, nproc=2, ds=ds_config(root, 2), port=port)
+    return root, overrides, proc.stdout + proc.stderr, port
 
 
 def test_the_mixture_of_every_format_trains_on_two_ranks(chat_run) -> None:
-    root, _, log = chat_run
+    root, _, log, port = chat_run
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")), "DeepSpeed's shm names left"
     step = root / "run" / "checkpoints" / "step_00000002"
     report = json.loads((step / "data_report.json").read_text())
     assert report["template"] == "chat"
@@ -79,7 +81,7 @@ def test_the_mixture_of_every_format_trains_on_two_ranks(chat_run) -> None:
 
 
 def test_rank0_tokenised_once_and_a_second_run_reads_the_cache(chat_run, monkeypatch) -> None:
-    root, overrides, log = chat_run
+    root, overrides, log, _ = chat_run
     assert log.count("tokenised into the cache") == 1           # rank 0 built it; rank 1 read it
     step = root / "run" / "checkpoints" / "step_00000002"
     assert json.loads((step / "data_report.json").read_text())["cache"].startswith("tokenised into the cache")
@@ -108,7 +110,7 @@ def test_the_export_remembers_the_template_and_evaluation_uses_it(chat_run) -> N
     from comlora_ds.evaluation.runner import EvalSettings, run_evaluation
     from comlora_ds.export.consolidate import consolidate
 
-    root, _, _ = chat_run
+    root, _, _, _ = chat_run
     consolidate(root / "run" / "checkpoints", root / "export")
     for folder in ("adapter", "merged"):
         assert json.loads((root / "export" / folder / TEMPLATE_FILE).read_text())["template"] == "chat"

@@ -1,5 +1,6 @@
-"""The data layer: LLM-Adapters files, the built-in commonsense data, the Alpaca prompt, tokenisation with
-response-only labels, padding, and the training/validation datasets of a run.
+"""The data layer: every training format read into one conversation shape, the built-in commonsense data, the
+Alpaca and chat templates, tokenisation with response-only labels, padding, mixtures, and the training/validation
+datasets of a run, tokenised once into a cache.
 
 Names are imported lazily, so ``from comlora_ds.data import DataError`` does not pull in torch or datasets.
 """
@@ -21,6 +22,10 @@ _EXPORTS = {
     "ResponseCollator": "tokenize",
     "IGNORE_INDEX": "tokenize",
     "build_datasets": "dataset",
+    "read_source": "sources",
+    "encode_row": "templates",
+    "PromptRenderer": "templates",
+    "tokenised_datasets": "cache",
     "DataReport": "dataset",
     "DEFAULT_TASKS": "olmo_eval",
 }

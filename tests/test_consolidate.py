@@ -238,6 +238,7 @@ def test_offline_scores_match_the_trainers_validation(runs, exports, name):
     assert v["sim_sum"] == pytest.approx(trained["sim_sum"], rel=FP32_TOL, abs=FP32_TOL)
     assert v["selector_argmax_counts"] == trained["selector_argmax_counts"] and v["num_samples"] == 8
     assert report["selector_winner_is_lowest_loss"] == (v["winner"] == v["lowest_loss_component"])
+    assert report["scoring"] == {"device": "cpu", "dtype": "float32", "attn_implementation": "sdpa"}   # no GPU here
 
 
 @pytest.mark.parametrize("name", ["z2", "z3", "lora", "nosel", "dash"])

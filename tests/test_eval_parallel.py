@@ -34,8 +34,9 @@ def evaluate_args(task: str, out: Path) -> list[str]:
             "--out", str(out)]
 
 
-@pytest.mark.parametrize("task", sorted(TASKS))
+@pytest.mark.parametrize("task", ["commonsense", pytest.param("mmlu", marks=pytest.mark.slow)])
 def test_two_ranks_give_the_single_process_results(task, tmp_path, one_thread):
+    """commonsense with --choice: generation and response likelihoods; MMLU (-m slow): letter scores and generation."""
     assert cli.main(evaluate_args(task, tmp_path / "one")) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            str(REPO / "launch" / "evaluate.py"), *evaluate_args(task, tmp_path / "two")]

@@ -37,7 +37,6 @@ def build_live_model(cfg: RunConfig, base_path: str, tensors: dict[str, torch.Te
     injected as in training, the recovered tensors loaded. In eval mode (no dropout)."""
     cfg = copy.deepcopy(cfg)
     cfg.model.gradient_checkpointing = False
-    device = placement.device
     model = build_model(cfg, load_base_model(base_path, cfg.model, placement.dtype, placement.attn_implementation))
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -45,7 +44,7 @@ def build_live_model(cfg: RunConfig, base_path: str, tensors: dict[str, torch.Te
     if not_loaded or unexpected:
         raise ConsolidationError(f"the recovered tensors do not fit the model: missing {not_loaded[:5]}, "
                                  f"unexpected {sorted(unexpected)[:5]}")
-    return model.to(device).eval()
+    return model.to(placement.device).eval()
 
 
 def score_checkpoint(model: ComLoRAModel, rows: list[dict], tokenizer_dir: Path, num_components: int,

@@ -5,7 +5,8 @@ The batches are exactly the ones a single process forms (the same rows, order an
 r, r + N, r + 2N, ... and :func:`map_batches` gathers the per-batch results (``all_gather_object``) back into batch
 order. So the outputs, and the metrics computed from them on every rank, are the single process's (same batch size,
 same device type and dtype); rank 0 writes the files. Done by hand rather than with accelerate's
-``split_between_processes``, which splits rows, not our length-sorted batches, and pads the last share with repeats.
+``split_between_processes``: its contiguous row slices would be sorted and batched per rank, so the batches (and their
+padding) would not be the single process's.
 """
 
 from __future__ import annotations

@@ -44,6 +44,8 @@ from .step import DeepSpeedStepper
 from .tracking import RunLogger, StepAccumulator
 from .validation import score_validation
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
 
 def init_distributed() -> None:
     """Initialise torch.distributed through DeepSpeed (nccl on GPUs, gloo on CPU). A plain
@@ -270,12 +272,13 @@ class Trainer:
                                             self.cfg.train.max_grad_norm)}
 
     def request_stop(self) -> None:
-        """Checkpoint at the end of the current step, then stop (what SIGTERM does)."""
+        """Checkpoint at the end of the current step, then stop (what SIGTERM and SIGUSR1 do). Ranks agree: the flag
+        travels with the step's statistics (one all-reduce), so every rank stops after the same step."""
         self._stop_requested = True
 
     def _request_stop(self, signum, frame) -> None:
-        """SIGTERM (preemption) or a first Ctrl-C: checkpoint at the next step boundary, then stop. A second
-        Ctrl-C stops at once (the last complete checkpoint stays as it was)."""
+        """SIGTERM / SIGUSR1 (preemption, Slurm's --signal, launch/preemptible.py) or a first Ctrl-C: checkpoint at the
+        next step boundary, then stop. A second Ctrl-C stops at once (the last complete checkpoint stays as it was)."""
         if signum == signal.SIGINT and self._stop_requested:
             raise KeyboardInterrupt
         self.request_stop()
@@ -299,7 +302,7 @@ class Trainer:
             logger.message(f"{self.data_report.summary()}; {self.total_steps} optimizer steps, "
                            f"{self.world} rank(s), ZeRO stage {zero_stage(self.ds_config)}, "
                            f"{'bf16' if self.bf16 else 'fp32'}, output in {self.output_dir}")
-        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous = {sig: signal.signal(sig, self._request_stop) for sig in STOP_SIGNALS}
         accumulator = StepAccumulator(cfg.adapter.num_components, self.device)
         last_checkpoint, stopped = None, False
         engine.train()
@@ -339,8 +342,8 @@ class Trainer:
                     self.state.epoch += 1
                     self.state.batches_in_epoch = 0
             if stopped:
-                logger.message(f"stop requested (SIGTERM or Ctrl-C): stopped at step {self.state.global_step} after "
-                               f"writing {last_checkpoint}; resume with train.resume=auto")
+                logger.message(f"stop requested (SIGTERM, SIGUSR1 or Ctrl-C): stopped at step {self.state.global_step} "
+                               f"after writing {last_checkpoint}; resume with train.resume=auto")
                 return TrainResult(self.output_dir, self.state.global_step, last_checkpoint, True, None)
             validation = self.validate(logger)
             return TrainResult(self.output_dir, self.state.global_step, last_checkpoint, False, validation)

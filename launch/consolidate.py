@@ -35,9 +35,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace an OUT that holds a different model")
     p.add_argument("--batch-size", type=int, default=None,
                    help="validation batch size (default: the run's micro-batch size)")
-    p.add_argument("--device", default="cpu", help="device for validation scoring (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--device", default=None,
+                   help="device for validation scoring (cpu, cuda, cuda:1, ...); default: a GPU when there is one, "
+                        "else cpu. Attention: flash-attention 2 on a GPU in bf16/fp16 when flash-attn is installed, "
+                        "else sdpa")
     p.add_argument("--score-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="base dtype for scoring; auto: bf16 on a bf16-capable GPU, else fp32")
+                   help="base dtype for scoring; auto: bf16 on a bf16-capable GPU (fp16 on older ones), fp32 on CPU")
     return p.parse_args(argv)
 
 

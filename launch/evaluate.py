@@ -2,6 +2,7 @@
 """Evaluate a merged model, a PEFT adapter or a built-in model on commonsense, MMLU or ConvAI2.
 
     python launch/evaluate.py MODEL_OR_ADAPTER --task commonsense|mmlu|convai2 [options]
+    torchrun --nproc_per_node 8 launch/evaluate.py MODEL_OR_ADAPTER ...   # data-parallel, the same results
 
 Writes results.json + results.md (and predictions.jsonl with --predictions) to --out. The library does the
 work: comlora_ds.evaluation.runner.run_evaluation; docs/evaluation.md explains every option and rule.
@@ -59,8 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="MODEL is a training checkpoint (run folder, checkpoints/ or step_N): evaluate its component k, "
                         "merged in memory (nothing written)")
     p.add_argument("--base", help="adapter: base model overriding adapter_config.json's base_model_name_or_path")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: fp32 on CPU, bf16 on GPU")
-    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="default: fp32 on CPU, bf16 on a GPU that has it (else fp16)")
+    p.add_argument("--device", help="default: cuda (cuda:$LOCAL_RANK under torchrun) if available, else cpu; "
+                                    "attention: flash-attention 2 on a GPU in bf16/fp16 when flash-attn is installed, "
+                                    "else sdpa")
     p.add_argument("--out", help="results folder (default: outputs/eval/<model name>/<task>)")
     p.add_argument("--predictions", action="store_true", help="also write predictions.jsonl (one line per example)")
     p.add_argument("--overwrite", action="store_true", help="replace results of a different evaluation in --out")
@@ -75,14 +79,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _evaluate(args: dict) -> int:
+    from comlora_ds.evaluation.parallel import leave_launcher_group, rank_and_world
     from comlora_ds.evaluation.runner import EvalSettings, default_out_dir, run_evaluation
 
     settings = EvalSettings(**args)
     if not settings.out:
         settings.out = str(default_out_dir(settings))
     results = run_evaluation(settings)
-    print(open(os.path.join(settings.out, "results.md"), encoding="utf-8").read())
-    print(f"results: {settings.out}/results.json ({results['runtime']['seconds']} s)")
+    if rank_and_world()[0] == 0:
+        print(open(os.path.join(settings.out, "results.md"), encoding="utf-8").read())
+        print(f"results: {settings.out}/results.json ({results['runtime']['seconds']} s, "
+              f"{results['runtime']['ranks']} rank(s))")
+    leave_launcher_group()
     return 0
 
 

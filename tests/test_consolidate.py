@@ -69,6 +69,7 @@ if __name__ == "__main__":
 
 # ------------------------------------------------------------------------------------------ pytest from here
 from comlora_ds.adapters.inject import active_component  # noqa: E402
+from comlora_ds.base_model import Placement  # noqa: E402
 from comlora_ds.export.consolidate import ConsolidationError, consolidate  # noqa: E402
 from comlora_ds.data import ResponseCollator  # noqa: E402
 from comlora_ds.export.recover import locate_checkpoint, recover_tensors  # noqa: E402
@@ -205,7 +206,8 @@ def unmerged_logits(run: Path, export: Path, dtype=torch.float32, base: Path | N
     """The training-time forward: base + all K adapters, only the winner active (no merge, no PEFT)."""
     ref = locate_checkpoint(run / "checkpoints")
     report = json.loads((export / "report.json").read_text())
-    model = build_live_model(ref.cfg, str(base or ref.cfg.model.name_or_path), recover_tensors(ref), dtype)
+    model = build_live_model(ref.cfg, str(base or ref.cfg.model.name_or_path), recover_tensors(ref),
+                             Placement("cpu", dtype, "sdpa"))
     with torch.no_grad(), active_component(model.llm, report["winner"]):
         return model.llm(**validation_batch(run)).logits
 
@@ -236,6 +238,7 @@ def test_offline_scores_match_the_trainers_validation(runs, exports, name):
     assert v["sim_sum"] == pytest.approx(trained["sim_sum"], rel=FP32_TOL, abs=FP32_TOL)
     assert v["selector_argmax_counts"] == trained["selector_argmax_counts"] and v["num_samples"] == 8
     assert report["selector_winner_is_lowest_loss"] == (v["winner"] == v["lowest_loss_component"])
+    assert report["scoring"] == {"device": "cpu", "dtype": "float32", "attn_implementation": "sdpa"}   # no GPU here
 
 
 @pytest.mark.parametrize("name", ["z2", "z3", "lora", "nosel", "dash"])

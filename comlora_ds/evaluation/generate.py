@@ -9,18 +9,20 @@
   the output is a function of the inputs. Rows are processed longest first (less padding) and returned in the
   input order; results for one batch size are reproducible run to run. Across batch sizes, padding changes
   the float arithmetic slightly and a near-tie could in principle flip one greedy token.
+* Under torchrun the batches are shared out over the ranks and gathered (:mod:`.parallel`): the same outputs.
 * Only the new tokens are decoded (``skip_special_tokens=True``), up to the first EOS.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
-from tqdm.auto import tqdm
 
 from ..data.tokenize import special_prefix_ids
+from .parallel import map_batches
 
 
 def ensure_pad_token(tokenizer: Any) -> int:
@@ -104,18 +106,24 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, batch_size: 
     device = model_device(model)
     was_training = model.training
     model.eval()
-    outputs: list[str] = [""] * len(prompts)
     kwargs = _greedy_kwargs(tokenizer, max_new_tokens, pad_id)
+
+    def run_batch(b: int) -> list[str]:
+        index = order[b * batch_size:(b + 1) * batch_size]
+        ids, mask = left_pad([encoded[i] for i in index], pad_id)
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+        texts = []
+        for row in out[:, ids.shape[1]:].tolist():
+            if eos is not None and eos in row:
+                row = row[:row.index(eos)]
+            texts.append(tokenizer.decode(row, skip_special_tokens=True))
+        return texts
+
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, unit="batch"):
-            index = order[start:start + batch_size]
-            ids, mask = left_pad([encoded[i] for i in index], pad_id)
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-            new = out[:, ids.shape[1]:].tolist()
-            for i, row in zip(index, new):
-                if eos is not None and eos in row:
-                    row = row[:row.index(eos)]
-                outputs[i] = tokenizer.decode(row, skip_special_tokens=True)
+        batches = map_batches(run_batch, math.ceil(len(order) / batch_size), desc=desc, progress=progress)
     finally:
         model.train(was_training)
+    outputs: list[str] = [""] * len(prompts)
+    for i, text in zip(order, (text for texts in batches for text in texts)):
+        outputs[i] = text
     return outputs

@@ -7,12 +7,14 @@ A response is scored on the tokens training supervises: its own tokens and the E
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
 
 from ..data.templates import PromptRenderer
+from .parallel import map_batches
 
 
 @torch.no_grad()
@@ -35,21 +37,22 @@ def response_logprobs(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str
     response_ids = tokenizer([r for _, r in pairs], add_special_tokens=False, verbose=False)["input_ids"]
     sequences = [fit_example(prefix + list(p) + list(r) + end, [IGNORE_INDEX] * (len(prefix) + len(p)) + list(r) + end,
                              len(prefix), max_length) for p, r in zip(prompt_ids, response_ids)]
-    sums: list[float] = []
-    counts: list[int] = []
     device = model_device(model)
     was_training = model.training
     model.eval()
+
+    def run_batch(b: int) -> tuple[list[float], list[int]]:
+        batch = {k: v.to(device) for k, v in collate(sequences[b * batch_size:(b + 1) * batch_size]).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        targets = batch["labels"][:, 1:]
+        rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)       # response positions only
+        logp = torch.log_softmax(logits[:, :-1][rows, cols].float(), -1)
+        picked = logp.gather(-1, targets[rows, cols][:, None])[:, 0]
+        return (torch.zeros(len(targets), device=device).index_add_(0, rows, picked).tolist(),
+                response_token_counts(batch["labels"]).tolist())
+
     try:
-        for start in range(0, len(sequences), batch_size):
-            batch = {k: v.to(device) for k, v in collate(sequences[start:start + batch_size]).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            targets = batch["labels"][:, 1:]
-            rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)       # response positions only
-            logp = torch.log_softmax(logits[:, :-1][rows, cols].float(), -1)
-            picked = logp.gather(-1, targets[rows, cols][:, None])[:, 0]
-            sums += torch.zeros(len(targets), device=device).index_add_(0, rows, picked).tolist()
-            counts += response_token_counts(batch["labels"]).tolist()
+        batches = map_batches(run_batch, math.ceil(len(sequences) / batch_size), desc="likelihood", progress=False)
     finally:
         model.train(was_training)
-    return sums, counts
+    return [s for sums, _ in batches for s in sums], [c for _, counts in batches for c in counts]

@@ -24,10 +24,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 
 from ..errors import EvaluationError, InputError
-from ..base_model import DTYPES
+from ..base_model import Placement, choose_placement
 from ..run_layout import TOKENIZER, looks_like_training_output
 
 
@@ -109,29 +108,22 @@ def training_template(target: Target) -> str:
     return "alpaca"
 
 
-def default_dtype(device: str) -> torch.dtype:
-    """fp32 on CPU (bf16 matmuls are very slow there), bf16 on a GPU that supports it, else fp16."""
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
 def load_for_eval(model_or_adapter: str, base: Optional[str] = None, component: Optional[int] = None,
                   dtype: Optional[str] = None, device: Optional[str] = None) -> tuple[Any, Any, Target]:
-    """(model in eval mode on ``device``, tokenizer, :class:`Target`)."""
+    """(model in eval mode, tokenizer, :class:`Target`); device, dtype and attention from
+    :func:`~comlora_ds.base_model.choose_placement` (None: a GPU in bf16 with flash-attn where present, else CPU fp32
+    with sdpa)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    placement = choose_placement(device, dtype)
     target = describe_target(model_or_adapter, base, component)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype is not None and dtype not in DTYPES:
-        raise EvaluationError(f"dtype {dtype!r}: choose from {', '.join(DTYPES)}")
-    torch_dtype = DTYPES[dtype] if dtype else default_dtype(device)
     target.template = training_template(target)
     if target.kind == "checkpoint":
-        return _checkpoint_component(target, torch_dtype, device)
+        return _checkpoint_component(target, placement)
     model_path = target.base if target.kind == "adapter" else target.path
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=placement.dtype,
+                                                     attn_implementation=placement.attn_implementation)
         if target.kind == "adapter":
             from peft import PeftModel
 
@@ -139,11 +131,11 @@ def load_for_eval(model_or_adapter: str, base: Optional[str] = None, component: 
         tokenizer = AutoTokenizer.from_pretrained(target.tokenizer)
     except OSError as err:   # not a folder here and not in the local hub cache (nothing is downloaded offline)
         raise EvaluationError(f"cannot load {model_path!r} ({target.kind}): {str(err).splitlines()[0]}") from None
-    model.to(device).eval()
+    model.to(placement.device).eval()
     return model, tokenizer, target
 
 
-def _checkpoint_component(target: Target, dtype: torch.dtype, device: str) -> tuple[Any, Any, Target]:
+def _checkpoint_component(target: Target, placement: Placement) -> tuple[Any, Any, Target]:
     """Component ``target.component`` of a training checkpoint, merged into the base model in memory."""
     from transformers import AutoTokenizer
 
@@ -158,7 +150,7 @@ def _checkpoint_component(target: Target, dtype: torch.dtype, device: str) -> tu
         raise TrainingCheckpointError(f"--component {k}: {ref.step_dir} has K = {k_total} components "
                                       f"(0 .. {k_total - 1})")
     _, base_dir, tensors = recover_checked(ref, target.base)
-    model = build_live_model(ref.cfg, str(base_dir), tensors, dtype, device)
+    model = build_live_model(ref.cfg, str(base_dir), tensors, placement)
     merge_component(model.llm, k)
     target = Target("checkpoint", str(ref.step_dir), str(base_dir), str(ref.step_dir / TOKENIZER), k,
                     ref.cfg.data.template)

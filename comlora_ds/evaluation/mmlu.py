@@ -42,18 +42,19 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from tqdm.auto import tqdm
 
 from ..data.formats import DataError
 from ..data.templates import PromptRenderer
 from ..data.tokenize import special_prefix_ids
 from ..errors import EvaluationError, MissingPackage
 from .keywords import MMLU_LETTERS, extract_letter
+from .parallel import map_batches
 
 SUBCATEGORIES: dict[str, str] = {
     "abstract_algebra": "math", "anatomy": "health", "astronomy": "physics", "business_ethics": "business",
@@ -362,32 +363,36 @@ def letter_scores(model: Any, tokenizer: Any, prompts: Sequence[str], prompt_for
     pad_id = ensure_pad_token(tokenizer)
     every = [choice_tokens(tokenizer, p, prompt_format, max_tokens, prefix) for p in prompts]
     order = sorted(range(len(every)), key=lambda i: (-len(every[i][0]), i))  # longest first: less padding
-    scores: dict[int, list[float]] = {}
     was_training = model.training
     model.eval()
+
+    def run_batch(b: int) -> dict[int, list[float]]:
+        index = order[b * batch_size:(b + 1) * batch_size]
+        scores: dict[int, list[float]] = {}
+        single = [i for i in index if all(len(r) == 1 for r in every[i][1])]
+        multi = [i for i in index if any(len(r) > 1 for r in every[i][1])]
+        if single:
+            logp = _forward_tail_logprobs(model, [every[i][0] for i in single], 1, pad_id)[:, 0]
+            for row, i in enumerate(single):
+                scores[i] = [logp[row, rest[0]].item() for rest in every[i][1]]
+        if multi:  # the 4 continuations of every such prompt, all in one forward pass
+            seqs = [every[i][0] + rest for i in multi for rest in every[i][1]]
+            tail = max(len(rest) for i in multi for rest in every[i][1])
+            logp = _forward_tail_logprobs(model, seqs, tail + 1, pad_id)
+            for n, i in enumerate(multi):
+                values = []
+                for k, rest in enumerate(every[i][1]):
+                    # `rest` fills the last len(rest) positions; each token is predicted one position earlier
+                    offset = tail - len(rest)
+                    values.append(sum(logp[4 * n + k, offset + j, tok].item() for j, tok in enumerate(rest)))
+                scores[i] = values
+        return scores
+
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc="mmlu letters", disable=not progress,
-                          unit="batch"):
-            index = order[start:start + batch_size]
-            single = [i for i in index if all(len(r) == 1 for r in every[i][1])]
-            multi = [i for i in index if any(len(r) > 1 for r in every[i][1])]
-            if single:
-                logp = _forward_tail_logprobs(model, [every[i][0] for i in single], 1, pad_id)[:, 0]
-                for row, i in enumerate(single):
-                    scores[i] = [logp[row, rest[0]].item() for rest in every[i][1]]
-            if multi:  # the 4 continuations of every such prompt, all in one forward pass
-                seqs = [every[i][0] + rest for i in multi for rest in every[i][1]]
-                tail = max(len(rest) for i in multi for rest in every[i][1])
-                logp = _forward_tail_logprobs(model, seqs, tail + 1, pad_id)
-                for n, i in enumerate(multi):
-                    values = []
-                    for k, rest in enumerate(every[i][1]):
-                        # `rest` fills the last len(rest) positions; each token is predicted one position earlier
-                        offset = tail - len(rest)
-                        values.append(sum(logp[4 * n + k, offset + j, tok].item() for j, tok in enumerate(rest)))
-                    scores[i] = values
+        batches = map_batches(run_batch, math.ceil(len(order) / batch_size), desc="mmlu letters", progress=progress)
     finally:
         model.train(was_training)
+    scores = {i: values for batch in batches for i, values in batch.items()}
     return [scores[i] for i in range(len(prompts))]
 
 

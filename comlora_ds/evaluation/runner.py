@@ -167,16 +167,23 @@ def first_per_subject(rows: list[dict[str, Any]], limit: int) -> list[dict[str, 
 
 def run_evaluation(settings: EvalSettings, model: Any = None, tokenizer: Any = None) -> dict[str, Any]:
     """Run one evaluation; writes the results files when ``settings.out`` is set. ``model``/``tokenizer`` may be
-    passed in (then ``settings.model`` is only recorded)."""
+    passed in (then ``settings.model`` is only recorded). Under torchrun every rank evaluates a share of the batches
+    (:mod:`.parallel`), every rank returns the whole results and rank 0 writes them."""
+    from ..base_model import choose_placement
     from .load import Target, load_for_eval
+    from .parallel import join_launcher_group, rank_and_world
 
     setting = settings.setting()
+    if model is None:
+        placement = choose_placement(settings.device, settings.dtype)      # a bad --device fails before any work
+        join_launcher_group(placement.device)
+    rank, world = rank_and_world()
     if settings.out:
         check_out_dir(settings.out, setting, settings.overwrite)
     start = time.perf_counter()
     if model is None:
         model, tokenizer, target = load_for_eval(settings.model, settings.base, settings.component,
-                                                 settings.dtype, settings.device)
+                                                 settings.dtype, placement.device)
     else:
         target = Target("given", settings.model, tokenizer=settings.model)
     from ..data.templates import PromptRenderer
@@ -190,9 +197,10 @@ def run_evaluation(settings: EvalSettings, model: Any = None, tokenizer: Any = N
 
     results = {"setting": setting, "target": target.to_dict(), "metrics": metrics,
                "runtime": {"seconds": round(time.perf_counter() - start, 1), "device": str(model_device(model)),
-                           "batch_size": settings.batch_size, "versions": _versions(),
+                           "attn_implementation": getattr(getattr(model, "config", None), "_attn_implementation", None),
+                           "ranks": world, "batch_size": settings.batch_size, "versions": _versions(),
                            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}}
-    if settings.out:
+    if settings.out and rank == 0:
         header = (f"# {settings.task} evaluation\n\nmodel: `{settings.model}` ({target.kind}"
                   f"{', base ' + str(target.base) if target.base else ''})\n\n")
         write_results(settings.out, results, header + table, examples if settings.predictions else None,

@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from ..base_model import choose_placement
 from ..manifest import base_model_fingerprint
 from ..run_layout import TOKENIZER
 from ..validation import ValidationScores
@@ -36,7 +37,7 @@ from ..data.templates import write_template_file
 from .peft_adapter import copy_tokenizer, write_peft_adapter
 from .recover import check_tensors, expected_shapes, locate_checkpoint, recover_tensors
 from .report import read_training_metrics, write_plots, write_report
-from .scoring import build_live_model, load_validation_rows, resolve_score_dtype, score_checkpoint
+from .scoring import build_live_model, load_validation_rows, score_checkpoint
 
 __all__ = ["ConsolidationError", "consolidate", "choose_winner", "recover_checked", "resolve_base"]
 
@@ -112,13 +113,14 @@ def choose_winner(requested: int | None, scores: ValidationScores | None, num_co
 
 def consolidate(checkpoint: str | Path, out: str | Path, *, winner: int | None = None, base: str | None = None,
                 all_components: bool = False, adapter: bool = True, merged: bool = True, score: bool = True,
-                overwrite: bool = False, batch_size: int | None = None, device: str = "cpu",
+                overwrite: bool = False, batch_size: int | None = None, device: str | None = None,
                 score_dtype: str = "auto", log: Callable[[str], None] = lambda msg: None) -> dict:
     """Consolidates ``checkpoint`` into ``out``; returns the report (also written as report.json).
 
     Raises :class:`ConsolidationError` (with nothing written) for a missing/partial checkpoint, one that does
     not match the base model, or an ``out`` that holds a different model (unless ``overwrite``)."""
     clock = _Clock()
+    placement = choose_placement(device, score_dtype) if score else None       # a bad --device fails here, at once
     # 1. the checkpoint, its base model, every trainable tensor in fp32, checked twice against the model
     ref = locate_checkpoint(checkpoint)
     cfg, k_total = ref.cfg, ref.cfg.adapter.num_components
@@ -139,9 +141,10 @@ def consolidate(checkpoint: str | Path, out: str | Path, *, winner: int | None =
     scores = None
     rows = load_validation_rows(ref.step_dir) if score else None
     if rows:
-        model = build_live_model(cfg, str(base_dir), tensors, resolve_score_dtype(score_dtype, device), device)
+        model = build_live_model(cfg, str(base_dir), tensors, placement)
+        log("scoring on {device}, {dtype}, {attn_implementation} attention".format(**_placement_summary(placement)))
         scores = score_checkpoint(model, rows, ref.step_dir / TOKENIZER, k_total,
-                                  batch_size or cfg.train.micro_batch_size, device)
+                                  batch_size or cfg.train.micro_batch_size, placement.device)
         del model
         gc.collect()
         log(f"validation ({scores.num_samples} rows): mean loss "
@@ -177,6 +180,7 @@ def consolidate(checkpoint: str | Path, out: str | Path, *, winner: int | None =
         validation = scores.as_dict() if scores is not None else None
         report = {**_summary(ref, base_name, base_dir, tensors, exporter), **written,
                   "winner": chosen, "winner_by": chosen_by, "validation": validation,
+                  "scoring": _placement_summary(placement) if scores is not None else None,
                   "selector_winner_is_lowest_loss": validation and validation["selector_winner_is_lowest_loss"],
                   "training": _training_summary(curves), "outputs": outputs, "fingerprint": fp}
         report["plots"] = write_plots(tmp, curves, validation, chosen)
@@ -208,6 +212,11 @@ def _summary(ref, base_name: str, base_dir: Path, tensors: dict, exporter: Compo
                         "adapted_layers": len(exporter.layers)},
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": _versions(),
             "machine": platform.platform()}
+
+
+def _placement_summary(placement) -> dict:
+    return {"device": placement.device, "dtype": str(placement.dtype).removeprefix("torch."),
+            "attn_implementation": placement.attn_implementation}
 
 
 def _training_summary(curves: dict | None) -> dict | None:

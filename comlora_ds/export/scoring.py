@@ -13,18 +13,11 @@ import torch
 from ..config import RunConfig
 from ..data import ResponseCollator, prepare_tokenizer
 from ..model import ComLoRAModel, build_model
-from ..base_model import DTYPES, fast_bf16_available, load_base_model
+from ..base_model import Placement, load_base_model
 from ..run_layout import VALIDATION_ROWS
 from ..validation import ValidationScores, score_validation
 from .errors import ConsolidationError
 
-
-
-def resolve_score_dtype(name: str, device: str) -> torch.dtype:
-    """auto: bf16 on a CUDA device that supports it, else fp32 (bf16 is ~26x slower on CPUs without AMX)."""
-    if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") and fast_bf16_available() else torch.float32
-    return DTYPES[name]
 
 
 def load_validation_rows(step_dir: Path) -> list[dict] | None:
@@ -39,19 +32,19 @@ def load_validation_rows(step_dir: Path) -> list[dict] | None:
 
 
 def build_live_model(cfg: RunConfig, base_path: str, tensors: dict[str, torch.Tensor],
-                     dtype: torch.dtype = torch.float32, device: str = "cpu") -> ComLoRAModel:
-    """The trained ComLoRAModel: the base loaded from ``base_path`` in ``dtype``, adapters (fp32) and selector
+                     placement: Placement = Placement("cpu", torch.float32, "sdpa")) -> ComLoRAModel:
+    """The trained ComLoRAModel on ``placement`` (device, base dtype, attention): adapters (fp32) and selector
     injected as in training, the recovered tensors loaded. In eval mode (no dropout)."""
     cfg = copy.deepcopy(cfg)
     cfg.model.gradient_checkpointing = False
-    model = build_model(cfg, load_base_model(base_path, cfg.model, dtype))
+    model = build_model(cfg, load_base_model(base_path, cfg.model, placement.dtype, placement.attn_implementation))
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     not_loaded = sorted(trainable & set(missing))
     if not_loaded or unexpected:
         raise ConsolidationError(f"the recovered tensors do not fit the model: missing {not_loaded[:5]}, "
                                  f"unexpected {sorted(unexpected)[:5]}")
-    return model.to(device).eval()
+    return model.to(placement.device).eval()
 
 
 def score_checkpoint(model: ComLoRAModel, rows: list[dict], tokenizer_dir: Path, num_components: int,

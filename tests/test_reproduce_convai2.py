@@ -45,6 +45,7 @@ def test_best_of_keeps_the_lowest_validation_loss():
     assert [r["seed"] for r in report_module.best_of(runs, 2)] == [2, 3, 2]     # (1,2) (1,3) (2,3)
 
 
+@pytest.mark.slow     # ~3 min of subprocess start-ups; the grid machinery it shares (bench/grid.py) runs in test_reproduce
 def test_grid_and_its_results_section(tmp_path):
     out = tmp_path / "grid"
     report = tmp_path / "results.md"

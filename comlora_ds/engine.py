@@ -307,7 +307,7 @@ class Trainer:
         last_checkpoint, stopped, early_stopped, validation = None, False, False, None
         engine.train()
         try:
-            while self.state.global_step < self.total_steps and not stopped:
+            while self.state.global_step < self.total_steps and not (stopped or early_stopped):
                 for batch in self._micro_batches():
                     batch = {name: t.to(self.device) for name, t in batch.items()}
                     eta = annealing_eta(cfg.comlora.annealing, self.state.global_step + 1, self.total_steps,

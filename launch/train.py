@@ -9,7 +9,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from comlora_ds.cli.train import main, parse_args, run  # noqa: E402,F401
+from comlora_ds.cli.train import main, parse_args, run  # noqa: E402
+
+__all__ = ["main", "parse_args", "run"]   # tests call main() and parse_args() of this file
 
 if __name__ == "__main__":
     run()

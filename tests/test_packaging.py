@@ -111,6 +111,17 @@ def test_the_repository_links_are_the_package_data():
     assert package_data == {"comlora_ds": ["ds_configs/*.json", "run_configs/*.yaml"]}
 
 
+def test_a_shipped_name_or_a_path(tmp_path, monkeypatch):
+    from comlora_ds.presets import DS_CONFIGS, RUN_CONFIGS, ds_config_path, run_config_path
+
+    assert ds_config_path("zero3") == ds_config_path("zero3.json") == DS_CONFIGS / "zero3.json"
+    assert run_config_path("demo") == RUN_CONFIGS / "demo.yaml"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "zero3").write_text("{}")          # an existing path wins over a shipped name
+    assert ds_config_path("zero3") == Path("zero3")
+    assert ds_config_path(tmp_path / "zero3") == tmp_path / "zero3"
+
+
 # Declared dependencies that no file imports, each used through the library named here.
 USED_THROUGH = {"gguf": "transformers (reads the built-in model's GGUF file)",
                 "tensorboard": "torch.utils.tensorboard (comlora_ds.tracking)",

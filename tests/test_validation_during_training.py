@@ -52,7 +52,8 @@ import pytest  # noqa: E402
 
 from comlora_ds.config import load_config  # noqa: E402
 from comlora_ds.validation_schedule import ValidationSchedule  # noqa: E402
-from helpers import FP32_TOL, base_overrides, ds_config, free_port, subprocess_env  # noqa: E402
+from helpers import (FP32_TOL, base_overrides, ds_config, free_port, subprocess_env,  # noqa: E402
+                     tensorboard_scalars)
 
 
 def _records(run) -> list[dict]:
@@ -131,13 +132,9 @@ def test_report_plots_the_validation_curves(best_export):
 
 @pytest.mark.distributed
 def test_tensorboard_scalars_equal_metrics_jsonl(rising):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     from comlora_ds.tracking import _flatten
 
-    events = EventAccumulator(str(rising / "tensorboard"), size_guidance={"scalars": 0})
-    events.Reload()
-    got = {(tag, e.step): e.value for tag in events.Tags()["scalars"] for e in events.Scalars(tag)}
+    got = tensorboard_scalars(rising)
     want = {(tag, r["step"]): float(value) for r in _records(rising) for tag, value in _flatten(r).items()
             if tag != "step" and isinstance(value, (int, float))}
     assert ("validation/mean_loss/1", 3) in want and ("component_loss/0", 1) in want

@@ -101,7 +101,8 @@ def save_checkpoint(engine, save_dir: str | Path, step: int, client_state: dict,
         atomic_write_text(save_dir / LATEST, tag)
         if best:
             atomic_write_text(save_dir / BEST, tag)
-        _rotate(save_dir, keep_last, keep={tag, read_latest(save_dir, BEST)})
+        best_file = save_dir / BEST         # read as it is: a stale one must not fail the save
+        _rotate(save_dir, keep_last, keep={tag, best_file.read_text().strip() if best_file.is_file() else None})
     dist.barrier()
     return final_dir
 

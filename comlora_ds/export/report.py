@@ -105,7 +105,7 @@ def write_plots(out_dir: Path, curves: dict | None, validation: dict | None, win
             ax.set(xlabel="window ending at step", ylabel="rate", ylim=(0, 1), title="Selector diagnostics per window")
             ax.legend()
             save(fig, "selector_diagnostics.png")
-        if curves.get("validations"):
+        if len(curves["validations"]) > 1:          # validated during training, not only at the end
             save(_validation_curves(plt, curves["validations"], winner), "validation_curves.png")
     if validation:
         panels = [("mean_loss", "validation LM loss (lower is better)", "{:.4g}"),
@@ -191,8 +191,8 @@ def markdown(report: dict) -> str:
                          f"{v['loss_argmin_counts'][k]} |")
     else:
         lines.append("- validation: not scored")
-    validations = (report.get("training") or {}).get("validations")
-    if validations:
+    validations = (report.get("training") or {}).get("validations") or []
+    if len(validations) > 1:
         lines += _validation_table(validations)
     windows = (report.get("training") or {}).get("selector_windows")
     if windows:

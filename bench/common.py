@@ -482,6 +482,17 @@ def verdict(ratios: tuple[float, ...], target: float, tolerance: float = 0.01) -
     return "met within noise (+1%)" if worst <= target * (1 + tolerance) else "NOT met"
 
 
+def run_training(cmd: list[str], env: dict, output_dir: Path, timeout: int = 3600) -> tuple[list[dict], float]:
+    """A training command run to the end once the cores are quiet: (its metrics.jsonl records, its wall seconds)."""
+    wait_quiet()
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}\nfailed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()], wall
+
+
 def table(header: list[str], rows: list[list]) -> str:
     def fmt(x):
         return f"{x:.3f}" if isinstance(x, float) else str(x)

@@ -18,12 +18,10 @@ same command measures real data-parallel scaling (one GPU per rank):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import REPO, SHARED_DATA, provenance, table, publish, wait_quiet  # noqa: E402
+from common import REPO, SHARED_DATA, provenance, publish, run_training, table  # noqa: E402
 
 SECTION = "DeepSpeed throughput"
 INTRO = """\
@@ -92,13 +90,7 @@ def run_one(args, nproc: int, stage: int, scope: str, workdir: Path) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_port()}",
            str(REPO / "launch" / "train.py"), "--deepspeed", str(REPO / "ds_configs" / f"zero{stage}.json"),
            *[f"{k}={v}" for k, v in overrides.items()], *args.extra]
-    wait_quiet()
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)}\nfailed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records, wall = run_training(cmd, env, out)
     steps = [r for r in records if "tokens_per_s" in r and r["step"] > args.skip]
     if not args.keep:
         shutil.rmtree(out, ignore_errors=True)

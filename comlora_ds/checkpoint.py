@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from .errors import InputError
 from .fileio import atomic_write_text
-from .run_layout import (CHECKPOINTS, LATEST, METRICS, RUN_CONFIG, TAG_PATTERN, TMP_PREFIX, TRAINER_STATE,
+from .run_layout import (BEST, CHECKPOINTS, LATEST, METRICS, RUN_CONFIG, TAG_PATTERN, TMP_PREFIX, TRAINER_STATE,
                          CheckpointError, find_checkpoint, read_latest, tag_for)
 
 def _rng_state() -> dict:
@@ -74,9 +74,10 @@ def ensure_free_space(save_dir: Path, needed_bytes: int) -> None:
 
 def save_checkpoint(engine, save_dir: str | Path, step: int, client_state: dict,
                     write_extras: Callable[[Path], None] | None = None, keep_last: int = 2,
-                    needed_bytes: int = 0, finalize: Callable[[Path], None] | None = None) -> Path:
+                    needed_bytes: int = 0, finalize: Callable[[Path], None] | None = None, best: bool = False) -> Path:
     """Collective: every rank must call it at the same step. Returns the published folder. ``finalize`` runs on
-    rank 0 once every rank has written its files, before the folder is published (the manifest)."""
+    rank 0 once every rank has written its files, before the folder is published (the manifest). ``best``: ``best``
+    names it too (after ``latest``). Rotation keeps the last ``keep_last`` and the one ``best`` names."""
     save_dir, tag = Path(save_dir), tag_for(step)
     tmp_dir, final_dir = save_dir / f"{TMP_PREFIX}{tag}", save_dir / tag
     rank = dist.get_rank()
@@ -98,15 +99,18 @@ def save_checkpoint(engine, save_dir: str | Path, step: int, client_state: dict,
             shutil.rmtree(final_dir)
         os.replace(tmp_dir, final_dir)
         atomic_write_text(save_dir / LATEST, tag)
-        _rotate(save_dir, keep_last, keep=tag)
+        if best:
+            atomic_write_text(save_dir / BEST, tag)
+        best_file = save_dir / BEST         # read as it is: a stale one must not fail the save
+        _rotate(save_dir, keep_last, keep={tag, best_file.read_text().strip() if best_file.is_file() else None})
     dist.barrier()
     return final_dir
 
 
-def _rotate(save_dir: Path, keep_last: int, keep: str) -> None:
+def _rotate(save_dir: Path, keep_last: int, keep: set[str | None]) -> None:
     tags = sorted(p.name for p in save_dir.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name))
     for name in tags[:-keep_last]:
-        if name != keep:
+        if name not in keep:
             shutil.rmtree(save_dir / name, ignore_errors=True)
     for stale in save_dir.glob(f"{TMP_PREFIX}*"):
         shutil.rmtree(stale, ignore_errors=True)

@@ -38,6 +38,7 @@ LOSS_REDUCTIONS = ("sum", "mean")
 # Settings a resume may change on purpose (train.resume_allow_changes); each one really applies to the remaining steps.
 RESUME_ALLOWED_CHANGES = ("train.learning_rate",)
 WANDB_MODES = ("offline", "online", "disabled")
+REPORT_TO = ("wandb", "tensorboard", "none")
 DATA_FORMATS = ("llm_adapters", "alpaca", "sharegpt", "messages", "convai2", "mmlu")
 PROMPT_TEMPLATES = ("alpaca", "chat")
 ASSISTANT_TURNS = ("all", "last")
@@ -361,6 +362,14 @@ class TrainConfig:
                                             "refuses any other change of data, base model or settings): "
                                             "train.learning_rate (the remaining steps use the new peak rate).",
                                             default_factory=list)
+    eval_steps: int = _help("Score the validation split every N optimizer steps on all ranks (per-component loss, "
+                            "the selector's winner and its diagnostics, logged like the training metrics); 0: only "
+                            "once, after the last step.", default=0)
+    save_best: bool = _help("Keep the checkpoint of the best validation loss of the current winner (checkpoints/best "
+                            "names it; save_total_limit never deletes it). Needs eval_steps.", default=False)
+    early_stopping_patience: Optional[int] = _help("Stop (with a checkpoint) after this many validations in a row "
+                                                   "without a new best winner loss; null: never. Needs eval_steps.",
+                                                   default=None)
 
     def validate(self, cfg: "RunConfig") -> None:
         """Raise ConfigError naming the first bad train.* field."""
@@ -392,6 +401,16 @@ class TrainConfig:
         _positive("train.save_total_limit", t.save_total_limit)
         for name in t.resume_allow_changes:
             _choice("train.resume_allow_changes", name, RESUME_ALLOWED_CHANGES)
+        _positive("train.eval_steps", t.eval_steps, allow_zero=True)
+        if t.eval_steps and not cfg.data.val_size and not cfg.data.val_files:
+            _fail("train.eval_steps", t.eval_steps, "needs a validation split: data.val_size = 0 and no data.val_files")
+        if t.save_best and not t.eval_steps:
+            _fail("train.save_best", t.save_best, "needs train.eval_steps > 0 (nothing is validated during the run)")
+        if t.early_stopping_patience is not None:
+            _positive("train.early_stopping_patience", t.early_stopping_patience)
+            if not t.eval_steps:
+                _fail("train.early_stopping_patience", t.early_stopping_patience,
+                      "needs train.eval_steps > 0 (nothing is validated during the run)")
 
 
 @dataclass
@@ -399,8 +418,13 @@ class LoggingConfig:
     log_steps: int = _help("Log metrics every N optimizer steps.", default=1)
     winner_window: int = _help("Window (optimizer steps) of the per-component winner counts and the "
                                "selector diagnostics.", default=50)
-    wandb_mode: str = _help("offline (default, no network), online or disabled.", default="offline")
-    wandb_project: str = _help("wandb project name.", default="comlora_ds")
+    report_to: list[str] = _help("Where metrics go besides metrics.jsonl: wandb, tensorboard (event files in "
+                                 "<output_dir>/tensorboard), or [none].",
+                                 default_factory=lambda: ["wandb", "tensorboard"])
+    wandb_mode: Optional[str] = _help("offline, online or disabled; null: wandb's WANDB_MODE, else offline (no "
+                                      "network).", default=None)
+    wandb_project: Optional[str] = _help("wandb project; null: WANDB_PROJECT, else comlora_ds.", default=None)
+    wandb_dir: Optional[str] = _help("Folder of wandb's files; null: WANDB_DIR, else output_dir.", default=None)
     run_name: Optional[str] = _help("Run name (default: output_dir's name).", default=None)
 
     def validate(self, cfg: "RunConfig") -> None:
@@ -408,7 +432,14 @@ class LoggingConfig:
         log = self
         _positive("logging.log_steps", log.log_steps)
         _positive("logging.winner_window", log.winner_window)
-        _choice("logging.wandb_mode", log.wandb_mode, WANDB_MODES)
+        for name in log.report_to:
+            _choice("logging.report_to", name, REPORT_TO)
+        if "none" in log.report_to and len(log.report_to) > 1:
+            _fail("logging.report_to", log.report_to, "'none' cannot be combined with other destinations")
+        if len(set(log.report_to)) != len(log.report_to):
+            _fail("logging.report_to", log.report_to, "lists a destination twice")
+        if log.wandb_mode is not None:
+            _choice("logging.wandb_mode", log.wandb_mode, WANDB_MODES)
 
 
 @dataclass

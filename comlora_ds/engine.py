@@ -3,7 +3,8 @@
 Read ``Trainer.train`` top to bottom: each optimizer step runs ``gradient_accumulation_steps``
 micro-batches of ``forward_backward`` (all K components, the ComLoRA objective with eta(t)), then
 one all-reduce of the step's statistics (so every rank takes the same decisions), then the optimizer
-step, logging and, every ``save_steps``, a checkpoint written collectively by all ranks.
+step, logging, every ``eval_steps`` a validation pass (``validation_schedule``: the best checkpoint, early stopping)
+and, every ``save_steps``, a checkpoint written collectively by all ranks.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import random
 import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -43,6 +45,7 @@ from .model import build_model, build_objective
 from .step import DeepSpeedStepper
 from .tracking import RunLogger, StepAccumulator
 from .validation import score_validation
+from .validation_schedule import ValidationSchedule
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
@@ -86,7 +89,8 @@ class TrainResult:
     output_dir: Path
     global_step: int
     checkpoint: Path | None
-    stopped_early: bool
+    stop_requested: bool            # SIGTERM, Ctrl-C or request_stop: no final validation
+    early_stopped: bool             # train.early_stopping_patience ran out
     validation: dict | None
 
 
@@ -196,6 +200,7 @@ class Trainer:
         self.stepper = DeepSpeedStepper(self.engine, self.objective, cfg.comlora.execution)
         self.gradient_transforms = self._gradient_transforms()
         self.state = TrainState()
+        self.schedule = ValidationSchedule(cfg.train)
         self._stop_requested = False
 
     def _param_groups(self) -> list[dict]:
@@ -211,7 +216,7 @@ class Trainer:
     def client_state(self, logger: RunLogger) -> dict:
         return {"global_step": self.state.global_step, "epoch": self.state.epoch,
                 "batches_in_epoch": self.state.batches_in_epoch, "total_steps": self.total_steps,
-                "world_size": self.world, **logger.window_state(),
+                "world_size": self.world, **logger.window_state(), **self.schedule.state(),
                 "num_components": self.cfg.adapter.num_components}
 
     def _write_manifest(self, folder: Path) -> None:
@@ -232,12 +237,12 @@ class Trainer:
         trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.model.trainable_parameters())
         return 16 * trainable + 32 * 2**20
 
-    def save(self, logger: RunLogger) -> Path:
+    def save(self, logger: RunLogger, best: bool = False) -> Path:
         folder = ckpt.save_checkpoint(self.engine, self.save_dir, self.state.global_step, self.client_state(logger),
                                       lambda folder: self._write_extras(folder, logger),
                                       keep_last=self.cfg.train.save_total_limit, needed_bytes=self._checkpoint_bytes(),
-                                      finalize=self._write_manifest)
-        logger.message(f"checkpoint: {folder}")
+                                      finalize=self._write_manifest, best=best)
+        logger.message(f"checkpoint: {folder}" + (" (best so far)" if best else ""))
         return folder
 
     def resume(self) -> dict | None:
@@ -247,6 +252,7 @@ class Trainer:
         save_dir, tag = self.resume_from
         state = ckpt.load_checkpoint(self.engine, save_dir, tag)
         self.state = TrainState(state["global_step"], state["epoch"], state["batches_in_epoch"])
+        self.schedule.load_state(state)
         if self.new_learning_rate is not None:
             ckpt.apply_new_learning_rate(self.engine, self.new_learning_rate)
         if self.rank == 0:
@@ -304,10 +310,10 @@ class Trainer:
                            f"{'bf16' if self.bf16 else 'fp32'}, output in {self.output_dir}")
         previous = {sig: signal.signal(sig, self._request_stop) for sig in STOP_SIGNALS}
         accumulator = StepAccumulator(cfg.adapter.num_components, self.device)
-        last_checkpoint, stopped = None, False
+        last_checkpoint, stopped, early_stopped, validation = None, False, False, None
         engine.train()
         try:
-            while self.state.global_step < self.total_steps and not stopped:
+            while self.state.global_step < self.total_steps and not (stopped or early_stopped):
                 for batch in self._micro_batches():
                     batch = {name: t.to(self.device) for name, t in batch.items()}
                     eta = annealing_eta(cfg.comlora.annealing, self.state.global_step + 1, self.total_steps,
@@ -334,9 +340,15 @@ class Trainer:
                     logger.log_step(self.state.global_step, metrics, lr, eta)
                     stopped = metrics["stop_requested"]
                     done = self.state.global_step >= self.total_steps
-                    if stopped or done or (cfg.train.save_steps and self.state.global_step % cfg.train.save_steps == 0):
-                        last_checkpoint = self.save(logger)
-                    if stopped or done:
+                    best = False
+                    if not stopped and self.schedule.due(self.state.global_step, done):
+                        validation = self.validate(logger)
+                        verdict = self.schedule.observe(self.state.global_step, validation["winner_loss"])
+                        best, early_stopped = verdict.improved and cfg.train.save_best, verdict.stop
+                    finish = stopped or done or early_stopped
+                    if finish or best or (cfg.train.save_steps and self.state.global_step % cfg.train.save_steps == 0):
+                        last_checkpoint = self.save(logger, best=best)
+                    if finish:
                         break
                 else:
                     self.state.epoch += 1
@@ -344,9 +356,17 @@ class Trainer:
             if stopped:
                 logger.message(f"stop requested (SIGTERM, SIGUSR1 or Ctrl-C): stopped at step {self.state.global_step} "
                                f"after writing {last_checkpoint}; resume with train.resume=auto")
-                return TrainResult(self.output_dir, self.state.global_step, last_checkpoint, True, None)
-            validation = self.validate(logger)
-            return TrainResult(self.output_dir, self.state.global_step, last_checkpoint, False, validation)
+                return TrainResult(self.output_dir, self.state.global_step, last_checkpoint, True, False, None)
+            if early_stopped:
+                logger.message(f"early stopping: {cfg.train.early_stopping_patience} validation(s) without a better "
+                               f"winner loss than {self.schedule.best_loss:.4f} (step {self.schedule.best_step}); "
+                               f"stopped at step {self.state.global_step}")
+            if validation is None:       # no validation during training: the final one
+                validation = self.validate(logger)
+            if validation is not None and self.rank == 0:
+                ckpt.write_json(self.output_dir / layout.VALIDATION, validation)
+            return TrainResult(self.output_dir, self.state.global_step, last_checkpoint, False, early_stopped,
+                               validation)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -359,19 +379,21 @@ class Trainer:
             dist.destroy_process_group()
 
     def validate(self, logger: RunLogger) -> dict | None:
-        """Scores the validation split with every component and the selector (collective)."""
+        """Scores the validation split with every component and the selector (collective: each rank its shard, the
+        sums all-reduced), logs it as the step's ``validation`` record."""
         if len(self.val_rows) == 0:
             return None
+        start = time.perf_counter()
         self.engine.eval()
         scores = score_validation(self.engine, self.val_rows, self.collate, self.cfg.adapter.num_components,
                                   self.cfg.train.micro_batch_size, self.device)
         self.engine.train()
-        result = {"step": self.state.global_step, **scores.as_dict()}
-        if self.rank == 0:
-            ckpt.write_json(self.output_dir / layout.VALIDATION, result)
-            logger.write({"validation": result, "step": self.state.global_step})
-            logger.message(f"validation: component losses {[round(x, 4) for x in result['mean_loss']]}, "
-                           f"winner {result['winner']} (by {result['winner_by']})")
+        result = {"step": self.state.global_step, **scores.as_dict(), "seconds": time.perf_counter() - start}
+        logger.write({"validation": result, "step": self.state.global_step})
+        logger.message(f"validation at step {self.state.global_step}: component losses "
+                       f"{[round(x, 4) for x in result['mean_loss']]}, winner {result['winner']} "
+                       f"(by {result['winner_by']})")
+        logger.restart_clock()
         return result
 
 

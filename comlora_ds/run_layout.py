@@ -1,10 +1,14 @@
 """The run folder, in one place: what training writes where, and how a path a user gives leads to a checkpoint.
 
     <output_dir>/
-        metrics.jsonl                one line per logged step (training), read by consolidation's report
+        metrics.jsonl                one line per logged step (training) and per validation, read by consolidation's
+                                     report
+        tensorboard/                 TensorBoard event files of the same records (logging.report_to)
+        wandb/, wandb_run_id         wandb's files (logging.report_to) and the id a resumed run continues
         validation.json              the final validation scores and winner
         checkpoints/
             latest                   the tag of the newest *complete* checkpoint (written last, atomically)
+            best                     the tag of the best validated one (train.save_best; never rotated away)
             step_00000200/           DeepSpeed's files plus run_config.yaml, trainer_state.json, ds_config.json,
                                      data_report.json, validation_rows.jsonl, tokenizer/, manifest.json
             tmp-step_00000250/       a checkpoint being written (never read)
@@ -23,7 +27,11 @@ from .errors import InputError
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+BEST = "best"
+POINTERS = (LATEST, BEST)
 METRICS = "metrics.jsonl"
+TENSORBOARD = "tensorboard"
+WANDB_RUN_ID = "wandb_run_id"
 VALIDATION = "validation.json"
 RUN_CONFIG = "run_config.yaml"
 TRAINER_STATE = "trainer_state.json"
@@ -44,11 +52,12 @@ class CheckpointError(InputError, ValueError):
     names a missing folder or one outside its checkpoints folder."""
 
 
-def read_latest(save_dir: str | Path) -> str | None:
-    """The tag ``latest`` names; None when there is no ``latest`` (no checkpoint was completed). A ``latest`` that
-    names anything but an existing ``step_NNNNNNNN`` folder beside it (``../elsewhere``, a deleted step) is refused:
-    resuming or consolidating would otherwise start over or read another run."""
-    latest = Path(save_dir) / LATEST
+def read_latest(save_dir: str | Path, pointer: str = LATEST) -> str | None:
+    """The tag ``latest`` (or ``best``) names; None when there is no such file (no checkpoint was completed, or none
+    was validated as best). One that names anything but an existing ``step_NNNNNNNN`` folder beside it
+    (``../elsewhere``, a deleted step) is refused: resuming or consolidating would otherwise start over or read
+    another run."""
+    latest = Path(save_dir) / pointer
     if not latest.is_file():
         return None
     tag = latest.read_text().strip()
@@ -61,10 +70,12 @@ def read_latest(save_dir: str | Path) -> str | None:
     return tag
 
 
-def find_checkpoint(path: str | Path) -> Path:
+def find_checkpoint(path: str | Path, pointer: str = LATEST) -> Path:
     """The checkpoint folder a user means by ``path``: a ``step_NNNNNNNN`` folder, a checkpoints folder (its
-    ``latest``) or a run folder (its ``checkpoints/latest``). The one place that reads a path this way (training's
-    resume, consolidation, evaluation)."""
+    ``latest``, or its ``best`` with ``pointer="best"``) or a run folder (its ``checkpoints/latest`` or ``best``).
+    The one place that reads a path this way (training's resume, consolidation, evaluation)."""
+    if pointer not in POINTERS:
+        raise CheckpointError(f"--checkpoint {pointer}: must be one of {', '.join(POINTERS)}")
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}: no such file or folder")
@@ -72,11 +83,18 @@ def find_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(f"{path} is an unpublished checkpoint (DeepSpeed was still writing it when the run "
                               f"stopped); use the checkpoints folder, whose 'latest' names the last complete one")
     if path.is_dir() and TAG_PATTERN.match(path.name):
+        if pointer == BEST:
+            raise CheckpointError(f"--checkpoint best: {path} is one step folder; name the run folder or its "
+                                  f"checkpoints folder, whose 'best' file names the best checkpoint")
         return path
     for save_dir in (path, path / CHECKPOINTS):
-        tag = read_latest(save_dir)
-        if tag is not None:
-            return save_dir / tag
+        if read_latest(save_dir) is None:
+            continue
+        tag = read_latest(save_dir, pointer)
+        if tag is None:
+            raise CheckpointError(f"--checkpoint best: {save_dir} has no best checkpoint (no 'best' file): the run "
+                                  f"was trained without train.save_best, or stopped before its first validation")
+        return save_dir / tag
     raise CheckpointError(f"{path} is not a checkpoint: expected a checkpoints folder with a 'latest' file, a run "
                           f"folder holding one, or a step_NNNNNNNN folder")
 

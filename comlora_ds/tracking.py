@@ -1,4 +1,6 @@
-"""Run logging on rank 0: a tqdm progress bar, wandb (offline unless configured), and metrics.jsonl.
+"""Run logging on rank 0: a tqdm progress bar, metrics.jsonl, and the ``logging.report_to`` destinations: wandb
+(offline unless configured; wandb's own WANDB_MODE / WANDB_PROJECT / WANDB_DIR apply to what the config leaves unset)
+and TensorBoard event files under ``<output_dir>/tensorboard``.
 
 Also the per-step metric accumulator, whose one all-reduce per optimizer step gives every rank the
 same numbers (so decisions taken on them, like stopping on a non-finite loss, are identical).
@@ -17,9 +19,9 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .config import RunConfig
+from .config import LoggingConfig, RunConfig
 from .fileio import atomic_write_text
-from .run_layout import METRICS
+from .run_layout import METRICS, TENSORBOARD, WANDB_RUN_ID
 from .losses import PairTarget
 from .step import StepOutput
 
@@ -111,17 +113,14 @@ class RunLogger:
         _drop_records_after(output_dir / METRICS, start_step)
         self.jsonl = open(output_dir / METRICS, "a")
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
-        self.wandb = None
-        if cfg.logging.wandb_mode != "disabled":
-            import wandb
+        self.wandb = _open_wandb(cfg, output_dir) if "wandb" in cfg.logging.report_to else None
+        self.tensorboard = None
+        if "tensorboard" in cfg.logging.report_to:
+            from torch.utils.tensorboard import SummaryWriter
 
-            id_file = output_dir / "wandb_run_id"
-            run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
-            id_file.write_text(run_id)
-            os.environ.setdefault("WANDB_SILENT", "true")
-            self.wandb = wandb.init(project=cfg.logging.wandb_project, name=cfg.logging.run_name or output_dir.name,
-                                    id=run_id, resume="allow", mode=cfg.logging.wandb_mode, dir=str(output_dir),
-                                    config=asdict(cfg))
+            # purge_step: a resumed run hides the events the stopped run wrote past its checkpoint
+            self.tensorboard = SummaryWriter(str(output_dir / TENSORBOARD), purge_step=start_step + 1 if start_step
+                                             else None)
         self._last = time.perf_counter()
 
     def log_step(self, step: int, metrics: dict, lr: float, eta: float) -> None:
@@ -152,6 +151,10 @@ class RunLogger:
         if step % self.cfg.logging.log_steps == 0 or window_done or step == self.total_steps:
             self.write(record)
 
+    def restart_clock(self) -> None:
+        """After work between steps (a validation pass): the next step_time counts training only."""
+        self._last = time.perf_counter()
+
     def _reset_window(self) -> None:
         self.window = [0] * len(self.window)
         self.diagnostics_window = [0.0] * len(DIAGNOSTICS)
@@ -169,8 +172,13 @@ class RunLogger:
             return
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
+        flat = _flatten(record)
         if self.wandb is not None:
-            self.wandb.log(_flatten(record), step=record.get("step"))
+            self.wandb.log(flat, step=record.get("step"))
+        if self.tensorboard is not None:
+            for tag, value in flat.items():
+                if tag != "step" and isinstance(value, (int, float)):   # bools as 0/1; None and text skipped
+                    self.tensorboard.add_scalar(tag, value, global_step=record["step"])
 
     def message(self, text: str) -> None:
         if self.enabled:
@@ -183,6 +191,38 @@ class RunLogger:
         self.jsonl.close()
         if self.wandb is not None:
             self.wandb.finish()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def wandb_settings(log: LoggingConfig, output_dir: Path, environ=os.environ) -> dict:
+    """wandb.init's mode, project and dir. A value the config sets is passed; an unset one is left to wandb's own
+    environment variable when that is set (wandb gives init's arguments precedence, so passing our default would
+    hide the cluster's WANDB_MODE / WANDB_PROJECT / WANDB_DIR), else our default is passed."""
+    settings = {}
+    for argument, variable, configured, default in (("mode", "WANDB_MODE", log.wandb_mode, "offline"),
+                                                    ("project", "WANDB_PROJECT", log.wandb_project, "comlora_ds"),
+                                                    ("dir", "WANDB_DIR", log.wandb_dir, str(output_dir))):
+        if configured is not None:
+            settings[argument] = configured
+        elif not environ.get(variable):
+            settings[argument] = default
+    return settings
+
+
+def _open_wandb(cfg: RunConfig, output_dir: Path):
+    """The wandb run (resumed under the id kept in the run folder), or None when its mode is disabled."""
+    settings = wandb_settings(cfg.logging, output_dir)
+    if settings.get("mode", os.environ.get("WANDB_MODE")) == "disabled":
+        return None
+    import wandb
+
+    id_file = output_dir / WANDB_RUN_ID
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return wandb.init(name=cfg.logging.run_name or output_dir.name, id=run_id, resume="allow", config=asdict(cfg),
+                      **settings)
 
 
 def _drop_records_after(path: Path, step: int) -> None:
@@ -201,13 +241,14 @@ def _drop_records_after(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(kept))
 
 
-def _flatten(record: dict) -> dict:
+def _flatten(record: dict, prefix: str = "") -> dict:
+    """``{"validation": {"mean_loss": [a, b]}}`` -> ``{"validation/mean_loss/0": a, "validation/mean_loss/1": b}``."""
     flat = {}
-    for key, value in record.items():
-        if isinstance(value, list):
-            flat.update({f"{key}/{i}": v for i, v in enumerate(value)})
-        elif isinstance(value, dict):
-            flat.update({f"{key}/{name}": v for name, v in value.items()})
+    items = record.items() if isinstance(record, dict) else enumerate(record)
+    for key, value in items:
+        name = f"{prefix}{key}"
+        if isinstance(value, (list, dict)):
+            flat.update(_flatten(value, f"{name}/"))
         else:
-            flat[key] = value
+            flat[name] = value
     return flat

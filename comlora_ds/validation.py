@@ -46,6 +46,7 @@ class ValidationScores:
         return {
             "winner": self.winner,
             "winner_by": "selector" if self.sim_sum is not None else "validation_loss",
+            "winner_loss": float(self.mean_loss[self.winner]),
             "lowest_loss_component": self.lowest_loss_component,
             "selector_winner_is_lowest_loss": self.winner == self.lowest_loss_component,
             "num_samples": self.num_samples,

@@ -1,72 +1,17 @@
-"""Consolidate a ComLoRA training checkpoint: winner as a PEFT adapter, merged HF model, report.
+"""Consolidate a training checkpoint from a checkout: ``python launch/consolidate.py RUN/checkpoints --out EXPORT``.
 
-    python launch/consolidate.py outputs/run/checkpoints --out outputs/run/export
-    python launch/consolidate.py outputs/run/checkpoints/step_00000200 --out export --winner 1 --all-components
-
-CHECKPOINT is a run's checkpoints/ folder (its 'latest' is used), one step_NNNNNNNN folder, or the run folder;
-ZeRO-2 or ZeRO-3, any world size; no GPU and no launcher needed. Writes OUT/adapter (PEFT), OUT/merged (HF
-safetensors), OUT/report.json, OUT/report.md, OUT/plots/*.png (and OUT/components/component_K with
---all-components). Exit code 2 with "error: ..." when it refuses; nothing is written then. See docs/export.md.
+A thin wrapper over :mod:`comlora_ds.cli.consolidate` (installed as the console script ``comlora-consolidate``); ``--help``
+lists the options.
 """
 
-from __future__ import annotations
-
-import argparse
-import os
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from comlora_ds.cli.consolidate import main, parse_args, run  # noqa: E402
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="checkpoints folder, step_NNNNNNNN folder or run folder")
-    p.add_argument("--out", required=True, help="output folder (built beside it, renamed into place at the end)")
-    p.add_argument("--winner", type=int, default=None,
-                   help="export this component instead of the selector's choice (scores are still reported)")
-    p.add_argument("--base", default=None, help="base model folder or hub id (default: the run's model.name_or_path)")
-    p.add_argument("--all-components", action="store_true", help="also write every component as a PEFT adapter")
-    p.add_argument("--no-adapter", action="store_true", help="do not write the winner's PEFT adapter")
-    p.add_argument("--no-merged", action="store_true", help="do not write the merged model")
-    p.add_argument("--skip-validation", action="store_true",
-                   help="do not score the validation split (no full model in memory; needs --winner when K > 1)")
-    p.add_argument("--overwrite", action="store_true", help="replace an OUT that holds a different model")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="validation batch size (default: the run's micro-batch size)")
-    p.add_argument("--device", default=None,
-                   help="device for validation scoring (cpu, cuda, cuda:1, ...); default: a GPU when there is one, "
-                        "else cpu. Attention: flash-attention 2 on a GPU in bf16/fp16 when flash-attn is installed, "
-                        "else sdpa")
-    p.add_argument("--score-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="base dtype for scoring; auto: bf16 on a bf16-capable GPU (fp16 on older ones), fp32 on CPU")
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from comlora_ds.errors import run_cli
-
-    return run_cli(lambda: _consolidate(parse_args(argv)))
-
-
-def _consolidate(args: argparse.Namespace) -> int:
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")      # zero_to_fp32 needs no accelerator
-    from comlora_ds.export.consolidate import consolidate
-
-    report = consolidate(args.checkpoint, args.out, winner=args.winner, base=args.base,
-                         all_components=args.all_components, adapter=not args.no_adapter,
-                         merged=not args.no_merged, score=not args.skip_validation, overwrite=args.overwrite,
-                         batch_size=args.batch_size, device=args.device, score_dtype=args.score_dtype,
-                         log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    v = report["validation"]
-    print(f"winner: component {report['winner']} (by {report['winner_by']})")
-    if v:
-        print(f"validation loss per component: {[round(x, 4) for x in v['mean_loss']]}; lowest-loss component "
-              f"{v['lowest_loss_component']}; selector winner is lowest-loss: {v['selector_winner_is_lowest_loss']}")
-    print(f"report: {Path(args.out) / 'report.md'}")
-    return 0
-
+__all__ = ["main", "parse_args", "run"]   # tests call main() and parse_args() of this file
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

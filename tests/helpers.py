@@ -69,6 +69,15 @@ def step_losses(output_dir: Path, key: str = "loss") -> dict[int, float]:
     return {r["step"]: r[key] for r in records if key in r}
 
 
+def tensorboard_scalars(output_dir: Path) -> dict[tuple[str, int], float]:
+    """Every scalar of the run's TensorBoard files as tensorboard's own reader sees them: {(tag, step): value}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(output_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return {(tag, e.step): e.value for tag in events.Tags()["scalars"] for e in events.Scalars(tag)}
+
+
 def assert_trajectories_match(got: dict, want: dict, tol: float) -> None:
     assert got.keys() == want.keys(), (got, want)
     for step in want:

@@ -52,6 +52,13 @@ def test_saved_config_round_trips(tmp_path):
     ("train.clip_scope=layer", "train.clip_scope = 'layer': must be one of auto, global, per_group"),
     ("comlora.loss_reduction=median", "comlora.loss_reduction = 'median': must be one of sum, mean"),
     ("comlora.lm_reduction=max", "comlora.lm_reduction = 'max': must be one of sum, mean"),
+    ("train.eval_steps=-1", "train.eval_steps = -1: must be >= 0"),
+    ("train.save_best=true", "train.save_best = True: needs train.eval_steps > 0"),
+    ("train.early_stopping_patience=3", "train.early_stopping_patience = 3: needs train.eval_steps > 0"),
+    ("train.early_stopping_patience=0", "train.early_stopping_patience = 0: must be > 0"),
+    ("logging.report_to=[wandb,mlflow]", "logging.report_to = 'mlflow': must be one of wandb, tensorboard, none"),
+    ("logging.report_to=[none,wandb]", "'none' cannot be combined with other destinations"),
+    ("logging.report_to=[wandb,wandb]", "lists a destination twice"),
 ])
 def test_invalid_values_name_field_and_value(override, message):
     with pytest.raises(ConfigError) as err:
@@ -152,3 +159,9 @@ def test_a_yaml_file_whose_top_level_is_a_list_is_refused(tmp_path):
     path.write_text("- model\n- train\n")
     with pytest.raises(ConfigError, match=r"run.yaml: the top level must be a mapping of config groups .* not a list"):
         load_config(path)
+
+
+def test_validation_during_training_needs_a_validation_split():
+    with pytest.raises(ConfigError, match=r"train.eval_steps = 5: needs a validation split: data.val_size = 0"):
+        load_config(overrides=["train.eval_steps=5", "data.val_size=0"])
+    assert load_config(overrides=["train.eval_steps=5", "data.val_size=0", "data.val_files=[v.json]"]).train.eval_steps

@@ -284,15 +284,19 @@ def test_training_metrics_last_record_of_a_step_wins(tmp_path):
     lines = [{"step": 1, "loss": 9.0, "component_loss": [3.0, 4.0]},
              {"step": 2, "loss": 8.0, "component_loss": [2.0, 3.0], "winner_counts": [1, 7]},
              {"step": 2, "loss": 7.0, "component_loss": [1.5, 2.5], "winner_counts": [2, 6]},   # resumed run
-             {"validation": {"winner": 0}, "step": 2}]
+             {"validation": {"step": 1, "winner": 1, "mean_loss": [2.0, 2.5]}, "step": 1},
+             {"validation": {"step": 2, "winner": 0, "mean_loss": [1.0, 0.9]}, "step": 2},
+             {"validation": {"step": 2, "winner": 1, "mean_loss": [1.0, 0.9]}, "step": 2}]   # resumed run
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n{\"step\": 3, \"lo")
     curves = read_training_metrics(tmp_path)
     assert curves["steps"] == [1, 2] and curves["component_loss"] == [[3.0, 1.5], [4.0, 2.5]]
     assert curves["winner_windows"] == [{"step": 2, "counts": [2, 6]}]
+    assert [(v["step"], v["winner"], v["winner_loss"]) for v in curves["validations"]] == [(1, 1, 2.5), (2, 1, 0.9)]
     validation = {"mean_loss": [1.0, 0.9], "sim_sum": [0.5, 2.0], "selector_argmax_counts": [1, 7],
                   "loss_argmin_counts": [3, 5]}
     plots = write_plots(tmp_path, curves, validation, winner=1)
-    assert plots == ["plots/training_loss.png", "plots/winner_counts.png", "plots/validation.png"]
+    assert plots == ["plots/training_loss.png", "plots/winner_counts.png", "plots/validation_curves.png",
+                     "plots/validation.png"]
     assert all((tmp_path / p).read_bytes()[:4] == b"\x89PNG" for p in plots)
     assert read_training_metrics(tmp_path / "nothing") is None
 
@@ -308,6 +312,14 @@ def test_markdown_table_marks_the_winner():
     text = markdown(report)
     assert "| 1 **(winner)** | 1.1000 | 0.9000 | 6 | 3 |" in text
     assert "selector's winner is the lowest-loss component: **no**" in text
+    report["training"] = {"validations": [
+        {"step": 2, "mean_loss": [1.2, 1.3], "winner": 0, "winner_loss": 1.2, "selector_agreement_rate": 0.5,
+         "selector_rank_correlation": 0.25},
+        {"step": 4, "mean_loss": [1.0, 1.1], "winner": 1, "winner_loss": 1.1, "selector_agreement_rate": None,
+         "selector_rank_correlation": None}]}
+    text = markdown(report)
+    assert "| 2 | 1.2000 | 1.3000 | 0 | 1.2000 | 0.500 | 0.250 |" in text
+    assert "| 4 | 1.0000 | 1.1000 | 1 | **1.1000** | - | - |" in text     # the lowest winner loss, not lowest loss
 
 
 def test_a_latest_pointing_into_another_run_is_not_followed(tmp_path):

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from helpers import (BF16_TOL, FP32_TOL, REPO, assert_trajectories_match, base_overrides, ds_config, free_port,
-                     launch, step_losses, subprocess_env)
+                     launch, step_losses, subprocess_env, tensorboard_scalars)
 
 pytestmark = pytest.mark.distributed
 
@@ -171,6 +171,9 @@ def test_killed_run_resumes_from_last_complete_checkpoint(reference, tmp_path):
     steps = [r["step"] for r in records if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6], steps        # each step once: the killed run's steps past its checkpoint dropped
     assert not list((out / "checkpoints").glob("tmp-*"))
+    # TensorBoard too: the resumed run purged the killed run's events past its checkpoint (purge_step)
+    logged = {step: value for (tag, step), value in tensorboard_scalars(out).items() if tag == "loss"}
+    assert logged == pytest.approx(step_losses(out), rel=1e-6)
 
 
 def test_killed_run_with_dropout_and_noise_resumes_bit_exactly(tmp_path):

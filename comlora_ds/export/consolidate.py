@@ -111,18 +111,19 @@ def choose_winner(requested: int | None, scores: ValidationScores | None, num_co
                              f"validation_rows.jsonl, or scoring was skipped): pass --winner k")
 
 
-def consolidate(checkpoint: str | Path, out: str | Path, *, winner: int | None = None, base: str | None = None,
-                all_components: bool = False, adapter: bool = True, merged: bool = True, score: bool = True,
-                overwrite: bool = False, batch_size: int | None = None, device: str | None = None,
+def consolidate(checkpoint: str | Path, out: str | Path, *, pointer: str = "latest", winner: int | None = None,
+                base: str | None = None, all_components: bool = False, adapter: bool = True, merged: bool = True,
+                score: bool = True, overwrite: bool = False, batch_size: int | None = None, device: str | None = None,
                 score_dtype: str = "auto", log: Callable[[str], None] = lambda msg: None) -> dict:
-    """Consolidates ``checkpoint`` into ``out``; returns the report (also written as report.json).
+    """Consolidates ``checkpoint`` (a run or checkpoints folder: the checkpoint its ``pointer``, latest or best,
+    names; or one step folder) into ``out``; returns the report (also written as report.json).
 
     Raises :class:`ConsolidationError` (with nothing written) for a missing/partial checkpoint, one that does
     not match the base model, or an ``out`` that holds a different model (unless ``overwrite``)."""
     clock = _Clock()
     placement = choose_placement(device, score_dtype) if score else None       # a bad --device fails here, at once
     # 1. the checkpoint, its base model, every trainable tensor in fp32, checked twice against the model
-    ref = locate_checkpoint(checkpoint)
+    ref = locate_checkpoint(checkpoint, pointer)
     cfg, k_total = ref.cfg, ref.cfg.adapter.num_components
     if winner is not None and not 0 <= winner < k_total:
         raise ConsolidationError(f"--winner {winner}: the checkpoint has K = {k_total} components (0 .. {k_total - 1})")
@@ -224,7 +225,8 @@ def _training_summary(curves: dict | None) -> dict | None:
         return None
     return {"steps": len(curves["steps"]), "last_step": curves["steps"][-1],
             "final_component_loss": [losses[-1] for losses in curves["component_loss"]],
-            "winner_windows": curves["winner_windows"], "selector_windows": curves["selector_windows"]}
+            "winner_windows": curves["winner_windows"], "selector_windows": curves["selector_windows"],
+            "validations": curves["validations"]}
 
 
 def _versions() -> dict:

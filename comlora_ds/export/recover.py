@@ -23,7 +23,7 @@ import torch
 
 from .. import manifest
 from ..checkpoint import UnsafeCheckpointError, safe_load, screen_checkpoint
-from ..run_layout import RUN_CONFIG, TOKENIZER, CheckpointError, find_checkpoint
+from ..run_layout import LATEST, RUN_CONFIG, TOKENIZER, CheckpointError, find_checkpoint
 from ..config import ConfigError, RunConfig, load_config
 from .errors import ConsolidationError
 
@@ -60,16 +60,17 @@ class CheckpointRef:
                 "zero_stage": self.zero_stage, "world_size": self.world_size, "deepspeed": self.ds_version}
 
 
-def _step_folder(path: Path) -> Path:
+def _step_folder(path: Path, pointer: str) -> Path:
     try:
-        return find_checkpoint(path)
+        return find_checkpoint(path, pointer)
     except CheckpointError as err:
         raise ConsolidationError(str(err)) from None
 
 
-def locate_checkpoint(path: str | Path) -> CheckpointRef:
-    """The checkpoint folder ``path`` points at, with its run config; refuses missing or partial ones."""
-    step_dir = _step_folder(Path(path).expanduser().resolve())
+def locate_checkpoint(path: str | Path, pointer: str = LATEST) -> CheckpointRef:
+    """The checkpoint folder ``path`` points at (``pointer``: its ``latest`` or its ``best``), with its run config;
+    refuses missing or partial ones."""
+    step_dir = _step_folder(Path(path).expanduser().resolve(), pointer)
     try:
         saved = manifest.verify(step_dir)
     except manifest.ManifestError as err:

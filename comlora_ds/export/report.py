@@ -1,8 +1,10 @@
 """report.json + report.md + PNG plots of a consolidation.
 
 Training curves come from the run's ``metrics.jsonl`` (``<output_dir>/metrics.jsonl``, the parent of
-``checkpoints/``): per-component LM loss per step, and the selector's winner counts per window of
-``logging.winner_window`` steps (paper fig. 3). A resumed run appends to the file; the last record of a step wins.
+``checkpoints/``): per-component LM loss per step, the selector's winner counts per window of
+``logging.winner_window`` steps (paper fig. 3), and the validations during training (``train.eval_steps``):
+per-component validation loss, the winner and the selector's agreement over time. A resumed run appends to the file;
+the last record of a step wins.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ def read_training_metrics(run_dir: Path) -> dict | None:
     if not path.is_file():
         return None
     by_step: dict[int, dict] = {}
+    validations: dict[int, dict] = {}
     for line in path.read_text().splitlines():
         try:
             record = json.loads(line)
@@ -27,6 +30,9 @@ def read_training_metrics(run_dir: Path) -> dict | None:
             continue                              # a line cut by a killed run
         if "component_loss" in record and "step" in record:
             by_step[int(record["step"])] = record
+        elif "validation" in record and "step" in record:
+            v = record["validation"]          # (runs before the winner's loss was logged: computed here)
+            validations[int(record["step"])] = {"winner_loss": v["mean_loss"][v["winner"]], **v}
     if not by_step:
         return None
     steps = sorted(by_step)
@@ -40,6 +46,7 @@ def read_training_metrics(run_dir: Path) -> dict | None:
                            if "winner_counts" in by_step[s]],
         "selector_windows": [{"step": s, **by_step[s]["selector_diagnostics"]} for s in steps
                              if "selector_diagnostics" in by_step[s]],
+        "validations": [validations[s] for s in sorted(validations)],
     }
 
 
@@ -98,6 +105,8 @@ def write_plots(out_dir: Path, curves: dict | None, validation: dict | None, win
             ax.set(xlabel="window ending at step", ylabel="rate", ylim=(0, 1), title="Selector diagnostics per window")
             ax.legend()
             save(fig, "selector_diagnostics.png")
+        if len(curves["validations"]) > 1:          # validated during training, not only at the end
+            save(_validation_curves(plt, curves["validations"], winner), "validation_curves.png")
     if validation:
         panels = [("mean_loss", "validation LM loss (lower is better)", "{:.4g}"),
                   ("sim_sum", "accumulated selector score (winner = argmax)", "{:.4g}"),
@@ -109,6 +118,46 @@ def write_plots(out_dir: Path, curves: dict | None, validation: dict | None, win
             _bar(ax, validation[key], title, winner, fmt)
         save(fig, "validation.png")
     return written
+
+
+def _validation_curves(plt, validations: list[dict], exported: int):
+    """Per-component validation loss over the run (the winner of each validation circled), the winner over time,
+    and the selector's per-sample agreement and rank correlation with the losses."""
+    steps = [v["step"] for v in validations]
+    fig, (losses, winners, agreement) = plt.subplots(1, 3, figsize=(14, 4))
+    for k in range(len(validations[0]["mean_loss"])):
+        losses.plot(steps, [v["mean_loss"][k] for v in validations], marker=".", color=f"C{k % 10}",
+                    label=f"component {k}" + (" (exported)" if k == exported else ""))
+    losses.scatter(steps, [v["winner_loss"] for v in validations], s=80, facecolors="none", edgecolors="black",
+                   label="winner at that step")
+    losses.set(xlabel="optimizer step", ylabel="validation LM loss", title="Per-component validation loss")
+    losses.legend(fontsize=8)
+    winners.step(steps, [v["winner"] for v in validations], where="mid", marker="o")
+    winners.set(xlabel="optimizer step", ylabel="component", title="Winner over time",
+                yticks=range(len(validations[0]["mean_loss"])))
+    for key, label in (("selector_agreement_rate", "top component has the lowest loss (per sample)"),
+                       ("selector_rank_correlation", "Spearman(sims, -loss), centred per sample")):
+        values = [v.get(key) for v in validations]
+        if any(x is not None for x in values):
+            agreement.plot(steps, [float("nan") if x is None else x for x in values], marker="o", label=label)
+    agreement.set(xlabel="optimizer step", title="Selector agreement on the validation split", ylim=(-1, 1))
+    agreement.legend(fontsize=8)
+    return fig
+
+
+def _validation_table(validations: list[dict]) -> list[str]:
+    best = min(validations, key=lambda v: v["winner_loss"])["step"]
+    k_all = range(len(validations[0]["mean_loss"]))
+    lines = ["", "Validation during training (train.eval_steps; the lowest winner loss in bold):", "",
+             "| step | " + " | ".join(f"val. loss {k}" for k in k_all) + " | winner | winner's loss | agreement | "
+             "Spearman |", "|---:|" + "---:|" * (len(k_all) + 4)]
+    for v in validations:
+        agree, rho = v.get("selector_agreement_rate"), v.get("selector_rank_correlation")
+        loss = f"{v['winner_loss']:.4f}"
+        lines.append(f"| {v['step']} | " + " | ".join(f"{v['mean_loss'][k]:.4f}" for k in k_all)
+                     + f" | {v['winner']} | {f'**{loss}**' if v['step'] == best else loss} | "
+                     f"{'-' if agree is None else f'{agree:.3f}'} | {'-' if rho is None else f'{rho:.3f}'} |")
+    return lines
 
 
 def markdown(report: dict) -> str:
@@ -142,6 +191,9 @@ def markdown(report: dict) -> str:
                          f"{v['loss_argmin_counts'][k]} |")
     else:
         lines.append("- validation: not scored")
+    validations = (report.get("training") or {}).get("validations") or []
+    if len(validations) > 1:
+        lines += _validation_table(validations)
     windows = (report.get("training") or {}).get("selector_windows")
     if windows:
         lines += ["", "Selector diagnostics during training, per window:", "",

@@ -20,7 +20,9 @@ import torch
 import torch.distributed as dist
 
 from .errors import InputError
+from . import reshard
 from .fileio import atomic_write_text
+from .reshard import BatchLayout
 from .run_layout import (BEST, CHECKPOINTS, LATEST, METRICS, RUN_CONFIG, TAG_PATTERN, TMP_PREFIX, TRAINER_STATE,
                          CheckpointError, find_checkpoint, read_latest, tag_for)
 
@@ -173,10 +175,16 @@ class ResumeError(InputError, ValueError):
 RESUME_FIELDS = ("model.name_or_path", "adapter.method", "adapter.num_components", "adapter.rank",
                  "adapter.alpha", "adapter.use_rslora", "adapter.target_modules", "comlora.no_selector",
                  "comlora.selector_hidden_size", "comlora.selector_num_heads", "comlora.selector_ffn_size")
+# May change when the global batch stays the same (check_resume_compatible checks it, with the world size).
+BATCH_SPLIT_SETTINGS = ("train.micro_batch_size", "train.gradient_accumulation_steps")
+# resume_allow_changes names that let the number of planned steps change (each enough on its own).
+STEP_PLAN_CHANGES = ("train.max_steps", "train.num_epochs")
 
 
-def check_resume_compatible(folder: Path, cfg, world_size: int, total_steps: int) -> None:
-    """Before the model is loaded: the checkpoint's saved run config and trainer state must match."""
+def check_resume_compatible(folder: Path, cfg, world_size: int, total_steps: int) -> BatchLayout:
+    """Before the model is loaded: the checkpoint's saved run config and trainer state must match. Another world
+    size or split is fine when the global batch is the same (:mod:`comlora_ds.reshard`); another step plan only with
+    ``train.resume_allow_changes=[train.max_steps]`` (or ``train.num_epochs``). Returns the saved split."""
     from .config import load_config
 
     saved = load_config(folder / RUN_CONFIG)
@@ -186,12 +194,20 @@ def check_resume_compatible(folder: Path, cfg, world_size: int, total_steps: int
         old, new = getattr(getattr(saved, group), name), getattr(getattr(cfg, group), name)
         if old != new:
             raise ResumeError(f"checkpoint {folder} was trained with {dotted} = {old!r}, this run has {new!r}")
-    if state["world_size"] != world_size:
-        raise ResumeError(f"checkpoint {folder} was written by {state['world_size']} ranks, this run has "
-                          f"{world_size}: resume with the same world size")
+    before, now = reshard.saved_layout(folder), reshard.layout_of(cfg, world_size)
+    if before.global_batch != now.global_batch:
+        raise ResumeError(f"checkpoint {folder} was trained with a global batch of {before.describe()}, this run has "
+                          f"{now.describe()}: choose train.micro_batch_size and train.gradient_accumulation_steps so "
+                          f"that the global batch stays {before.global_batch}")
     if state["total_steps"] != total_steps:
-        raise ResumeError(f"checkpoint {folder} was written for {state['total_steps']} steps, this run plans "
-                          f"{total_steps}: keep train.max_steps/num_epochs and the data unchanged")
+        if not set(cfg.train.resume_allow_changes) & set(STEP_PLAN_CHANGES):
+            raise ResumeError(f"checkpoint {folder} was written for {state['total_steps']} steps, this run plans "
+                              f"{total_steps}: keep train.max_steps/num_epochs and the data unchanged, or add "
+                              f"train.resume_allow_changes=[train.max_steps] to change the plan on purpose")
+        if total_steps <= state["global_step"]:
+            raise ResumeError(f"checkpoint {folder} is at step {state['global_step']}, this run plans {total_steps} "
+                              f"steps: nothing would be left to train")
+    return before
 
 
 def check_resume_manifest(folder: Path, saved: dict, data: dict, base_model: dict, cfg) -> float | None:
@@ -200,7 +216,7 @@ def check_resume_manifest(folder: Path, saved: dict, data: dict, base_model: dic
     from .config import RESUME_ALLOWED_CHANGES
     from .manifest import resume_changes, settings_of
 
-    allowed = set(cfg.train.resume_allow_changes)
+    allowed = set(cfg.train.resume_allow_changes) | set(BATCH_SPLIT_SETTINGS)   # the global batch was checked
     changes = resume_changes(saved, data, base_model, settings_of(cfg))
     refused = [c for c in changes if c[0] not in allowed]
     if refused:
@@ -227,19 +243,41 @@ def apply_new_learning_rate(engine, learning_rate: float) -> None:
         group["lr"] = learning_rate * factor
 
 
-def load_checkpoint(engine, save_dir: str | Path, tag: str) -> dict:
-    """Collective. Restores module (trainable tensors), optimizer, scheduler and this rank's RNG;
-    returns the client state saved with it."""
-    screen_checkpoint(Path(save_dir) / tag)
-    load_path, client_state = engine.load_checkpoint(str(save_dir), tag=tag, load_module_strict=False,
+def apply_new_step_plan(engine) -> None:
+    """After the scheduler state came back from a checkpoint planned for another number of steps: the scheduler was
+    rebuilt for the new total, but the optimizer came back with the rate the old plan set for the next step, so that
+    rate is recomputed on the new plan at the saved position (later steps follow the new plan by themselves)."""
+    scheduler = engine.lr_scheduler
+    if scheduler is None or not hasattr(scheduler, "lr_lambdas"):
+        raise ResumeError("train.resume_allow_changes=[train.max_steps] needs the trainer's own scheduler; this "
+                          "run's DeepSpeed config defines its own 'scheduler'")
+    scheduler.last_epoch -= 1
+    scheduler.step()
+
+
+def load_checkpoint(engine, save_dir: str | Path, tag: str, universal_work_dir: Path | None = None) -> dict:
+    """Collective. Restores module (trainable tensors), optimizer and scheduler; returns the client state saved with
+    it. On the world size that wrote it, this rank's RNG comes back too; with ``universal_work_dir`` (another world
+    size, the engine configured with ``load_universal``) the checkpoint is converted there first and the RNG is not
+    restored (the caller reseeds)."""
+    step_dir = Path(save_dir) / tag
+    screen_checkpoint(step_dir)
+    load_dir = Path(save_dir)
+    if universal_work_dir is not None:
+        if dist.get_rank() == 0:
+            reshard.convert_to_universal(step_dir, universal_work_dir)
+        dist.barrier()
+        load_dir = universal_work_dir
+    load_path, client_state = engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=False,
                                                      load_optimizer_states=True, load_lr_scheduler_states=True)
+    if universal_work_dir is not None:
+        dist.barrier()
+        if dist.get_rank() == 0:
+            shutil.rmtree(universal_work_dir, ignore_errors=True)
     if load_path is None:
-        raise ResumeError(f"DeepSpeed could not load checkpoint {Path(save_dir) / tag}")
-    rng_file = Path(save_dir) / tag / f"rng_state_rank{dist.get_rank()}.pt"
-    if not rng_file.is_file():
-        raise ResumeError(f"{rng_file} is missing: resume with the world size the checkpoint was "
-                                f"written with ({client_state.get('world_size')} ranks)")
-    _set_rng_state(torch.load(rng_file, weights_only=True))
+        raise ResumeError(f"DeepSpeed could not load checkpoint {step_dir}")
+    if universal_work_dir is None:
+        _set_rng_state(torch.load(step_dir / f"rng_state_rank{dist.get_rank()}.pt", weights_only=True))
     return client_state
 
 

@@ -36,7 +36,7 @@ LR_SCHEDULERS = ("cosine", "linear", "constant")
 CLIP_SCOPES = ("auto", "global", "per_group")
 LOSS_REDUCTIONS = ("sum", "mean")
 # Settings a resume may change on purpose (train.resume_allow_changes); each one really applies to the remaining steps.
-RESUME_ALLOWED_CHANGES = ("train.learning_rate",)
+RESUME_ALLOWED_CHANGES = ("train.learning_rate", "train.max_steps", "train.num_epochs")
 WANDB_MODES = ("offline", "online", "disabled")
 REPORT_TO = ("wandb", "tensorboard", "none")
 DATA_FORMATS = ("llm_adapters", "alpaca", "sharegpt", "messages", "convai2", "mmlu")
@@ -360,7 +360,10 @@ class TrainConfig:
     resume: Optional[str] = _help("'auto' (latest in output_dir), a checkpoint path, or null.", default=None)
     resume_allow_changes: list[str] = _help("Settings a resume may change on purpose (the checkpoint's manifest "
                                             "refuses any other change of data, base model or settings): "
-                                            "train.learning_rate (the remaining steps use the new peak rate).",
+                                            "train.learning_rate (the remaining steps use the new peak rate); "
+                                            "train.max_steps or train.num_epochs (another number of planned steps, "
+                                            "e.g. extending a finished run: the LR schedule and the annealing are "
+                                            "recomputed for the new total at the saved step).",
                                             default_factory=list)
     eval_steps: int = _help("Score the validation split every N optimizer steps on all ranks (per-component loss, "
                             "the selector's winner and its diagnostics, logged like the training metrics); 0: only "

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoConfig, get_scheduler
 
 from . import checkpoint as ckpt
-from . import manifest
+from . import manifest, reshard
 from . import run_layout as layout
 from .base_model import load_base_model, load_tokenizer, resolve_dtype, resolve_model_path
 from .clipping import clip_per_group
@@ -169,9 +169,10 @@ class Trainer:
                                               manifest.base_model_fingerprint(model_path)))
         self.resume_from = ckpt.resolve_resume(cfg.train.resume, self.save_dir)
         self.new_learning_rate = None
+        self.layout, self.saved_layout = reshard.layout_of(cfg, self.world), None
         if self.resume_from is not None:
             folder = self.resume_from[0] / self.resume_from[1]
-            ckpt.check_resume_compatible(folder, cfg, self.world, self.total_steps)
+            self.saved_layout = ckpt.check_resume_compatible(folder, cfg, self.world, self.total_steps)
             saved = on_rank0(lambda: manifest.verify(folder))
             if saved is not None:
                 self.new_learning_rate = ckpt.check_resume_manifest(folder, saved, *self.fingerprints, cfg)
@@ -179,6 +180,8 @@ class Trainer:
         hidden_size = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code).hidden_size
         self.ds_config = fill_ds_config(raw_ds, cfg, self.world, hidden_size, self.total_steps, warmup)
         self.method.check_ds_config(self.ds_config)
+        if self._resharding():
+            self.ds_config["checkpoint"] = {**self.ds_config.get("checkpoint", {}), "load_universal": True}
 
         seed_everything(cfg.train.seed)
         llm = load_base_model(model_path, cfg.model, resolve_dtype(cfg.model.dtype, self.bf16))
@@ -202,6 +205,10 @@ class Trainer:
         self.state = TrainState()
         self.schedule = ValidationSchedule(cfg.train)
         self._stop_requested = False
+
+    def _resharding(self) -> bool:
+        """Resuming a checkpoint that another world size wrote (its ZeRO shards go through a universal checkpoint)."""
+        return self.saved_layout is not None and self.saved_layout.world_size != self.world
 
     def _param_groups(self) -> list[dict]:
         decay, no_decay = [], []
@@ -250,9 +257,15 @@ class Trainer:
         if self.resume_from is None:
             return None
         save_dir, tag = self.resume_from
-        state = ckpt.load_checkpoint(self.engine, save_dir, tag)
-        self.state = TrainState(state["global_step"], state["epoch"], state["batches_in_epoch"])
+        work_dir = reshard.universal_work_dir(self.save_dir, tag) if self._resharding() else None
+        state = ckpt.load_checkpoint(self.engine, save_dir, tag, universal_work_dir=work_dir)
+        self.state = TrainState(state["global_step"], state["epoch"],
+                                reshard.batches_in_epoch(state["batches_in_epoch"], self.saved_layout, self.layout))
         self.schedule.load_state(state)
+        if work_dir is not None:
+            seed_everything(reshard.fresh_stream_seed(self.cfg.train.seed, self.rank, self.state.global_step))
+        if state["total_steps"] != self.total_steps:
+            ckpt.apply_new_step_plan(self.engine)
         if self.new_learning_rate is not None:
             ckpt.apply_new_learning_rate(self.engine, self.new_learning_rate)
         if self.rank == 0:

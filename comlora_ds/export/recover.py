@@ -143,6 +143,34 @@ def recover_tensors(ref: CheckpointRef) -> dict[str, torch.Tensor]:
     return {name: (t.float() if t.is_floating_point() else t).contiguous() for name, t in state.items()}
 
 
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def recover_optimizer_state(ref: CheckpointRef, moment: str) -> dict[str, torch.Tensor]:
+    """Adam's ``moment`` (``exp_avg`` or ``exp_avg_sq``) of every trainable tensor, fp32, with its full shape. Each
+    rank's flat partition of the moment takes the place of its fp32 weights in a copy of the shard files (a
+    temporary folder; the checkpoint is only read), so DeepSpeed's own zero_to_fp32 un-partitions it."""
+    import tempfile
+
+    if moment not in ADAM_MOMENTS:
+        raise ValueError(f"moment = {moment!r}: must be one of {', '.join(ADAM_MOMENTS)}")
+    flat_key = "fp32_flat_groups" if ref.zero_stage == 3 else "single_partition_of_fp32_groups"
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / ref.tag
+        copy.mkdir()
+        for model_file in ref.step_dir.glob("*_model_states.pt"):
+            (copy / model_file.name).symlink_to(model_file)
+        for optim_file in ref.step_dir.glob("*_optim_states.pt"):
+            state = safe_load(optim_file)
+            optim = state["optimizer_state_dict"]
+            per_group = optim["base_optimizer_state"]["state"]
+            optim[flat_key] = [per_group[i][moment] for i in range(len(optim[flat_key]))]
+            torch.save(state, copy / optim_file.name)
+        swapped = CheckpointRef(copy, ref.cfg, ref.zero_stage, ref.world_size, ref.client_state, ref.ds_version,
+                                ref.recorded_shapes, ref.manifest)
+        return recover_tensors(swapped)
+
+
 def skeleton(cfg: RunConfig, base_config) -> torch.nn.Module:
     """The ComLoRAModel the run config describes, on the meta device (no memory, no weights read)."""
     from transformers import AutoModelForCausalLM

@@ -255,6 +255,16 @@ def apply_new_step_plan(engine) -> None:
     scheduler.step()
 
 
+def _untie_step_counters(zero_optimizer) -> None:
+    """DeepSpeed 0.19.8's ZeRO-3 universal load gives every parameter group's Adam state the *same* ``step`` tensor;
+    torch's AdamW increments it in place once per group, so after one step the count is 3 -> 5 and the bias
+    corrections are wrong from then on (measured: the continued losses left the uninterrupted run at the 2nd step).
+    Each group gets its own copy (the value is right)."""
+    for state in zero_optimizer.optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
 def load_checkpoint(engine, save_dir: str | Path, tag: str, universal_work_dir: Path | None = None) -> dict:
     """Collective. Restores module (trainable tensors), optimizer and scheduler; returns the client state saved with
     it. On the world size that wrote it, this rank's RNG comes back too; with ``universal_work_dir`` (another world
@@ -271,6 +281,7 @@ def load_checkpoint(engine, save_dir: str | Path, tag: str, universal_work_dir: 
     load_path, client_state = engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=False,
                                                      load_optimizer_states=True, load_lr_scheduler_states=True)
     if universal_work_dir is not None:
+        _untie_step_counters(engine.optimizer)
         dist.barrier()
         if dist.get_rank() == 0:
             shutil.rmtree(universal_work_dir, ignore_errors=True)

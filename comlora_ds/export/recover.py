@@ -154,7 +154,9 @@ def recover_optimizer_state(ref: CheckpointRef, moment: str) -> dict[str, torch.
 
     if moment not in ADAM_MOMENTS:
         raise ValueError(f"moment = {moment!r}: must be one of {', '.join(ADAM_MOMENTS)}")
-    flat_key = "fp32_flat_groups" if ref.zero_stage == 3 else "single_partition_of_fp32_groups"
+    # where each ZeRO stage keeps the flat fp32 partitions, and the wrapped torch optimizer's state of them
+    flat_key, inner_key = (("fp32_flat_groups", "optimizer_state_dict") if ref.zero_stage == 3
+                           else ("single_partition_of_fp32_groups", "base_optimizer_state"))
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / ref.tag
         copy.mkdir()
@@ -163,7 +165,7 @@ def recover_optimizer_state(ref: CheckpointRef, moment: str) -> dict[str, torch.
         for optim_file in ref.step_dir.glob("*_optim_states.pt"):
             state = safe_load(optim_file)
             optim = state["optimizer_state_dict"]
-            per_group = optim["base_optimizer_state"]["state"]
+            per_group = optim[inner_key]["state"]
             optim[flat_key] = [per_group[i][moment] for i in range(len(optim[flat_key]))]
             torch.save(state, copy / optim_file.name)
         swapped = CheckpointRef(copy, ref.cfg, ref.zero_stage, ref.world_size, ref.client_state, ref.ds_version,

@@ -197,12 +197,16 @@ def test_an_existing_run_is_never_overwritten(reference, run_cli, tmp_path, caps
     ("adapter.num_components=3", "adapter.num_components = 2, this run has 3"),
     ("adapter.rank=8", "adapter.rank = 4, this run has 8"),
     ("train.max_steps=9", "written for 6 steps, this run plans 9"),
+    ("train.micro_batch_size=2", "global batch of 1 rank(s) x micro-batch 4 x 1 accumulation step(s) = 4, this run "
+                                 "has 1 rank(s) x micro-batch 2 x 1 accumulation step(s) = 2"),
+    ("train.max_steps=5 train.resume_allow_changes=[train.max_steps]", "is at step 6, this run plans 5 steps"),
 ])
 def test_resume_from_an_incompatible_checkpoint_is_refused(reference, run_cli, tmp_path, capsys, override, message):
     out = tmp_path / "run"
     shutil.copytree(reference, out)
     before = _snapshot(out)
-    rc = run_cli(["--deepspeed", str(ds_config(tmp_path, 2)), *base_overrides(out), "train.resume=auto", override])
+    rc = run_cli(["--deepspeed", str(ds_config(tmp_path, 2)), *base_overrides(out), "train.resume=auto",
+                  *override.split()])
     assert rc == 2 and message in capsys.readouterr().err
     assert _snapshot(out) == before
 

@@ -83,9 +83,16 @@ def assert_state_is_the_checkpoints(loaded: dict, checkpoint: Path) -> None:
     assert loaded["step"] == 4 and loaded["scheduler_step"] == 3 and loaded["adam_steps"] == [3.0]
 
 
-def assert_checkpoint_untouched(checkpoint: Path, resumed: Path) -> None:
+def assert_resume_continues(reference: Path, checkpoint: Path, tmp_path: Path, nproc: int, stage: int,
+                            split: dict) -> None:
+    """Resumed on ``nproc`` ranks, ``checkpoint`` (step 3 of a run like ``reference``) loads the state it holds and
+    continues the uninterrupted losses; the checkpoint stays as written and no conversion folder is left."""
+    out, loaded = resume_and_capture(tmp_path, checkpoint, nproc, stage, split)
+    assert_state_is_the_checkpoints(loaded, checkpoint)
+    want = {s: v for s, v in step_losses(reference).items() if s > 3}
+    assert_trajectories_match(step_losses(out), want, FP32_TOL)
     manifest.verify(checkpoint)           # every file as the save wrote it
-    assert not list((resumed / "checkpoints").glob("tmp-*"))
+    assert not list((out / "checkpoints").glob("tmp-*"))
 
 
 @pytest.fixture(scope="module")
@@ -98,22 +105,13 @@ def two_rank_run(tmp_path_factory) -> Path:
 
 def test_two_ranks_resumed_on_one_with_gradient_accumulation(reference, two_rank_run, tmp_path):
     """2 ranks x micro-batch 2 -> 1 rank x micro-batch 2 x 2 accumulation steps."""
-    checkpoint = two_rank_run / STEP3
-    out, loaded = resume_and_capture(tmp_path, checkpoint, nproc=1, stage=2,
-                                     split={"train.micro_batch_size": 2, "train.gradient_accumulation_steps": 2})
-    assert_state_is_the_checkpoints(loaded, checkpoint)
-    want = {s: v for s, v in step_losses(reference).items() if s > 3}
-    assert_trajectories_match(step_losses(out), want, FP32_TOL)
-    assert_checkpoint_untouched(checkpoint, out)
+    assert_resume_continues(reference, two_rank_run / STEP3, tmp_path, nproc=1, stage=2,
+                            split={"train.micro_batch_size": 2, "train.gradient_accumulation_steps": 2})
 
 
 def test_one_rank_resumed_on_two(reference, tmp_path):
-    checkpoint = reference / STEP3
-    out, loaded = resume_and_capture(tmp_path, checkpoint, nproc=2, stage=2, split={"train.micro_batch_size": 2})
-    assert_state_is_the_checkpoints(loaded, checkpoint)
-    want = {s: v for s, v in step_losses(reference).items() if s > 3}
-    assert_trajectories_match(step_losses(out), want, FP32_TOL)
-    assert_checkpoint_untouched(checkpoint, out)
+    assert_resume_continues(reference, reference / STEP3, tmp_path, nproc=2, stage=2,
+                            split={"train.micro_batch_size": 2})
 
 
 @pytest.mark.slow
@@ -121,13 +119,8 @@ def test_one_rank_resumed_on_two(reference, tmp_path):
 def test_zero3_resumed_on_another_world_size(reference, tmp_path, first, then):
     run = tmp_path / "first"
     launch(base_overrides(run, **{"train.micro_batch_size": 4 // first}), nproc=first, ds=ds_config(tmp_path, 3))
-    checkpoint = run / STEP3
-    out, loaded = resume_and_capture(tmp_path, checkpoint, nproc=then, stage=3,
-                                     split={"train.micro_batch_size": 4 // then})
-    assert_state_is_the_checkpoints(loaded, checkpoint)
-    want = {s: v for s, v in step_losses(reference).items() if s > 3}
-    assert_trajectories_match(step_losses(out), want, FP32_TOL)
-    assert_checkpoint_untouched(checkpoint, out)
+    assert_resume_continues(reference, run / STEP3, tmp_path, nproc=then, stage=3,
+                            split={"train.micro_batch_size": 4 // then})
 
 
 def test_extending_a_finished_run_recomputes_the_schedule(reference, tmp_path):
@@ -155,3 +148,19 @@ def test_extending_a_finished_run_recomputes_the_schedule(reference, tmp_path):
     assert step_losses(out, "eta") == pytest.approx(
         {t: annealing_eta(cfg.comlora.annealing, t, 8, cfg.comlora.annealing_rate) for t in (7, 8)}, rel=1e-12)
     assert (out / "checkpoints" / "latest").read_text() == "step_00000008"
+
+
+def test_the_epoch_position_is_counted_in_samples():
+    from comlora_ds.reshard import BatchLayout, batches_in_epoch
+
+    two_ranks, one_rank_accumulating = BatchLayout(2, 2, 1), BatchLayout(1, 2, 2)
+    assert batches_in_epoch(3, two_ranks, one_rank_accumulating) == 6      # 3 steps of 4 samples either way
+    assert batches_in_epoch(6, one_rank_accumulating, two_ranks) == 3
+
+
+def test_new_rank_streams_are_not_the_run_start_streams():
+    from comlora_ds.engine import rank_stream_seed
+    from comlora_ds.reshard import fresh_stream_seed
+
+    fresh = {fresh_stream_seed(42, rank, step) for rank in range(4) for step in (3, 6)}
+    assert len(fresh) == 8 and not fresh & {rank_stream_seed(42, rank) for rank in range(4)}

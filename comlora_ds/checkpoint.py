@@ -265,11 +265,11 @@ def _untie_step_counters(zero_optimizer) -> None:
             state["step"] = state["step"].clone()
 
 
-def load_checkpoint(engine, save_dir: str | Path, tag: str, universal_work_dir: Path | None = None) -> dict:
-    """Collective. Restores module (trainable tensors), optimizer and scheduler; returns the client state saved with
-    it. On the world size that wrote it, this rank's RNG comes back too; with ``universal_work_dir`` (another world
-    size, the engine configured with ``load_universal``) the checkpoint is converted there first and the RNG is not
-    restored (the caller reseeds)."""
+def load_checkpoint(engine, save_dir: str | Path, tag: str, universal_work_dir: Path | None = None,
+                    restore_rng: bool = True) -> dict:
+    """Collective. Restores module (trainable tensors), optimizer, scheduler and (``restore_rng``, for the world size
+    that wrote it) this rank's RNG; returns the client state saved with it. With ``universal_work_dir`` (ZeRO shards
+    of another world size, the engine configured with ``load_universal``) the checkpoint is converted there first."""
     step_dir = Path(save_dir) / tag
     screen_checkpoint(step_dir)
     load_dir = Path(save_dir)
@@ -287,7 +287,7 @@ def load_checkpoint(engine, save_dir: str | Path, tag: str, universal_work_dir: 
             shutil.rmtree(universal_work_dir, ignore_errors=True)
     if load_path is None:
         raise ResumeError(f"DeepSpeed could not load checkpoint {step_dir}")
-    if universal_work_dir is None:
+    if restore_rng:
         _set_rng_state(torch.load(step_dir / f"rng_state_rank{dist.get_rank()}.pt", weights_only=True))
     return client_state
 

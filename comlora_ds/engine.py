@@ -169,10 +169,11 @@ class Trainer:
                                               manifest.base_model_fingerprint(model_path)))
         self.resume_from = ckpt.resolve_resume(cfg.train.resume, self.save_dir)
         self.new_learning_rate = None
-        self.layout, self.saved_layout = reshard.layout_of(cfg, self.world), None
+        self.layout, self.saved_layout, self.universal_resume = reshard.layout_of(cfg, self.world), None, False
         if self.resume_from is not None:
             folder = self.resume_from[0] / self.resume_from[1]
             self.saved_layout = ckpt.check_resume_compatible(folder, cfg, self.world, self.total_steps)
+            self.universal_resume = reshard.needs_universal(folder, self.saved_layout, self.world)
             saved = on_rank0(lambda: manifest.verify(folder))
             if saved is not None:
                 self.new_learning_rate = ckpt.check_resume_manifest(folder, saved, *self.fingerprints, cfg)
@@ -180,7 +181,7 @@ class Trainer:
         hidden_size = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code).hidden_size
         self.ds_config = fill_ds_config(raw_ds, cfg, self.world, hidden_size, self.total_steps, warmup)
         self.method.check_ds_config(self.ds_config)
-        if self._resharding():
+        if self.universal_resume:
             self.ds_config["checkpoint"] = {**self.ds_config.get("checkpoint", {}), "load_universal": True}
 
         seed_everything(cfg.train.seed)
@@ -205,10 +206,6 @@ class Trainer:
         self.state = TrainState()
         self.schedule = ValidationSchedule(cfg.train)
         self._stop_requested = False
-
-    def _resharding(self) -> bool:
-        """Resuming a checkpoint that another world size wrote (its ZeRO shards go through a universal checkpoint)."""
-        return self.saved_layout is not None and self.saved_layout.world_size != self.world
 
     def _param_groups(self) -> list[dict]:
         decay, no_decay = [], []
@@ -257,12 +254,13 @@ class Trainer:
         if self.resume_from is None:
             return None
         save_dir, tag = self.resume_from
-        work_dir = reshard.universal_work_dir(self.save_dir, tag) if self._resharding() else None
-        state = ckpt.load_checkpoint(self.engine, save_dir, tag, universal_work_dir=work_dir)
+        work_dir = reshard.universal_work_dir(self.save_dir, tag) if self.universal_resume else None
+        same_ranks = self.saved_layout.world_size == self.world
+        state = ckpt.load_checkpoint(self.engine, save_dir, tag, universal_work_dir=work_dir, restore_rng=same_ranks)
         self.state = TrainState(state["global_step"], state["epoch"],
                                 reshard.batches_in_epoch(state["batches_in_epoch"], self.saved_layout, self.layout))
         self.schedule.load_state(state)
-        if work_dir is not None:
+        if not same_ranks:
             seed_everything(reshard.fresh_stream_seed(self.cfg.train.seed, self.rank, self.state.global_step))
         if state["total_steps"] != self.total_steps:
             ckpt.apply_new_step_plan(self.engine)

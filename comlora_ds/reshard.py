@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .run_layout import RUN_CONFIG, TMP_PREFIX, TRAINER_STATE
+from .run_layout import DS_CONFIG, RUN_CONFIG, TMP_PREFIX, TRAINER_STATE
 
 UNIVERSAL_PREFIX = f"{TMP_PREFIX}universal-"
 
@@ -62,6 +62,13 @@ def batches_in_epoch(saved_batches: int, saved: BatchLayout, now: BatchLayout) -
     """This rank's micro-batches of the epoch already consumed, counted in the new split: the same number of samples
     (checkpoints fall on step boundaries and the global batch is unchanged, so it divides)."""
     return saved_batches * saved.micro_batch_size * saved.world_size // (now.micro_batch_size * now.world_size)
+
+
+def needs_universal(step_dir: Path, saved: BatchLayout, world_size: int) -> bool:
+    """Only ZeRO (stage >= 1) partitions the state by rank; without it every rank's file holds all of it."""
+    from .ds_config import zero_stage
+
+    return saved.world_size != world_size and zero_stage(json.loads((step_dir / DS_CONFIG).read_text())) >= 1
 
 
 def universal_work_dir(save_dir: Path, tag: str) -> Path:

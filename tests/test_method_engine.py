@@ -161,6 +161,16 @@ def test_pro_resume_restores_the_full_adam_moments(pro_ref, tmp_path):
     assert_same_adapters(adapters(step_dir(out, 6)), adapters(step_dir(pro_ref, 6)), RESUME_REL)
 
 
+@pytest.mark.slow
+def test_pro_resumed_on_two_ranks(pro_ref, tmp_path):
+    """ZeRO stage 0 keeps LoRA-Pro's whole optimizer state in one file: another world size loads it as it is (no
+    universal conversion) and continues to the 1-rank run's adapters."""
+    out = tmp_path / "resumed"
+    launch(base_overrides(out, **PRO, **{"lora_pro.mode": "full", "train.micro_batch_size": 2,
+                                         "train.resume": step_dir(pro_ref, 3)}), nproc=2, ds=ds_config(tmp_path, 0))
+    assert_same_adapters(adapters(step_dir(out, 6)), adapters(step_dir(pro_ref, 6)), ADAPTER_REL)
+
+
 @pytest.fixture(scope="module")
 def pro_efficient_ref(tmp_path_factory) -> Path:
     """1 rank, ZeRO stage 0: LoRAProAdamW in efficient mode (adjusted gradients, AdamW on the factors)."""

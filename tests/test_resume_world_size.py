@@ -17,14 +17,15 @@ import torch
 
 from comlora_ds import manifest
 from comlora_ds.export.recover import locate_checkpoint, recover_optimizer_state, recover_tensors
+from comlora_ds.presets import run_config_path
 
-from helpers import FP32_TOL, REPO, assert_trajectories_match, base_overrides, ds_config, free_port, launch, step_losses, \
+from helpers import FP32_TOL, assert_trajectories_match, base_overrides, ds_config, free_port, launch, step_losses, \
     subprocess_env
 
 pytestmark = pytest.mark.distributed
 
 STEP3 = Path("checkpoints") / "step_00000003"
-DEMO_PRESET = REPO / "launch" / "configs" / "demo.yaml"
+DEMO_PRESET = run_config_path("demo")          # what launch/train.py uses without --config
 
 # Trains like launch/train.py (its demo preset, the overrides); at the first resumed step, before the optimizer touches anything, rank 0 writes the
 # full fp32 weights and Adam moments every rank gathered from its ZeRO partitions, and the step counters.

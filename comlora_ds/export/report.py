@@ -141,7 +141,10 @@ def _validation_curves(plt, validations: list[dict], exported: int):
         if any(x is not None for x in values):
             agreement.plot(steps, [float("nan") if x is None else x for x in values], marker="o", label=label)
     agreement.set(xlabel="optimizer step", title="Selector agreement on the validation split", ylim=(-1, 1))
-    agreement.legend(fontsize=8)
+    if agreement.lines:
+        agreement.legend(fontsize=8)
+    else:
+        agreement.text(0.5, 0.5, "no selector", ha="center", transform=agreement.transAxes)
     return fig
 
 

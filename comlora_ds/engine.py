@@ -145,7 +145,9 @@ class Trainer:
 
         model_path = resolve_model_path(cfg.model)
         self.tokenizer = prepare_tokenizer(load_tokenizer(model_path, cfg.model))
-        self.train_rows, self.val_rows, self.data_report = tokenised_datasets(cfg.data, self.tokenizer, model_path)
+        data_fingerprint = on_rank0(lambda: manifest.data_fingerprint(cfg.data))     # every data file hashed once
+        self.train_rows, self.val_rows, self.data_report = tokenised_datasets(cfg.data, self.tokenizer, model_path,
+                                                                              data_fingerprint)
         self.collate = ResponseCollator(self.tokenizer.pad_token_id)
         self.sampler = DistributedSampler(self.train_rows, num_replicas=self.world, rank=self.rank, shuffle=True,
                                           seed=cfg.data.seed, drop_last=True)
@@ -165,8 +167,7 @@ class Trainer:
         self.method = get_method(cfg)
         self.method.check_plan(self.total_steps)
 
-        self.fingerprints = on_rank0(lambda: (manifest.data_fingerprint(cfg.data),
-                                              manifest.base_model_fingerprint(model_path)))
+        self.fingerprints = (data_fingerprint, on_rank0(lambda: manifest.base_model_fingerprint(model_path)))
         self.resume_from = ckpt.resolve_resume(cfg.train.resume, self.save_dir)
         self.new_learning_rate = None
         self.layout, self.saved_layout, self.universal_resume = reshard.layout_of(cfg, self.world), None, False

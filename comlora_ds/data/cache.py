@@ -59,11 +59,15 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()
 
 
-def cache_key(cfg: DataConfig, tokenizer: Any) -> str:
-    from ..manifest import data_fingerprint
+def cache_key(cfg: DataConfig, tokenizer: Any, data_fingerprint: dict | None = None) -> str:
+    """``data_fingerprint``: :func:`comlora_ds.manifest.data_fingerprint` of ``cfg`` when the caller has it already
+    (hashing large files once); computed here otherwise."""
+    if data_fingerprint is None:
+        from ..manifest import data_fingerprint as fingerprint_of
 
+        data_fingerprint = fingerprint_of(cfg)
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_IN_KEY}
-    parts = {"version": FORMAT_VERSION, "settings": settings, "data": data_fingerprint(cfg),
+    parts = {"version": FORMAT_VERSION, "settings": settings, "data": data_fingerprint,
              "tokenizer": tokenizer_fingerprint(tokenizer)}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
@@ -95,14 +99,15 @@ def _build_into(folder: Path, cfg: DataConfig, tokenizer: Any, model_name: str) 
     return f"tokenised into the cache {folder} in {time.perf_counter() - start:.1f} s"
 
 
-def tokenised_datasets(cfg: DataConfig, tokenizer: Any,
-                       model_name: str = "the model") -> tuple[datasets.Dataset, datasets.Dataset, DataReport]:
-    """:func:`~comlora_ds.data.dataset.build_datasets`, done once (see the module doc); call it on every rank."""
+def tokenised_datasets(cfg: DataConfig, tokenizer: Any, model_name: str = "the model",
+                       data_fingerprint: dict | None = None) -> tuple[datasets.Dataset, datasets.Dataset, DataReport]:
+    """:func:`~comlora_ds.data.dataset.build_datasets`, done once (see the module doc); call it on every rank.
+    ``data_fingerprint`` as in :func:`cache_key`."""
     if not cfg.cache:
         return build_datasets(cfg, tokenizer, model_name)
 
     def build_on_rank0() -> tuple[str, str]:
-        folder = cache_root(cfg) / cache_key(cfg, tokenizer)
+        folder = cache_root(cfg) / cache_key(cfg, tokenizer, data_fingerprint)
         return str(folder), _build_into(folder, cfg, tokenizer, model_name)
 
     folder, how = on_rank0(build_on_rank0)

@@ -71,8 +71,9 @@ def chat_spans(tokenizer: Any, messages: Sequence[dict]) -> tuple[str, list[tupl
         if message["role"] != "assistant":
             continue
         start = len(_render(tokenizer, messages[:i], generation_prompt=True))
-        end = len(_render(tokenizer, messages[:i + 1]))
-        if not text.startswith(_render(tokenizer, messages[:i + 1])) or start > end:
+        upto = _render(tokenizer, messages[:i + 1])
+        end = len(upto)
+        if not text.startswith(upto) or start > end:
             raise DataError("the tokenizer's chat template renders a conversation differently from its beginning "
                             "(a later turn changes earlier text), so the assistant turns cannot be located; use "
                             "data.template=alpaca")

@@ -73,6 +73,10 @@ class ModelConfig:
                                     default=False)
     cache_dir: Optional[str] = _help("Where converted built-in models are cached "
                                      "(default ~/.cache/comlora_ds).", default=None)
+    zero3_init: bool = _help("Under DeepSpeed ZeRO stage 3: build the base partitioned (deepspeed.zero.Init) and read "
+                             "each rank's partition straight from the safetensors files, so no rank holds the whole "
+                             "base; false: every rank loads the whole base and DeepSpeed partitions it afterwards. "
+                             "No effect at stages 0-2.", default=True)
 
     def validate(self, cfg: "RunConfig") -> None:
         """Raise ConfigError naming the first bad model.* field."""

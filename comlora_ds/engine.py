@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoConfig, get_scheduler
 
 from . import checkpoint as ckpt
-from . import manifest, reshard
+from . import manifest, reshard, zero3_init
 from . import run_layout as layout
 from .base_model import load_base_model, load_tokenizer, resolve_dtype, resolve_model_path
 from .clipping import clip_per_group
@@ -142,6 +142,9 @@ class Trainer:
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
             else torch.device("cpu")
         self.bf16 = resolve_bf16(cfg, raw_ds)
+        self.zero3_init = cfg.model.zero3_init and zero_stage(raw_ds) == 3
+        if self.zero3_init:
+            zero3_init.check_model_dtype(cfg.model, self.bf16)
 
         model_path = resolve_model_path(cfg.model)
         self.tokenizer = prepare_tokenizer(load_tokenizer(model_path, cfg.model))
@@ -186,8 +189,12 @@ class Trainer:
             self.ds_config["checkpoint"] = {**self.ds_config.get("checkpoint", {}), "load_universal": True}
 
         seed_everything(cfg.train.seed)
-        llm = load_base_model(model_path, cfg.model, resolve_dtype(cfg.model.dtype, self.bf16))
-        self.model = build_model(cfg, llm, self.method)
+        if self.zero3_init:        # no rank ever holds the whole base
+            llm = zero3_init.load_partitioned_base(model_path, cfg.model, self.ds_config)
+            self.model = build_model(cfg, llm, self.method, on_create=zero3_init.Partitioner(llm, self.ds_config))
+        else:
+            llm = load_base_model(model_path, cfg.model, resolve_dtype(cfg.model.dtype, self.bf16))
+            self.model = build_model(cfg, llm, self.method)
         self.objective = build_objective(cfg)
         optimizer = self.method.build_optimizer(self.model, self._param_groups())
         scheduler = None

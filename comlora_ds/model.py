@@ -74,16 +74,17 @@ def _replicate(t: torch.Tensor, n: int) -> torch.Tensor:
     return t if n == 1 else t.repeat(n, *([1] * (t.dim() - 1)))
 
 
-def build_model(cfg: RunConfig, llm: PreTrainedModel, method=None) -> ComLoRAModel:
+def build_model(cfg: RunConfig, llm: PreTrainedModel, method=None, on_create=None) -> ComLoRAModel:
     """Freeze ``llm``, inject the K-component adapters of ``method`` (the run's AdapterMethod; default: a new one for
     ``cfg.adapter.method``), add the selector (ComLoRA only), and turn on non-reentrant gradient checkpointing if
-    asked (it needs no input grads with a frozen base)."""
+    asked (it needs no input grads with a frozen base). ``on_create`` sees each adapter layer and the selector as
+    soon as it exists (``zero3_init.Partitioner``)."""
     from .methods import get_method
 
     a, c = cfg.adapter, cfg.comlora
     method = method or get_method(cfg)
     inject_adapters(llm, a.target_modules, a.num_components, a.rank, a.alpha, a.dropout, a.use_rslora,
-                    layer_cls=method.layer_cls)
+                    layer_cls=method.layer_cls, on_create=on_create)
     if cfg.model.gradient_checkpointing:
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     selector = None
@@ -92,6 +93,8 @@ def build_model(cfg: RunConfig, llm: PreTrainedModel, method=None) -> ComLoRAMod
                             c.selector_num_heads, c.selector_ffn_size, c.selector_dropout,
                             model_num_heads=llm.config.num_attention_heads)
         selector.to(device=llm.device)
+        if on_create is not None:
+            on_create(selector)
     return ComLoRAModel(llm, a.num_components, selector, cfg.train.ce_chunk_size)
 
 

@@ -5,7 +5,7 @@ Kept apart from the layer maths, like PEFT's ``tuners/lora/model.py`` vs ``layer
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from torch import nn
@@ -15,9 +15,12 @@ from .layer import ComLoRALinear
 
 def inject_adapters(model: nn.Module, target_modules: list[str], num_components: int, rank: int,
                     alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-                    layer_cls: type[ComLoRALinear] = ComLoRALinear) -> dict[str, ComLoRALinear]:
+                    layer_cls: type[ComLoRALinear] = ComLoRALinear,
+                    on_create: Callable[[nn.Module], object] | None = None) -> dict[str, ComLoRALinear]:
     """Freeze every parameter of ``model`` and replace each ``nn.Linear`` whose last name component is
-    in ``target_modules`` by ``layer_cls`` wrapping it. Returns the new layers by module path.
+    in ``target_modules`` by ``layer_cls`` wrapping it. Returns the new layers by module path. ``on_create`` sees
+    each new layer as soon as it is built (ZeRO-3 partitions it there, so the K components of all layers never exist
+    whole at once).
 
     Raises ValueError naming a target that matches no linear layer (and listing those that exist),
     before changing anything.
@@ -36,6 +39,8 @@ def inject_adapters(model: nn.Module, target_modules: list[str], num_components:
     for name, module in found.items():
         parent_name, _, leaf = name.rpartition(".")
         matched[name] = layer_cls(module, num_components, rank, alpha, dropout, use_rslora)
+        if on_create is not None:
+            on_create(matched[name])
         setattr(model.get_submodule(parent_name), leaf, matched[name])
     return matched
 

@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import random
+import socket
 import statistics
 import subprocess
 import sys
@@ -482,9 +483,18 @@ def verdict(ratios: tuple[float, ...], target: float, tolerance: float = 0.01) -
     return "met within noise (+1%)" if worst <= target * (1 + tolerance) else "NOT met"
 
 
-def run_training(cmd: list[str], env: dict, output_dir: Path, timeout: int = 3600) -> tuple[list[dict], float]:
-    """A training command run to the end once the cores are quiet: (its metrics.jsonl records, its wall seconds)."""
-    wait_quiet()
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_training(cmd: list[str], env: dict, output_dir: Path, timeout: float = 3600,
+                 quiet: bool = True) -> tuple[list[dict], float]:
+    """A training command run to the end (with ``quiet``, once the cores are quiet): (its metrics.jsonl records,
+    its wall seconds)."""
+    if quiet:
+        wait_quiet()
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     wall = time.perf_counter() - start

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -31,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import REPO, SHARED_DATA, provenance, publish, run_training, table  # noqa: E402
+from common import REPO, SHARED_DATA, free_port, provenance, publish, run_training, table  # noqa: E402
 
 SECTION = "DeepSpeed throughput"
 INTRO = """\
@@ -41,12 +40,6 @@ batch per optimizer step (summed over ranks, not multiplied by K) / step wall ti
 steps skipped; min/median are over the kept steps of all repeats. Same micro-batch per rank everywhere (weak
 scaling). Item 4 of issue 8 (inference latency of the merged winner) is in the section written by
 `bench/inference_latency.py`."""
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def parse_args(argv=None):
@@ -87,7 +80,7 @@ def run_one(args, nproc: int, stage: int, scope: str, workdir: Path) -> dict:
         "train.output_dir": out, "logging.wandb_mode": "disabled", "train.clip_scope": scope,
         "data.max_train_samples": args.micro_batch * max(args.nprocs) * (args.steps + 1),
     }
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
            str(REPO / "launch" / "train.py"), "--deepspeed", str(REPO / "ds_configs" / f"zero{stage}.json"),
            *[f"{k}={v}" for k, v in overrides.items()], *args.extra]
     records, wall = run_training(cmd, env, out)

@@ -72,9 +72,21 @@ def timing_rows(t, ref: str, scale_of=lambda name: 1.0) -> list[list]:
     return rows
 
 
+def lora_specs(rank: int) -> list[Spec]:
+    """PEFT LoRA (the reference, first), our K=1, our K=1 layers with HF's loss."""
+    return [Spec(kind="peft", rank=rank), Spec(rank=rank), Spec(rank=rank, loss="hf")]
+
+
+def execution_specs(k: int, rank: int, micro_batch: int) -> list[Spec]:
+    """Batched (first), the authors' K-sequential passes, our component-sequential mode."""
+    return [Spec(k=k, rank=rank, label=f"B={micro_batch} batched"),
+            Spec(kind="authors", k=k, rank=rank, label=f"B={micro_batch} K-sequential (authors)"),
+            Spec(k=k, rank=rank, execution="sequential", label=f"B={micro_batch} ours sequential")]
+
+
 def suite_lora(base, args):
     batch = make_batch(base.vocab, args.micro_batch, args.seq_len, args.response_frac)
-    specs = [Spec(kind="peft", rank=args.rank), Spec(rank=args.rank), Spec(rank=args.rank, loss="hf")]
+    specs = lora_specs(args.rank)
     steps = {s.name(): build_variant(s, base, batch).step for s in specs}
     t = interleaved(steps, args.rounds, args.steps_per_round, args.warmup, clock=args.clock)
     ref = specs[0].name()
@@ -114,9 +126,7 @@ def suite_execution(base, args):
     steps, groups = {}, []
     for b in args.micro_batches:
         batch = make_batch(base.vocab, b, args.seq_len, args.response_frac, seed=b)
-        specs = [Spec(k=k, rank=args.rank, label=f"B={b} batched"),
-                 Spec(kind="authors", k=k, rank=args.rank, label=f"B={b} K-sequential (authors)"),
-                 Spec(k=k, rank=args.rank, execution="sequential", label=f"B={b} ours sequential")]
+        specs = execution_specs(k, args.rank, b)
         for s in specs:
             steps[s.name()] = build_variant(s, base, batch).step
         groups.append((b, [s.name() for s in specs]))

@@ -132,6 +132,22 @@ def check_safetensors(folder: Path) -> None:
                              f"the model") from None
 
 
+def read_rows(file: Path, name: str, first: int, last: int) -> torch.Tensor:
+    """Rows ``[first, last)`` (along dim 0) of tensor ``name`` of a safetensors file, the file opened for this one
+    read: only those rows' pages are ever mapped into the process, and none stay mapped afterwards (reading a whole
+    file through one open handle leaves the whole file in the process's resident set)."""
+    with safe_open(str(file), framework="pt") as f:
+        stored = f.get_slice(name)
+        if not stored.get_shape():
+            return f.get_tensor(name).reshape(1)
+        return stored[first:last]
+
+
+def tensor_shape(file: Path, name: str) -> list[int]:
+    with safe_open(str(file), framework="pt") as f:
+        return list(f.get_slice(name).get_shape())
+
+
 def load_tokenizer(path: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
 

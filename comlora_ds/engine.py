@@ -218,8 +218,9 @@ class Trainer:
     def _param_groups(self) -> list[dict]:
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+            if p.requires_grad:      # a ZeRO-3 partitioned parameter is an empty 1-D tensor: its shape is ds_shape
+                ndim = len(p.ds_shape) if hasattr(p, "ds_shape") else p.ndim
+                (no_decay if ndim < 2 or "norm" in name else decay).append(p)
         groups = [{"params": decay, "weight_decay": self.cfg.train.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
         return [g for g in groups if g["params"]]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from .fileio import atomic_write_text
 
 MANIFEST = "manifest.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+FINGERPRINT_BLOCK = 1 << 22     # elements per read when a weight tensor is hashed
 STORAGE_KEYS = ("torch_dtype", "dtype", "transformers_version", "_name_or_path")
 
 # Changing one of these between a checkpoint and its resume changes what the remaining steps compute (data order,
@@ -97,13 +99,20 @@ def base_model_fingerprint(model_path: str) -> dict[str, str]:
     import torch
     from safetensors import safe_open
 
-    digests = {}                          # per tensor, each shard opened once
+    from .base_model import read_rows, tensor_shape
+
+    digests = {}                # per tensor, streamed in blocks of rows: never a whole tensor or shard in memory
     for shard in shards:
         with safe_open(str(shard), framework="pt") as f:
-            for name in f.keys():
-                t = f.get_tensor(name).to(torch.bfloat16).contiguous()
-                digests[name] = hashlib.sha256(f"{name}:{list(t.shape)}".encode()
-                                               + t.view(torch.int16).numpy().tobytes()).hexdigest()
+            names = list(f.keys())
+        for name in names:
+            shape = tensor_shape(shard, name)
+            digest = hashlib.sha256(f"{name}:{shape}".encode())
+            rows = max(1, FINGERPRINT_BLOCK // max(1, math.prod(shape[1:])))
+            for first in range(0, shape[0] if shape else 1, rows):
+                block = read_rows(shard, name, first, first + rows).to(torch.bfloat16).contiguous()
+                digest.update(block.view(torch.int16).numpy().tobytes())
+            digests[name] = digest.hexdigest()
     h = hashlib.sha256()
     for name in sorted(digests):
         h.update(digests[name].encode())

@@ -34,10 +34,11 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from .base_model import ModelError, choose_attn_implementation
+from .base_model import ModelError, choose_attn_implementation, read_rows, tensor_shape
 from .config import ConfigError, ModelConfig
 
 INDEX_FILE = "model.safetensors.index.json"
+READ_BLOCK = 1 << 20          # elements read at once while a partition is filled (4 MiB in fp32)
 
 
 def training_param_dtype(ds_config: dict) -> torch.dtype | None:
@@ -104,31 +105,25 @@ def weights_folder(path: str) -> Path:
 
 def fill_partition(param: nn.Parameter, file: Path, name: str) -> None:
     """Copies this rank's ZeRO-3 partition of ``param`` (flat elements ``[r * n, (r + 1) * n)`` of the flattened
-    tensor, zero padded past its end) from tensor ``name`` of ``file``, reading only the rows that hold it. The file is
-    opened for this one tensor, so none of its pages stay mapped into the process afterwards."""
+    tensor, zero padded past its end) from tensor ``name`` of ``file``, reading only the rows that hold it."""
     part = param.ds_tensor
     if getattr(part, "final_location", None) is not None:
         raise ModelError("model.zero3_init cannot fill parameters offloaded to NVMe; use offload_param.device=cpu "
                          "or set model.zero3_init=false")
+    shape = tensor_shape(file, name)
+    if shape != list(param.ds_shape):
+        raise ModelError(f"{file}: tensor {name!r} has shape {shape}, the model built from config.json expects "
+                         f"{list(param.ds_shape)}")
     size = part.ds_numel
     start = size * ds_comm.get_rank(group=param.ds_process_group)
     stop = min(start + size, param.ds_numel)
     part.zero_()
-    with safe_open(str(file), framework="pt") as f:
-        stored = f.get_slice(name)
-        shape = list(stored.get_shape())
-        if shape != list(param.ds_shape):
-            raise ModelError(f"{file}: tensor {name!r} has shape {shape}, the model built from config.json expects "
-                             f"{list(param.ds_shape)}")
-        if start >= stop:
-            return
-        if not shape:
-            part[:1].copy_(f.get_tensor(name).reshape(1))
-            return
-        row = math.prod(shape[1:])
-        first, last = start // row, -(-stop // row)
-        rows = stored[first:last].reshape(-1)
-        part[:stop - start].copy_(rows[start - first * row:stop - first * row])
+    row = max(1, math.prod(shape[1:]))
+    block = max(1, READ_BLOCK // row)                # rows per read: the transient copy stays small
+    for first in range(start // row, -(-stop // row), block):
+        rows = read_rows(file, name, first, first + block).reshape(-1)
+        lo, hi = max(start, first * row), min(stop, first * row + rows.numel())
+        part[lo - start:hi - start].copy_(rows[lo - first * row:hi - first * row])
 
 
 def fill_partitions(model: nn.Module, folder: Path) -> None:
@@ -147,8 +142,7 @@ def fill_partitions(model: nn.Module, folder: Path) -> None:
         persistent = set(model.state_dict()) - {name for name, _ in model.named_parameters(remove_duplicate=False)}
         for name, buffer in model.named_buffers():
             if name in index and name in persistent:
-                with safe_open(str(index[name]), framework="pt") as f:
-                    buffer.copy_(f.get_tensor(name))
+                buffer.copy_(read_rows(index[name], name, 0, buffer.shape[0] if buffer.dim() else 1).view_as(buffer))
 
 
 @contextmanager

@@ -1,0 +1,125 @@
+"""ZeRO-3 start-up without the whole base on any rank (comlora_ds/zero3_init.py, model.zero3_init).
+
+References: DeepSpeed's own partitioning of the ``from_pretrained`` model (the layout each rank must hold, 3 ranks so
+that tensors are padded), DeepSpeed's gather (the whole tensor), and a ZeRO-3 run that loads the whole base on every
+rank (``model.zero3_init=false``, the old path), which the partitioned run must repeat exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from assets import tiny_model_dir
+from helpers import base_overrides, ds_config, free_port, launch, step_losses, subprocess_env
+
+from comlora_ds.config import ConfigError, ModelConfig
+from comlora_ds.export.recover import locate_checkpoint, recover_tensors
+from comlora_ds.zero3_init import check_model_dtype
+
+LAYOUT = r"""
+import json, shutil, sys
+from pathlib import Path
+import deepspeed, torch, torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+from comlora_ds.base_model import ModelError
+from comlora_ds.config import ModelConfig
+from comlora_ds import zero3_init
+from comlora_ds.zero3_init import load_partitioned_base
+
+zero3_init.READ_BLOCK = 200       # 3 rows of 64 per read: partitions start and end inside a read
+source, work, ds = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
+deepspeed.init_distributed(dist_backend="gloo")
+rank = dist.get_rank()
+sharded = work / "sharded"                      # several safetensors files + model.safetensors.index.json
+if rank == 0:
+    AutoModelForCausalLM.from_pretrained(source).save_pretrained(sharded, max_shard_size="60KB")
+    for name in ("missing", "reshaped"):        # broken copies of the one-file checkpoint
+        shutil.copytree(source, work / name)
+    state = load_file(source / "model.safetensors")
+    save_file({k: v for k, v in state.items() if k != "model.norm.weight"}, work / "missing" / "model.safetensors")
+    config = json.loads((source / "config.json").read_text())
+    (work / "reshaped" / "config.json").write_text(json.dumps({**config, "intermediate_size": 180}))
+dist.barrier()
+result = {"files": len(list(sharded.glob("*.safetensors")))}
+built = load_partitioned_base(str(sharded), ModelConfig(name_or_path=str(sharded)), ds)
+reference = AutoModelForCausalLM.from_pretrained(source)
+whole = {n: p.detach().clone() for n, p in reference.named_parameters()}
+deepspeed.zero.Init(module=reference, config_dict_or_path=ds)      # DeepSpeed's own partitioning
+ours, theirs = dict(built.named_parameters()), dict(reference.named_parameters())
+result["names"] = sorted(ours) == sorted(theirs)
+result["tied"] = built.lm_head.weight is built.model.embed_tokens.weight
+result["padded"], result["layout_differs"] = [], []
+for name, p in ours.items():
+    q = theirs[name]
+    valid = max(0, min(p.ds_tensor.numel(), p.ds_numel - p.ds_tensor.numel() * rank))
+    if valid < p.ds_tensor.numel():
+        result["padded"].append(name)
+        assert not p.ds_tensor[valid:].any()
+    if not torch.equal(p.ds_tensor[:valid], q.ds_tensor[:valid]):
+        result["layout_differs"].append(name)
+with deepspeed.zero.GatheredParameters(list(built.parameters())):
+    result["gathered_differs"] = [n for n, p in built.named_parameters() if not torch.equal(p, whole[n])]
+result["buffers_differ"] = [n for n, b in built.named_buffers() if not torch.equal(b, dict(reference.named_buffers())[n])]
+for name in ("missing", "reshaped"):
+    try:
+        load_partitioned_base(str(work / name), ModelConfig(name_or_path=str(work / name)), ds)
+        result[name] = None
+    except ModelError as err:
+        result[name] = str(err)
+(work / f"rank{rank}.json").write_text(json.dumps(result))
+"""
+
+
+def test_each_rank_holds_deepspeeds_partition_of_the_checkpoint(tmp_path):
+    """3 ranks (so tensors of 64 elements are padded), a sharded checkpoint with tied embeddings, reads of 3 rows:
+    every rank's partitions equal DeepSpeed's partitioning of the from_pretrained model, element for element; gathered, they are the
+    checkpoint; a missing tensor and a config that disagrees with the files are named."""
+    script = tmp_path / "layout.py"
+    script.write_text(LAYOUT)
+    ds = json.loads(ds_config(tmp_path, 3).read_text())
+    ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, train_batch_size=3)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=3",
+                           f"--master_port={free_port()}", str(script), str(tiny_model_dir()), str(tmp_path),
+                           json.dumps(ds)], env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for rank in range(3):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["files"] > 1 and result["names"] and result["tied"]
+        assert result["layout_differs"] == [] and result["gathered_differs"] == [] and result["buffers_differ"] == []
+        assert "model.norm.weight" in result["padded"] if rank == 2 else result["padded"] == []
+        assert "no tensor 'model.norm.weight'" in result["missing"] and "model.zero3_init=false" in result["missing"]
+        assert "has shape [172, 64], the model built from config.json expects [180, 64]" in result["reshaped"]
+
+
+def test_partitioned_start_repeats_the_whole_model_start_exactly(tmp_path):
+    """2 ranks, ZeRO-3, ComLoRA K=2 with the selector and weight decay: building the base partitioned (the default) and
+    loading it whole on every rank (model.zero3_init=false) give the same losses, validation and trained adapters and
+    selector, bit for bit (weight decay catches a parameter sorted by the shape of its empty partitioned tensor); a
+    checkpoint of the whole-base path resumes on the partitioned one exactly."""
+    short = {"train.max_steps": 2, "train.save_steps": 1, "train.micro_batch_size": 2, "train.weight_decay": 0.5}
+    runs = {}
+    for name, extra in {"partitioned": {}, "whole": {"model.zero3_init": "false"},
+                        "resumed": {"train.resume": tmp_path / "whole" / "checkpoints" / "step_00000001"}}.items():
+        out = tmp_path / name
+        launch(base_overrides(out, **short, **extra), nproc=2, ds=ds_config(tmp_path, 3))
+        runs[name] = (step_losses(out), json.loads((out / "validation.json").read_text())["mean_loss"],
+                      recover_tensors(locate_checkpoint(out)))
+    (losses, validation, trained), (want_losses, want_validation, want_trained) = runs["partitioned"], runs["whole"]
+    assert losses == want_losses and validation == want_validation
+    assert trained.keys() == want_trained.keys() and any("selector" in name for name in trained)
+    assert [name for name in trained if not torch.equal(trained[name], want_trained[name])] == []
+    resumed_losses, resumed_validation, resumed_trained = runs["resumed"]      # a whole-base checkpoint, resumed
+    assert resumed_losses == {2: want_losses[2]} and resumed_validation == want_validation
+    assert [name for name in trained if not torch.equal(resumed_trained[name], want_trained[name])] == []
+
+
+def test_bf16_base_under_fp32_training_is_refused():
+    check_model_dtype(ModelConfig(dtype="auto"), bf16=False)
+    check_model_dtype(ModelConfig(dtype="float32"), bf16=True)
+    with pytest.raises(ConfigError, match="model.dtype = bfloat16 with fp32 training under ZeRO stage 3"):
+        check_model_dtype(ModelConfig(dtype="bfloat16"), bf16=False)

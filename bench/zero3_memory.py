@@ -33,18 +33,19 @@ from common import REPO, free_port, provenance, publish, resolve, table  # noqa:
 SECTION = "ZeRO-3 start-up: peak host memory per rank"
 INTRO = """\
 Script: `bench/zero3_memory.py`. The trainer (what `launch/train.py` runs) on every rank under torchrun, with the
-shipped `ds_configs/zero3.json`, ComLoRA K=2 with the selector, 2 optimizer steps and a checkpoint. "partitioned" is the default `model.zero3_init=true` (the
-base built under `deepspeed.zero.Init`, each rank reading only its own partitions from the safetensors file); "whole
-base per rank" is `model.zero3_init=false` (every rank runs `from_pretrained`, DeepSpeed partitions inside
-`deepspeed.initialize`). Start-up is the trainer's construction: base, adapters, selector, `deepspeed.initialize`.
-"Once the base is loaded" is the peak when the loader returns, before the
-adapters, the selector and their optimizer state exist (`from_pretrained` maps the file lazily, so for the whole-base
-path the cost shows only later, when `deepspeed.initialize` partitions the mapped tensors). The trainable state
-grows with the base too (K=2, r=8 on every linear layer plus the selector; fp32 weight, gradient, master copy and
-Adam moments, ~20 bytes per parameter, split over the ranks) and is part of the start-up figure. Peak RSS is each rank process's VmHWM (anonymous + file-backed pages, what the kernel and a cgroup count); "due
-to the base" subtracts the same run with a 13 MB model of the same tokenizer, and "/ base" divides that by the size of the
-base's safetensors file. Target (issue 20): at most 0.6 x the base per rank at 2 ranks, at start-up. The whole run's
-peak adds ZeRO-3's gathered working set of the training steps, which on a GPU is GPU memory; the shipped
+shipped `ds_configs/zero3.json`, ComLoRA K=2 with the selector, 2 optimizer steps and a checkpoint. "partitioned" is
+the default `model.zero3_init=true` (the base built under `deepspeed.zero.Init`, each rank reading only its own
+partitions from the safetensors file); "whole base per rank" is `model.zero3_init=false` (every rank runs
+`from_pretrained`, DeepSpeed partitions inside `deepspeed.initialize`). Start-up is the trainer's construction:
+base, adapters, selector, `deepspeed.initialize`. "Once the base is loaded" is the peak when the loader returns,
+before the adapters, the selector and their optimizer state exist (`from_pretrained` maps the file lazily, so for
+the whole-base path the cost shows only later, when `deepspeed.initialize` partitions the mapped tensors). The
+trainable state grows with the base too (K=2, r=8 on every linear layer plus the selector; fp32 weight, gradient,
+master copy and Adam moments, ~20 bytes per parameter, split over the ranks) and is part of the start-up figure.
+Peak RSS is each rank process's VmHWM (anonymous + file-backed pages, what the kernel and a cgroup count); "due to
+the base" subtracts the same run with a 13 MB model of the same tokenizer, and "/ base" divides that by the size of
+the base's safetensors file. Target (issue 20): at most 0.6 x the base per rank at 2 ranks, at start-up. The whole
+run's peak adds ZeRO-3's gathered working set of the training steps, which on a GPU is GPU memory; the shipped
 `stage3_max_live_parameters` / `stage3_max_reuse_distance` (1e9) keep every gathered layer of a model this small
 until the backward."""
 STATUS_FIELDS = ("VmHWM", "RssAnon", "RssFile")
@@ -175,12 +176,14 @@ def main(argv=None) -> None:
                       f"{[round(r['start-up']['VmHWM'] / 2**20) for r in results[model, zero3_init]]} MiB", flush=True)
 
     def due(zero3_init: bool, rank: int, phase: str, field: str) -> float:
-        return (results[model_dir, zero3_init][rank][phase][field] - results[tiny, zero3_init][rank][phase][field]) / 2**20
+        full, twin = results[model_dir, zero3_init][rank], results[tiny, zero3_init][rank]
+        return (full[phase][field] - twin[phase][field]) / 2**20
 
     rows = []
     for zero3_init, name in ((True, "partitioned (default)"), (False, "whole base per rank")):
         for rank in range(args.nprocs):
-            loaded, startup = due(zero3_init, rank, "base loaded", "VmHWM"), due(zero3_init, rank, "start-up", "VmHWM")
+            loaded = due(zero3_init, rank, "base loaded", "VmHWM")
+            startup = due(zero3_init, rank, "start-up", "VmHWM")
             rows.append([name, rank, round(loaded), f"{loaded * 2**20 / base_bytes:.2f}",
                          round(results[model_dir, zero3_init][rank]["start-up"]["VmHWM"] / 2**20),
                          round(startup), f"{startup * 2**20 / base_bytes:.2f}",
@@ -188,6 +191,7 @@ def main(argv=None) -> None:
                          round(due(zero3_init, rank, "start-up", "RssFile")),
                          f"{results[model_dir, zero3_init][rank]['start-up seconds']:.1f}",
                          round(due(zero3_init, rank, "run", "VmHWM"))])
+
     def worst(zero3_init: bool, phase: str) -> float:
         return max(due(zero3_init, r, phase, "VmHWM") for r in range(args.nprocs)) * 2**20 / base_bytes
 
@@ -195,13 +199,15 @@ def main(argv=None) -> None:
     state = trainable * 20 / args.nprocs
     reading = (f"Reading: partitioned, at most {worst(True, 'base loaded'):.2f} x the base per rank once the base is "
                f"loaded and {worst(True, 'start-up'):.2f} x at the end of the start-up, which includes the trainable "
-               f"state ({trainable / 1e6:.1f} M parameters x ~20 bytes / {args.nprocs} ranks = {state / 2**20:.0f} MiB, "
+               f"state ({trainable / 1e6:.1f} M parameters x ~20 bytes / {args.nprocs} ranks = "
+               f"{state / 2**20:.0f} MiB, "
                f"{state / base_bytes:.2f} x the base); whole base per rank, {worst(False, 'start-up'):.2f} x.")
     body = (provenance() + f" {args.model}: {base_bytes / 2**20:.0f} MiB of safetensors (fp32), {args.nprocs} ranks. "
-            + reading + "\n\n" + table(["base", "rank", "peak RSS once the base is loaded, due to the base (MiB)", "/ base",
-                            "start-up peak RSS (MiB)", "due to the base (MiB)", "/ base",
-                            "largest RssAnon due to the base", "largest RssFile due to the base", "start-up (s)",
-                            "peak RSS of the whole run, due to the base (MiB)"], rows))
+            + reading + "\n\n"
+            + table(["base", "rank", "peak RSS once the base is loaded, due to the base (MiB)", "/ base",
+                     "start-up peak RSS (MiB)", "due to the base (MiB)", "/ base",
+                     "largest RssAnon due to the base", "largest RssFile due to the base", "start-up (s)",
+                     "peak RSS of the whole run, due to the base (MiB)"], rows))
     publish(SECTION, INTRO, f"{args.nprocs} ranks, {args.model}", body, args.doc)
 
 

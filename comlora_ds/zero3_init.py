@@ -42,12 +42,9 @@ READ_BLOCK = 1 << 20          # elements read at once while a partition is fille
 
 
 def training_param_dtype(ds_config: dict) -> torch.dtype | None:
-    """The dtype DeepSpeed casts a model's parameters to (bf16 / fp16 mixed precision), None in fp32 training."""
-    if (ds_config.get("bf16") or {}).get("enabled") is True:
-        return torch.bfloat16
-    if (ds_config.get("fp16") or {}).get("enabled") is True:
-        return torch.float16
-    return None
+    """The dtype DeepSpeed casts a model's parameters to: bf16 under bf16 training (fp16 is refused by
+    ``fill_ds_config``), None in fp32 training."""
+    return torch.bfloat16 if (ds_config.get("bf16") or {}).get("enabled") is True else None
 
 
 def check_model_dtype(cfg: ModelConfig, bf16: bool) -> None:
@@ -110,10 +107,7 @@ def fill_partition(param: nn.Parameter, file: Path, name: str) -> None:
     if getattr(part, "final_location", None) is not None:
         raise ModelError("model.zero3_init cannot fill parameters offloaded to NVMe; use offload_param.device=cpu "
                          "or set model.zero3_init=false")
-    shape = tensor_shape(file, name)
-    if shape != list(param.ds_shape):
-        raise ModelError(f"{file}: tensor {name!r} has shape {shape}, the model built from config.json expects "
-                         f"{list(param.ds_shape)}")
+    shape = list(param.ds_shape)
     size = part.ds_numel
     start = size * ds_comm.get_rank(group=param.ds_process_group)
     stop = min(start + size, param.ds_numel)
@@ -128,7 +122,7 @@ def fill_partition(param: nn.Parameter, file: Path, name: str) -> None:
 
 def fill_partitions(model: nn.Module, folder: Path) -> None:
     """Every parameter's own ZeRO-3 partition and every persistent buffer, from the checkpoint in ``folder``; a
-    parameter the files lack is named before any tensor is read."""
+    parameter the files lack, or one whose shape differs, is named before any tensor is read."""
     index = weight_index(folder)
     missing = [name for name, _ in model.named_parameters() if name not in index]
     if missing:
@@ -136,6 +130,11 @@ def fill_partitions(model: nn.Module, folder: Path) -> None:
                          f"parameter(s) missing, e.g. {missing[:3]}; the files have e.g. {sorted(index)[:3]}); "
                          f"model.zero3_init reads tensors by parameter name: set model.zero3_init=false to load "
                          f"this checkpoint through transformers")
+    for name, param in model.named_parameters():
+        shape = tensor_shape(index[name], name)
+        if shape != list(param.ds_shape):
+            raise ModelError(f"{index[name]}: tensor {name!r} has shape {shape}, the model built from config.json "
+                             f"expects {list(param.ds_shape)}")
     with torch.no_grad():
         for name, param in model.named_parameters():
             fill_partition(param, index[name], name)
@@ -154,15 +153,15 @@ def _building_partitioned(ds_config: dict) -> Iterator[None]:
 
     _PartitionWithoutBroadcast.building = True
     try:
-        with no_init_weights(), prevent_arange_dtype_change(), _PartitionWithoutBroadcast(config_dict_or_path=ds_config):
+        with no_init_weights(), prevent_arange_dtype_change(), \
+                _PartitionWithoutBroadcast(config_dict_or_path=ds_config):
             yield
     finally:
         _PartitionWithoutBroadcast.building = False
 
 
 def load_partitioned_base(path: str, cfg: ModelConfig, ds_config: dict) -> PreTrainedModel:
-    """The frozen base, built partitioned and filled from its safetensors files (each rank its own partitions).
-    Names and shapes are checked against the files before any tensor is read."""
+    """The frozen base, built partitioned and filled from its safetensors files (each rank its own partitions)."""
     folder = weights_folder(path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     attn = choose_attn_implementation(cfg.attn_implementation)

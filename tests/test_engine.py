@@ -73,7 +73,7 @@ def test_gradient_accumulation_matches_larger_micro_batch(reference, tmp_path):
     assert_trajectories_match(step_losses(out), step_losses(reference), FP32_TOL)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.slow), 3])   # ZeRO-3 runs the partitioned start
 def test_two_ranks_bf16_match_single_process_bf16(tmp_path, stage):
     """The LM loss (what the adapters learn from) agrees to bf16 precision. The total is not held to BF16_TOL: its
     pairwise term compares *summed* response losses, which carry each token's bf16 rounding n times over (the
@@ -87,7 +87,8 @@ def test_two_ranks_bf16_match_single_process_bf16(tmp_path, stage):
     assert_trajectories_match(step_losses(out, "lm_loss"), step_losses(ref, "lm_loss"), BF16_TOL)
 
 
-@pytest.mark.parametrize("stage,nproc", [(2, 1), (3, 2)])
+# ZeRO-2, one rank: also covered, bit for bit on 2 ranks, by test_killed_run_with_dropout_and_noise_resumes_bit_exactly
+@pytest.mark.parametrize("stage,nproc", [pytest.param(2, 1, marks=pytest.mark.slow), (3, 2)])
 def test_resume_continues_the_uninterrupted_trajectory(reference, tmp_path, stage, nproc):
     """Train 6 steps with a checkpoint at 3 (same world size), resume from step 3: steps 4-6 match."""
     micro = 4 // nproc
@@ -101,6 +102,7 @@ def test_resume_continues_the_uninterrupted_trajectory(reference, tmp_path, stag
     assert_trajectories_match(step_losses(resumed), want, FP32_TOL)
 
 
+@pytest.mark.slow      # the 2-rank kill-and-resume test below checks the same bit for bit in the default suite
 def test_resume_is_bit_exact_with_dropout_and_noise(tmp_path):
     """Adapter dropout 0.05 and pairwise noise 0.1 (the defaults) draw from the RNG a checkpoint restores: a run
     resumed from step 3 repeats the uninterrupted run's steps 4-6 exactly."""

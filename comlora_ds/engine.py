@@ -326,7 +326,8 @@ class Trainer:
             logger.load_window_state(resumed)
         if self.rank == 0:
             logger.message(f"{self.data_report.summary()}; {self.total_steps} optimizer steps, "
-                           f"{self.world} rank(s), ZeRO stage {zero_stage(self.ds_config)}, "
+                           f"{self.world} rank(s), ZeRO stage {zero_stage(self.ds_config)}"
+                           f"{' (base built partitioned)' if self.zero3_init else ''}, "
                            f"{'bf16' if self.bf16 else 'fp32'}, output in {self.output_dir}")
         previous = {sig: signal.signal(sig, self._request_stop) for sig in STOP_SIGNALS}
         accumulator = StepAccumulator(cfg.adapter.num_components, self.device)

@@ -9,6 +9,7 @@ and, every ``save_steps``, a checkpoint written collectively by all ranks.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -202,10 +203,9 @@ class Trainer:
             optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.train.learning_rate,
                                           betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
                                           eps=cfg.train.adam_epsilon, fused=torch.cuda.is_available())
-        if "scheduler" not in self.ds_config:
-            def scheduler(opt):
-                return get_scheduler(cfg.train.lr_scheduler, opt, num_warmup_steps=warmup,
-                                     num_training_steps=self.total_steps)
+        if "scheduler" not in self.ds_config:      # DeepSpeed calls it with the optimizer it wraps
+            scheduler = functools.partial(get_scheduler, cfg.train.lr_scheduler, num_warmup_steps=warmup,
+                                          num_training_steps=self.total_steps)
         self.engine, *_ = deepspeed.initialize(model=self.model, optimizer=optimizer, lr_scheduler=scheduler,
                                                model_parameters=self._param_groups(), config=self.ds_config)
         seed_everything(rank_stream_seed(cfg.train.seed, self.rank))     # initial weights identical on every rank

@@ -123,3 +123,32 @@ def test_bf16_base_under_fp32_training_is_refused():
     check_model_dtype(ModelConfig(dtype="float32"), bf16=True)
     with pytest.raises(ConfigError, match="model.dtype = bfloat16 with fp32 training under ZeRO stage 3"):
         check_model_dtype(ModelConfig(dtype="bfloat16"), bf16=False)
+
+
+
+HUB_ID = r"""
+import json
+from comlora_ds.zero3_init import weight_index, weights_folder
+folder = weights_folder("tiny-org/tiny-llama")
+print(json.dumps({"folder": str(folder), "index": {k: str(v) for k, v in weight_index(folder).items()}}))
+"""
+
+
+def test_a_hub_id_is_read_from_its_snapshot_in_the_hub_cache(tmp_path):
+    """model.name_or_path as a hub id: the weights are found in the snapshot in the hub cache (offline here)."""
+    import shutil
+
+    from safetensors import safe_open
+
+    snapshot = tmp_path / "hub" / "models--tiny-org--tiny-llama" / "snapshots" / "0123abc"
+    shutil.copytree(tiny_model_dir(), snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abc")
+    done = subprocess.run([sys.executable, "-c", HUB_ID], capture_output=True, text=True, timeout=120,
+                          env={**subprocess_env(), "HF_HUB_CACHE": str(tmp_path / "hub")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    with safe_open(str(snapshot / "model.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+    assert found["folder"] == str(snapshot)
+    assert found["index"] == dict.fromkeys(names, str(snapshot / "model.safetensors"))

@@ -83,16 +83,17 @@ def test_a_per_component_tensor_without_k_slices_is_refused():
 @pytest.mark.distributed
 def test_k1_per_group_equals_deepspeed_global_clipping(tmp_path):
     """One adapter group and no selector: our clipping must give DeepSpeed's trajectory exactly, and the small
-    norm must really clip (the unclipped run differs)."""
+    norm must really clip (every step's norm before clipping, as logged, is far above it)."""
     runs = {}
-    for name, extra in {"global": {}, "per_group": {"train.clip_scope": "per_group"},
-                        "none": {"train.max_grad_norm": 0.0}}.items():
+    for name, extra in {"global": {}, "per_group": {"train.clip_scope": "per_group"}}.items():
         out = tmp_path / name
         launch(base_overrides(out, **{"adapter.num_components": 1, "train.max_steps": 4, "train.save_steps": 0,
                                       "train.max_grad_norm": 0.01, **extra}), nproc=1, ds=ds_config(tmp_path, 2))
         runs[name] = step_losses(out)
     assert_trajectories_match(runs["per_group"], runs["global"], FP32_TOL)
-    assert abs(runs["none"][4] - runs["global"][4]) > 1e-3
+    records = [json.loads(line) for line in (tmp_path / "per_group" / "metrics.jsonl").read_text().splitlines()
+               if '"loss"' in line]
+    assert len(records) == 4 and all(r["grad_norm"][0] > 10 * 0.01 for r in records)     # [adapter, selector (0)]
 
 
 @pytest.mark.distributed

@@ -53,7 +53,7 @@ def test_annealing_clock_counts_the_step_being_taken(reference):
 
 @pytest.mark.parametrize("stage,extra", [
     (2, {}), (3, {}),
-    (2, {"comlora.execution": "sequential"}),
+    pytest.param(2, {"comlora.execution": "sequential"}, marks=pytest.mark.slow),    # sequential: ZeRO-3 below
     (3, {"comlora.execution": "sequential", "model.gradient_checkpointing": "true"}),
 ])
 def test_two_ranks_match_single_process(reference, tmp_path, stage, extra):

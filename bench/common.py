@@ -425,12 +425,14 @@ def interleaved(steps: dict[str, Callable[[], None]], rounds: int = 3, steps_per
 
 
 # ------------------------------------------------------------------------------------ peak memory
+def proc_memory(pid: int | str = "self") -> dict[str, int]:
+    """The kB fields of ``/proc/<pid>/status`` (VmRSS, VmHWM, RssAnon, RssFile, ...) in bytes."""
+    fields = (line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {name: int(value.split()[0]) * 1024 for name, value in fields if value.strip().endswith("kB")}
+
+
 def _vm(field_name: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return proc_memory().get(field_name, 0)
 
 
 def reset_peak() -> int:
@@ -487,6 +489,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def cpu_training_env() -> dict:
+    """The environment of a training subprocess on this CPU machine: one thread per rank, offline, this checkout."""
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
 
 
 def run_training(cmd: list[str], env: dict, output_dir: Path, timeout: float = 3600,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, SHARED_DATA, provenance, publish, table  # noqa: E402
+from common import REPO, SHARED_DATA, cpu_training_env, proc_memory, provenance, publish, table  # noqa: E402
 
 SECTION = "Data start-up: tokenise once"
 INTRO = """\
@@ -51,12 +51,9 @@ def parse_args(argv=None):
 
 def _peak_rss_mib(pid: int) -> float:
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+        return proc_memory(pid)["VmHWM"] / 2**20
+    except (OSError, KeyError):
+        return float("nan")
 
 
 def _rank_pids(root: int) -> list[int]:
@@ -73,8 +70,7 @@ def one_run(args, work: Path, case: str, cache_dir: Path, port: int) -> tuple[fl
                  "data.val_size=0", "train.max_steps=50", "train.save_steps=1000", "train.micro_batch_size=2",
                  "adapter.num_components=2", "logging.wandb_mode=disabled", f"train.output_dir={out}",
                  f"data.cache={'false' if case == 'off' else 'true'}", f"data.cache_dir={cache_dir}"]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+    env = cpu_training_env()
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nprocs}",
                              f"--master_port={port}", str(REPO / "launch" / "train.py"), "--deepspeed",

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, free_port, provenance, publish, resolve, table  # noqa: E402
+from common import REPO, cpu_training_env, free_port, proc_memory, provenance, publish, resolve, table  # noqa: E402
 
 SECTION = "ZeRO-3 start-up: peak host memory per rank"
 INTRO = """\
@@ -83,8 +82,8 @@ def training_rows(path: Path, count: int = 32) -> Path:
 
 
 def _status() -> dict[str, int]:
-    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-    return {name: int(fields[name].split()[0]) * 1024 for name in STATUS_FIELDS}
+    memory = proc_memory()
+    return {name: memory[name] for name in STATUS_FIELDS}
 
 
 class PeakMemory(threading.Thread):
@@ -144,12 +143,10 @@ def one_run(args, work: Path, model: str, zero3_init: bool, data: Path) -> list[
                  f"data.train_files=[{data}]", "data.max_length=64", "data.val_size=0", "data.cache=false",
                  "train.max_steps=2", "train.save_steps=0", "train.micro_batch_size=1", "adapter.num_components=2",
                  "logging.report_to=[none]", f"train.output_dir={out / 'train'}"]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nprocs}",
                            f"--master_port={free_port()}", __file__, "--worker", str(out),
-                           str(REPO / "ds_configs" / "zero3.json"), *overrides], env=env, capture_output=True,
-                          text=True, timeout=args.timeout)
+                           str(REPO / "ds_configs" / "zero3.json"), *overrides], env=cpu_training_env(),
+                          capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"{model}, zero3_init={zero3_init}: rc {proc.returncode}\n{proc.stderr[-3000:]}")
     peaks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(args.nprocs)]

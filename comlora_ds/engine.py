@@ -192,7 +192,7 @@ class Trainer:
         seed_everything(cfg.train.seed)
         if self.zero3_init:        # no rank ever holds the whole base
             llm = zero3_init.load_partitioned_base(model_path, cfg.model, self.ds_config)
-            self.model = build_model(cfg, llm, self.method, on_create=zero3_init.Partitioner(llm, self.ds_config))
+            self.model = build_model(cfg, llm, self.method, on_create=zero3_init.Partitioner(llm, self.bf16))
         else:
             llm = load_base_model(model_path, cfg.model, resolve_dtype(cfg.model.dtype, self.bf16))
             self.model = build_model(cfg, llm, self.method)

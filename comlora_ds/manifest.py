@@ -99,14 +99,13 @@ def base_model_fingerprint(model_path: str) -> dict[str, str]:
     import torch
     from safetensors import safe_open
 
-    from .base_model import read_rows, tensor_shape
+    from .base_model import read_rows
 
     digests = {}                # per tensor, streamed in blocks of rows: never a whole tensor or shard in memory
     for shard in shards:
-        with safe_open(str(shard), framework="pt") as f:
-            names = list(f.keys())
-        for name in names:
-            shape = tensor_shape(shard, name)
+        with safe_open(str(shard), framework="pt") as f:      # the header only: no tensor data is mapped
+            shapes = {name: list(f.get_slice(name).get_shape()) for name in f.keys()}
+        for name, shape in shapes.items():
             digest = hashlib.sha256(f"{name}:{shape}".encode())
             rows = max(1, FINGERPRINT_BLOCK // max(1, math.prod(shape[1:])))
             for first in range(0, shape[0] if shape else 1, rows):

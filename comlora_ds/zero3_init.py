@@ -8,7 +8,7 @@ partitions the model only inside ``deepspeed.initialize``. With ``model.zero3_in
    tensors are allocated but never written, so their pages are never touched.
 2. Each rank reads its own flat partition of every tensor straight from the safetensors files
    (``get_slice`` of the rows that hold it), so no rank ever reads, gathers or receives a whole tensor.
-3. Adapter layers and the selector are partitioned as soon as each is created (``partition``), with the values a
+3. Adapter layers and the selector are partitioned as soon as each is created (``Partitioner``), with the values a
    non-ZeRO-3 run would have: built in fp32, cast to the training dtype the way DeepSpeed casts a model, then
    converted (DeepSpeed broadcasts rank 0's values).
 
@@ -16,7 +16,7 @@ What we do by hand and why: transformers' ZeRO-3 ``from_pretrained`` (5.24) read
 gathers every module on every rank to copy it in, and DeepSpeed's ``zero.Init`` broadcasts every new tensor from
 rank 0; both are whole tensors on every rank and, on rank 0, the whole base. Reading partitions ourselves needs the
 ZeRO-3 partition layout (rank r holds flat elements ``[r * n, (r + 1) * n)`` of the flattened tensor, zero padded),
-which ``tests/test_zero3_init.py`` checks against DeepSpeed's own gather.
+which ``tests/test_zero3_init.py`` checks against DeepSpeed's own partitioning.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import deepspeed
-import torch
 import deepspeed.comm as ds_comm
+import torch
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
@@ -39,12 +39,6 @@ from .config import ConfigError, ModelConfig
 
 INDEX_FILE = "model.safetensors.index.json"
 READ_BLOCK = 1 << 20          # elements read at once while a partition is filled (4 MiB in fp32)
-
-
-def training_param_dtype(ds_config: dict) -> torch.dtype | None:
-    """The dtype DeepSpeed casts a model's parameters to: bf16 under bf16 training (fp16 is refused by
-    ``fill_ds_config``), None in fp32 training."""
-    return torch.bfloat16 if (ds_config.get("bf16") or {}).get("enabled") is True else None
 
 
 def check_model_dtype(cfg: ModelConfig, bf16: bool) -> None:
@@ -176,16 +170,16 @@ def load_partitioned_base(path: str, cfg: ModelConfig, ds_config: dict) -> PreTr
 class Partitioner:
     """Partitions modules added to a ZeRO-3-built model (adapter layers, the selector) as soon as they exist."""
 
-    def __init__(self, model: nn.Module, ds_config: dict):
+    def __init__(self, model: nn.Module, bf16: bool):
         self.anchor = next(p for p in model.parameters() if hasattr(p, "ds_id"))
-        self.dtype = training_param_dtype(ds_config)
+        self.bf16 = bf16
 
     def __call__(self, module: nn.Module) -> nn.Module:
         fresh = [p for p in module.parameters() if not hasattr(p, "ds_id")]
-        if self.dtype is not None:      # what deepspeed.initialize does to a model that is not ZeRO-3-built
+        if self.bf16:           # what deepspeed.initialize does to a model that is not ZeRO-3-built
             for p in fresh:
                 if p.is_floating_point():
-                    p.data = p.data.to(self.dtype)
+                    p.data = p.data.to(torch.bfloat16)
         if fresh:
             self.anchor.convert_to_zero_parameters(fresh)
         return module

@@ -8,11 +8,13 @@ rank (``model.zero3_init=false``, the old path), which the partitioned run must 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from safetensors import safe_open
 from assets import tiny_model_dir
 from helpers import base_overrides, ds_config, free_port, launch, step_losses, subprocess_env
 
@@ -136,9 +138,6 @@ print(json.dumps({"folder": str(folder), "index": {k: str(v) for k, v in weight_
 
 def test_a_hub_id_is_read_from_its_snapshot_in_the_hub_cache(tmp_path):
     """model.name_or_path as a hub id: the weights are found in the snapshot in the hub cache (offline here)."""
-    import shutil
-
-    from safetensors import safe_open
 
     snapshot = tmp_path / "hub" / "models--tiny-org--tiny-llama" / "snapshots" / "0123abc"
     shutil.copytree(tiny_model_dir(), snapshot)

@@ -52,11 +52,15 @@ def check_output_dir(output_dir: str | Path, resuming: bool) -> None:
     if not resuming and (save_dir.is_dir() and any(save_dir.iterdir()) or (output_dir / METRICS).exists()):
         raise OutputDirError(f"train.output_dir = {str(output_dir)!r} already holds a run; continue it with "
                              f"train.resume=auto, or choose another output_dir (nothing was changed)")
+    if output_dir.exists():    # checked without writing inside: a refused resume leaves even the folder's mtime
+        if not output_dir.is_dir():
+            raise OutputDirError(f"train.output_dir = {str(output_dir)!r} is a file, not a folder")
+        if not os.access(output_dir, os.W_OK | os.X_OK):
+            raise OutputDirError(f"train.output_dir = {str(output_dir)!r} is not writable: no write permission "
+                                 f"(or a read-only filesystem)")
+        return
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / f".write-probe-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
+        output_dir.mkdir(parents=True, exist_ok=True)   # every rank checks; one of them creates it
     except OSError as err:
         raise OutputDirError(f"train.output_dir = {str(output_dir)!r} is not writable: {err}") from None
 

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import InputError
+from .fileio import read_config_text
 from .data.olmo_eval import DEFAULT_TASKS, OLMO_EVAL_TASKS
 
 LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -546,17 +547,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         if path is not None:
             path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"config file {path} does not exist")
-            loaded = OmegaConf.load(path)
+            loaded = OmegaConf.create(read_config_text(path, "config file", ConfigError))
             if not isinstance(loaded, DictConfig):
                 raise ConfigError(f"{path}: the top level must be a mapping of config groups (model:, adapter:, "
                                   f"train:, ...), not a {type(loaded).__name__.removesuffix('Config').lower()}")
+            if not loaded:
+                raise ConfigError(f"{path} holds no settings (only comments or an empty mapping); give the settings, "
+                                  f"or leave --config out for the default")
             base = OmegaConf.merge(base, loaded)
     except OmegaConfBaseException as err:
         raise _explain(err, str(path)) from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
     try:
         if overrides:
             base = OmegaConf.merge(base, OmegaConf.from_dotlist(_normalise_overrides(overrides)))

@@ -18,6 +18,7 @@ from .base_model import fast_bf16_available
 from .config import RunConfig
 from .data.formats import repeated_keys
 from .errors import InputError
+from .fileio import read_config_text
 from .step import backward_passes
 
 AUTO = "auto"
@@ -31,8 +32,7 @@ def load_ds_config(source: str | Path | dict) -> dict:
     if isinstance(source, dict):
         return copy.deepcopy(source)
     path = Path(source)
-    if not path.is_file():
-        raise DeepSpeedConfigError(f"DeepSpeed config {path} does not exist")
+    text = read_config_text(path, "DeepSpeed config", DeepSpeedConfigError)
 
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
         repeated = repeated_keys(pairs)
@@ -42,10 +42,17 @@ def load_ds_config(source: str | Path | dict) -> dict:
         return dict(pairs)
 
     try:   # as DeepSpeed reads it: hjson (JSON plus comments), duplicate keys refused
-        return hjson.loads(path.read_text(), object_pairs_hook=no_duplicates)
+        ds = hjson.loads(text, object_pairs_hook=no_duplicates)
     except hjson.HjsonDecodeError as err:
         raise DeepSpeedConfigError(f"DeepSpeed config {path}: invalid JSON at line {err.lineno} "
                                    f"column {err.colno}: {err.msg}") from None
+    if not isinstance(ds, dict):
+        raise DeepSpeedConfigError(f"DeepSpeed config {path}: the top level must be a JSON object, "
+                                   f"not {type(ds).__name__}")
+    if not ds:
+        raise DeepSpeedConfigError(f"DeepSpeed config {path} holds no settings; give them (e.g. zero_optimization), "
+                                   f"or leave --deepspeed out for the shipped zero2")
+    return ds
 
 
 def _get(ds: dict, dotted: str) -> Any:

@@ -1,4 +1,5 @@
-"""Writing a small file so that readers see the old or the new content, never a part."""
+"""Small files: writing one so that readers see the old or the new content, never a part; reading a config file
+with one line naming what is wrong with it."""
 
 from __future__ import annotations
 
@@ -12,3 +13,21 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def read_config_text(path: str | Path, what: str, error: type[Exception]) -> str:
+    """The text of the config file ``path``; ``error`` names a missing, non-regular, unreadable or empty file (an
+    empty file is never read as "all defaults": a truncated or wrongly named file must not start a default run)."""
+    path = Path(path)
+    if not path.exists():
+        raise error(f"{what} {path} does not exist")
+    if not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file (a device, pipe or socket)"
+        raise error(f"{what} {path} is {kind}; name a config file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise error(f"{what} {path} cannot be read: {err}") from None
+    if not text.strip():
+        raise error(f"{what} {path} is empty; give the settings, or leave the option out for the default")
+    return text

@@ -165,3 +165,24 @@ def test_validation_during_training_needs_a_validation_split():
     with pytest.raises(ConfigError, match=r"train.eval_steps = 5: needs a validation split: data.val_size = 0"):
         load_config(overrides=["train.eval_steps=5", "data.val_size=0"])
     assert load_config(overrides=["train.eval_steps=5", "data.val_size=0", "data.val_files=[v.json]"]).train.eval_steps
+
+
+@pytest.mark.parametrize("text,message", [
+    ("", "is empty; give the settings, or leave the option out"),
+    ("  \n\t\n", "is empty; give the settings, or leave the option out"),
+    ("# only a comment\n", "holds no settings (only comments or an empty mapping)"),
+    ("{}\n", "holds no settings (only comments or an empty mapping)"),
+])
+def test_an_empty_yaml_file_is_refused_not_read_as_the_default_run(tmp_path, text, message):
+    """Found in a bad-input trial: an empty (or truncated to nothing) run config silently started the default run."""
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"{path}.*{message.replace('(', '.').replace(')', '.')}"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("special,kind", [("/dev/null", "not a regular file"), (".", "a folder")])
+def test_a_config_that_is_not_a_regular_file_is_named_as_such(special, kind):
+    """/dev/null used to be reported as 'does not exist'."""
+    with pytest.raises(ConfigError, match=f"config file {special} is {kind}"):
+        load_config(special)

@@ -88,3 +88,22 @@ def test_read_as_deepspeed_reads_it_comments_allowed_duplicate_keys_refused(tmp_
     duplicated.write_text('{"bf16": {"enabled": true}, "bf16": {"enabled": false}}')
     with pytest.raises(DeepSpeedConfigError, match=r"duplicated.json: key\(s\) 'bf16' given twice"):
         load_ds_config(duplicated)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("", "is empty; give the settings"),
+    ("\n  // a comment is not a config\n", "holds no settings"),
+    ("{}", "holds no settings"),
+    ("[1, 2]", "the top level must be a JSON object, not list"),
+])
+def test_an_empty_or_non_object_deepspeed_config_is_refused(tmp_path, text, message):
+    """Found in a bad-input trial: a 0-byte DeepSpeed JSON was accepted and the run trained on the defaults."""
+    path = tmp_path / "ds.json"
+    path.write_text(text)
+    with pytest.raises(DeepSpeedConfigError, match=message):
+        load_ds_config(path)
+
+
+def test_dev_null_as_deepspeed_config_is_not_reported_as_missing():
+    with pytest.raises(DeepSpeedConfigError, match="/dev/null is not a regular file"):
+        load_ds_config("/dev/null")

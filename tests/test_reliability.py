@@ -52,11 +52,17 @@ def run_cli():
     os.environ.update(saved)
 
 
-def _snapshot(folder: Path) -> dict[str, str]:
+def _snapshot(folder: Path) -> dict[str, tuple]:
+    """Names, sizes, mtimes and contents of every file, and every folder's own mtime (the folder itself included:
+    a file created and removed inside it changes that)."""
     if not folder.exists():
         return {}
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    snap = {}
+    for p in [folder, *sorted(folder.rglob("*"))]:
+        st = p.stat()
+        snap[str(p.relative_to(folder))] = ((st.st_mtime_ns,) if p.is_dir() else
+                                            (st.st_size, st.st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest()))
+    return snap
 
 
 def _write(path: Path, text: str) -> Path:

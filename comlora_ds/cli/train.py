@@ -17,6 +17,7 @@ import sys
 
 from ..config import load_config
 from ..data.formats import check_data_files
+from ..ds_config import load_ds_config
 from ..errors import run_cli
 from ..methods import method_class
 from ..presets import ds_config_path, run_config_path
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 def _train(argv: list[str] | None) -> int:
     args, overrides = parse_args(argv)
     # validated before the heavy imports: a bad value fails in about a second
-    ds_config = ds_config_path(args.deepspeed)
+    ds_config = load_ds_config(ds_config_path(args.deepspeed))
     cfg = load_config(run_config_path(args.config), overrides)
     check_data_files(cfg.data)
     method_class(cfg.adapter.method)

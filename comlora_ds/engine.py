@@ -42,6 +42,7 @@ from .ds_config import fill_ds_config, load_ds_config, resolve_bf16, zero_stage
 from .errors import InputError
 from .losses import annealing_eta
 from .methods import get_method
+from .op_builds import check_build_locks, use_own_extensions_dir
 from .model import build_model, build_objective
 from .step import DeepSpeedStepper
 from .tracking import RunLogger, StepAccumulator
@@ -56,6 +57,8 @@ def init_distributed() -> None:
     ``python launch/train.py`` without a launcher becomes a world of one."""
     if dist.is_initialized():
         return
+    use_own_extensions_dir()       # DeepSpeed builds its shm op here on CPU: never wait on a killed build's lock
+    check_build_locks()
     if "RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -52,13 +53,28 @@ def ds_config(tmp_path: Path, stage: int) -> Path:
     return path
 
 
+def run_in_group(cmd: list, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True, ...)`` with the command in its own process group, all of
+    which is killed when ``timeout`` fires: killing torchrun alone leaves its ranks running as orphans, so one hang
+    would starve the rest of the suite."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def launch(overrides: list[str], nproc: int, ds: Path, timeout: int = 300, wait: bool = True, port: int | None = None):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            f"--master_port={port or free_port()}", str(REPO / "launch" / "train.py"), "--deepspeed", str(ds), *overrides]
     if not wait:
         return subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True, text=True)
-    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    proc = run_in_group(cmd, timeout, env=subprocess_env())
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
 

@@ -77,7 +77,7 @@ from comlora_ds.export.scoring import build_live_model, load_validation_rows  # 
 
 from assets import tiny_model_dir  # noqa: E402
 from comlora_ds import manifest  # noqa: E402
-from helpers import base_overrides, ds_config, free_port, subprocess_env  # noqa: E402
+from helpers import base_overrides, ds_config, free_port, run_in_group, subprocess_env  # noqa: E402
 
 
 def _env() -> dict:
@@ -113,7 +113,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
                f"--master_port={free_port()}",
                __file__, str(ds_config(root, stage)),
                *base_overrides(run, **{**RUN_SETTINGS, "train.micro_batch_size": 4 // nproc, **extra})]
-        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+        proc = run_in_group(cmd, 300, env=_env())
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         out[name] = run
     return out

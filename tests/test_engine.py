@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from helpers import (BF16_TOL, FP32_TOL, REPO, assert_trajectories_match, base_overrides, ds_config, free_port,
-                     launch, step_losses, subprocess_env, tensorboard_scalars)
+                     launch, run_in_group, step_losses, subprocess_env, tensorboard_scalars)
 
 pytestmark = pytest.mark.distributed
 
@@ -135,7 +135,7 @@ def test_ranks_draw_independent_streams_from_identical_initial_weights(tmp_path)
     script.write_text(RANK_STREAMS)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            str(script), str(ds_config(tmp_path, 2)), str(tmp_path), *base_overrides(tmp_path / "run")]
-    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    proc = run_in_group(cmd, 300, env=subprocess_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     import torch
 
@@ -228,8 +228,14 @@ def test_two_nodes_on_loopback(tmp_path):
         [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
          "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
          str(REPO / "launch" / "train.py"), "--deepspeed", str(ds_config(tmp_path, 2)), *overrides],
-        env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
+        env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        for rank in (0, 1)]
+    try:
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:                     # a hang must not leave the launchers' ranks running as orphans
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
     assert (out / "checkpoints" / "latest").read_text() == "step_00000002"
     assert json.loads((out / "checkpoints" / "step_00000002" / "ds_config.json").read_text())["train_batch_size"] == 4

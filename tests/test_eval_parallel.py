@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from assets import commonsense_dir, tiny_model_dir
-from helpers import REPO, free_port, subprocess_env
+from helpers import REPO, free_port, run_in_group, subprocess_env
 
 pytestmark = pytest.mark.distributed
 
@@ -40,7 +39,7 @@ def test_two_ranks_give_the_single_process_results(task, tmp_path, one_thread):
     assert cli.main(evaluate_args(task, tmp_path / "one")) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            str(REPO / "launch" / "evaluate.py"), *evaluate_args(task, tmp_path / "two")]
-    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    proc = run_in_group(cmd, 300, env=subprocess_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("results: ") == 1                                       # rank 0 reports, once
     one, two = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "two"))

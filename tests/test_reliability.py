@@ -28,7 +28,7 @@ from comlora_ds.ds_config import DeepSpeedConfigError, resolve_bf16
 
 from assets import commonsense_file, tiny_model_dir
 from helpers import (FP32_TOL, REPO, assert_trajectories_match, base_overrides, ds_config, free_port, launch,
-                     step_losses, subprocess_env)
+                     run_in_group, step_losses, subprocess_env)
 
 TRAIN_JSON = commonsense_file("ARC-Challenge")
 
@@ -362,7 +362,7 @@ def _launch_with_fault(overrides: list[str], nproc: int, ds: Path, **fault_env) 
     env = {**subprocess_env(), "PYTHONPATH": f"{REPO / 'tests' / 'faults'}:{REPO}", **fault_env}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
            str(REPO / "launch" / "train.py"), "--deepspeed", str(ds), *overrides]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    return run_in_group(cmd, 300, env=env)
 
 
 def _mount_tmpfs(path: Path, size: str) -> bool:

@@ -8,7 +8,6 @@ reductions, hence FP32_TOL).
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from comlora_ds.export.recover import locate_checkpoint, recover_optimizer_state
 from comlora_ds.presets import run_config_path
 
 from helpers import FP32_TOL, assert_trajectories_match, base_overrides, ds_config, free_port, launch, step_losses, \
-    subprocess_env
+    run_in_group, subprocess_env
 
 pytestmark = pytest.mark.distributed
 
@@ -68,7 +67,7 @@ def resume_and_capture(tmp_path: Path, checkpoint: Path, nproc: int, stage: int,
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
            str(script), str(ds_config(tmp_path, stage)), str(dump), str(DEMO_PRESET),
            *base_overrides(out, **split, **{"train.resume": checkpoint})]
-    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    proc = run_in_group(cmd, 300, env=subprocess_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, torch.load(dump)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -52,7 +51,7 @@ import pytest  # noqa: E402
 
 from comlora_ds.config import load_config  # noqa: E402
 from comlora_ds.validation_schedule import ValidationSchedule  # noqa: E402
-from helpers import (FP32_TOL, base_overrides, ds_config, free_port, subprocess_env,  # noqa: E402
+from helpers import (FP32_TOL, base_overrides, ds_config, free_port, run_in_group, subprocess_env,  # noqa: E402
                      tensorboard_scalars)
 
 
@@ -74,7 +73,7 @@ def rising(tmp_path_factory):
                                        "logging.winner_window": 2})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            __file__, str(ds_config(root, 2)), *overrides]
-    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    proc = run_in_group(cmd, 300, env=subprocess_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from assets import tiny_model_dir
-from helpers import base_overrides, ds_config, free_port, launch, step_losses, subprocess_env
+from helpers import base_overrides, ds_config, free_port, launch, run_in_group, step_losses, subprocess_env
 
 from comlora_ds.config import ConfigError, ModelConfig
 from comlora_ds.export.recover import locate_checkpoint, recover_tensors
@@ -86,9 +86,9 @@ def test_each_rank_holds_deepspeeds_partition_of_the_checkpoint(tmp_path):
     script.write_text(LAYOUT)
     ds = json.loads(ds_config(tmp_path, 3).read_text())
     ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, train_batch_size=3)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=3",
-                           f"--master_port={free_port()}", str(script), str(tiny_model_dir()), str(tmp_path),
-                           json.dumps(ds)], env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    done = run_in_group([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=3",
+                         f"--master_port={free_port()}", str(script), str(tiny_model_dir()), str(tmp_path),
+                         json.dumps(ds)], 300, env=subprocess_env())
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for rank in range(3):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())

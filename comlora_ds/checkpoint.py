@@ -185,10 +185,11 @@ BATCH_SPLIT_SETTINGS = ("train.micro_batch_size", "train.gradient_accumulation_s
 STEP_PLAN_CHANGES = ("train.max_steps", "train.num_epochs")
 
 
-def check_resume_compatible(folder: Path, cfg, world_size: int, total_steps: int) -> BatchLayout:
+def check_resume_compatible(folder: Path, cfg, world_size: int, total_steps: int | None) -> BatchLayout:
     """Before the model is loaded: the checkpoint's saved run config and trainer state must match. Another world
     size or split is fine when the global batch is the same (:mod:`comlora_ds.reshard`); another step plan only with
-    ``train.resume_allow_changes=[train.max_steps]`` (or ``train.num_epochs``). Returns the saved split."""
+    ``train.resume_allow_changes=[train.max_steps]`` (or ``train.num_epochs``). ``total_steps=None``: the checks that
+    need no data (the trainer runs them before it reads any). Returns the saved split."""
     from .config import load_config
 
     saved = load_config(folder / RUN_CONFIG)
@@ -203,7 +204,7 @@ def check_resume_compatible(folder: Path, cfg, world_size: int, total_steps: int
         raise ResumeError(f"checkpoint {folder} was trained with a global batch of {before.describe()}, this run has "
                           f"{now.describe()}: choose train.micro_batch_size and train.gradient_accumulation_steps so "
                           f"that the global batch stays {before.global_batch}")
-    if state["total_steps"] != total_steps:
+    if total_steps is not None and state["total_steps"] != total_steps:
         if not set(cfg.train.resume_allow_changes) & set(STEP_PLAN_CHANGES):
             raise ResumeError(f"checkpoint {folder} was written for {state['total_steps']} steps, this run plans "
                               f"{total_steps}: keep train.max_steps/num_epochs and the data unchanged, or add "

@@ -141,6 +141,10 @@ class Trainer:
         self.save_dir = self.output_dir / layout.CHECKPOINTS
         raw_ds = load_ds_config(ds_config)                     # fail on a bad file before any model work
         ckpt.check_output_dir(self.output_dir, resuming=cfg.train.resume is not None)
+        self.resume_from = ckpt.resolve_resume(cfg.train.resume, self.save_dir)
+        if self.resume_from is not None:        # what needs neither the data nor the model, before either is read
+            ckpt.check_resume_compatible(self.resume_from[0] / self.resume_from[1], cfg,
+                                         int(os.environ.get("WORLD_SIZE", 1)), total_steps=None)
         init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
@@ -175,7 +179,6 @@ class Trainer:
         self.method.check_plan(self.total_steps)
 
         self.fingerprints = (data_fingerprint, on_rank0(lambda: manifest.base_model_fingerprint(model_path)))
-        self.resume_from = ckpt.resolve_resume(cfg.train.resume, self.save_dir)
         self.new_learning_rate = None
         self.layout, self.saved_layout, self.universal_resume = reshard.layout_of(cfg, self.world), None, False
         if self.resume_from is not None:

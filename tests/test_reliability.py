@@ -505,6 +505,25 @@ def test_resume_with_other_settings_is_refused_naming_them(reference, run_cli, t
     assert _snapshot(out) == before
 
 
+@pytest.mark.distributed
+def test_two_ranks_refuse_another_global_batch_before_any_work(reference, tmp_path):
+    """Both ranks refuse with the one line and exit 2 before the data or the model is read (it used to come after
+    tokenisation and the base's fingerprint). torchrun itself then reports the failed ranks (exit code 1, its own
+    traceback); the deepspeed launcher passes the ranks' exit code 2 on (docs/reliability.md)."""
+    out = _copy_run(reference, tmp_path)
+    before = _snapshot(out)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(REPO / "launch" / "train.py"), "--deepspeed", str(ds_config(tmp_path, 2)), *base_overrides(out),
+           "train.resume=auto", "train.micro_batch_size=4"]
+    proc = run_in_group(cmd, 120, env=subprocess_env())
+    message = ("global batch of 1 rank(s) x micro-batch 4 x 1 accumulation step(s) = 4, this run has 2 rank(s) x "
+               "micro-batch 4 x 1 accumulation step(s) = 8")
+    assert proc.stderr.count(f"error: checkpoint {out / 'checkpoints' / 'step_00000006'} was trained with a {message}") \
+        == 2, proc.stderr[-3000:]
+    assert "exitcode  : 2" in proc.stderr and "Traceback" not in proc.stderr.split("error: ")[0]
+    assert _snapshot(out) == before
+
+
 def test_resume_with_changed_data_is_refused_and_moved_data_is_not(reference, run_cli, tmp_path, capsys):
     out = _copy_run(reference, tmp_path)
     rows = json.loads(commonsense_file("ARC-Challenge").read_text())

@@ -12,7 +12,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import ModelConfig
-from .errors import InputError
+from .errors import InputError, MissingPackage
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -149,7 +149,15 @@ def tensor_shape(file: Path, name: str) -> list[int]:
 
 
 def load_tokenizer(path: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except ValueError as err:
+        # Without sentencepiece, transformers reads a lone SentencePiece tokenizer.model as a tiktoken file and
+        # says "tiktoken is required", which sends the user to the wrong package.
+        if "tiktoken" in str(err) and importlib.util.find_spec("sentencepiece") is None:
+            raise MissingPackage(f"{path}: its tokenizer is a SentencePiece tokenizer.model, which needs the "
+                                 f"sentencepiece package: pip install sentencepiece") from None
+        raise
 
 
 def load_base_model(path: str, cfg: ModelConfig, dtype: torch.dtype,

@@ -85,3 +85,29 @@ def test_clis_refuse_cuda_without_a_gpu_before_any_work(script, tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --device cuda: torch") and "sees no CUDA GPU" in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_a_llama2_sentencepiece_tokenizer_loads(shared_data):
+    """LLaMA-2 folders ship only tokenizer.model: it needs sentencepiece (a dependency), else transformers misreads it
+    as a tiktoken file."""
+    from comlora_ds.config import ModelConfig
+
+    tokenizer = base_model.load_tokenizer(str(shared_data / "models" / "llama2-tokenizer"), ModelConfig())
+    assert len(tokenizer) == 32000
+    ids = tokenizer("Hello world", add_special_tokens=False).input_ids
+    assert ids == [15043, 3186] and tokenizer.convert_ids_to_tokens(ids) == ["\u2581Hello", "\u2581world"]
+
+
+def test_without_sentencepiece_the_error_names_the_package(monkeypatch):
+    from comlora_ds.config import ModelConfig
+    from comlora_ds.errors import MissingPackage
+
+    def misread(*args, **kwargs):        # what transformers 5 raises for a tokenizer.model without sentencepiece
+        raise ValueError("`tiktoken` is required to read a `tiktoken` file. Install it with `pip install tiktoken`.")
+
+    monkeypatch.setattr(base_model.AutoTokenizer, "from_pretrained", misread)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sentencepiece" else
+                        real_find_spec(name, *a))
+    with pytest.raises(MissingPackage, match="llama2: .*SentencePiece tokenizer.model.*pip install sentencepiece"):
+        base_model.load_tokenizer("/models/llama2", ModelConfig())

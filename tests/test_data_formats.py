@@ -70,6 +70,9 @@ BAD_FILES = [
     ("field.jsonl", json.dumps(GOOD) + "\n\n" + json.dumps({**GOOD, "output": ""}) + "\n",
      r"field\.jsonl line 3 \(row 1\): field 'output' must be a non-empty string, got ''"),
     ("empty.jsonl", "\n\n", r"the file is empty"),
+    ("deep.json", "[" * 100_000 + "]" * 100_000, r"deep\.json: JSON nested too deeply to be rows"),   # RecursionError
+    ("deep.jsonl", json.dumps(GOOD) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n",
+     r"deep\.jsonl: line 2 is JSON nested too deeply to be a row"),
 ]
 
 

@@ -14,6 +14,7 @@ position in the array; for JSON Lines also the 1-based line) and the field, e.g.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,9 @@ def _parse_json_array(path: Path, text: str) -> list[Any]:
         data = json.loads(text, object_pairs_hook=hook)
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to be rows (arrays or objects inside each other "
+                        f"{sys.getrecursionlimit()}+ levels deep)") from None
     except _DuplicateKey as err:
         raise DataError(f"{path}: row {objects} (counting from 1) has the key {str(err)!r} twice; keep one") from None
     if not isinstance(data, list):
@@ -112,6 +116,8 @@ def _parse_json_lines(path: Path, text: str) -> tuple[list[Any], list[int]]:
             rows.append(json.loads(line, object_pairs_hook=_no_duplicate_keys))
         except json.JSONDecodeError as err:
             raise DataError(f"{path}: malformed JSON at line {lineno} column {err.colno}: {err.msg}") from None
+        except RecursionError:
+            raise DataError(f"{path}: line {lineno} is JSON nested too deeply to be a row") from None
         except _DuplicateKey as err:
             raise DataError(f"{path}: line {lineno} has the key {str(err)!r} twice; keep one") from None
         lines.append(lineno)

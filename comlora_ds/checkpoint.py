@@ -44,14 +44,25 @@ class OutputDirError(InputError, OSError):
     """The output directory cannot take the run: not writable, holds another run, or is full."""
 
 
-def check_output_dir(output_dir: str | Path, resuming: bool) -> None:
-    """Before any expensive work: the directory must be creatable and writable, and must not hold
-    another run's checkpoints or metrics unless we are resuming it (nothing is overwritten)."""
-    output_dir = Path(output_dir)
+def check_start(cfg, world_size: int) -> tuple[Path, str] | None:
+    """What can be refused from the run config and the run folder's small files alone, before anything is imported,
+    read or created: another run in ``train.output_dir`` (unless resuming it), and a resume that the checkpoint's run
+    config and trainer state rule out. Returns the checkpoint to resume from, as :func:`resolve_resume`."""
+    output_dir = Path(cfg.train.output_dir)
     save_dir = output_dir / CHECKPOINTS
-    if not resuming and (save_dir.is_dir() and any(save_dir.iterdir()) or (output_dir / METRICS).exists()):
+    if cfg.train.resume is None and (save_dir.is_dir() and any(save_dir.iterdir()) or (output_dir / METRICS).exists()):
         raise OutputDirError(f"train.output_dir = {str(output_dir)!r} already holds a run; continue it with "
                              f"train.resume=auto, or choose another output_dir (nothing was changed)")
+    resume_from = resolve_resume(cfg.train.resume, save_dir)
+    if resume_from is not None:
+        check_resume_compatible(resume_from[0] / resume_from[1], cfg, world_size, total_steps=None)
+    return resume_from
+
+
+def check_output_dir(output_dir: str | Path) -> None:
+    """Before any expensive work: the directory must be creatable and writable (:func:`check_start` has refused
+    another run's folder)."""
+    output_dir = Path(output_dir)
     if output_dir.exists():    # checked without writing inside: a refused resume leaves even the folder's mtime
         if not output_dir.is_dir():
             raise OutputDirError(f"train.output_dir = {str(output_dir)!r} is a file, not a folder")

@@ -12,14 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import hjson
-import torch
 
-from .base_model import fast_bf16_available
 from .config import RunConfig
 from .data.formats import repeated_keys
 from .errors import InputError
 from .fileio import read_config_text
-from .step import backward_passes
 
 AUTO = "auto"
 
@@ -93,6 +90,10 @@ def _fill_only(ds: dict, dotted: str, value: Any) -> None:
 
 def resolve_bf16(cfg: RunConfig, ds: dict) -> bool:
     """bf16 on or off: the run config decides unless it says auto and the DS config is explicit."""
+    import torch
+
+    from .base_model import fast_bf16_available
+
     requested = str(cfg.train.bf16).lower()
     ds_value = _get(ds, "bf16.enabled")
     if requested == "auto":
@@ -107,6 +108,8 @@ def resolve_bf16(cfg: RunConfig, ds: dict) -> bool:
 
 def fill_ds_config(source: str | Path | dict, cfg: RunConfig, world_size: int, hidden_size: int,
                    total_steps: int, warmup_steps: int) -> dict:
+    from .step import backward_passes
+
     ds = load_ds_config(source)
     t = cfg.train
     gas = t.gradient_accumulation_steps * backward_passes(cfg.adapter.num_components, cfg.comlora.execution)

@@ -140,11 +140,8 @@ class Trainer:
         self.output_dir = Path(cfg.train.output_dir)
         self.save_dir = self.output_dir / layout.CHECKPOINTS
         raw_ds = load_ds_config(ds_config)                     # fail on a bad file before any model work
-        ckpt.check_output_dir(self.output_dir, resuming=cfg.train.resume is not None)
-        self.resume_from = ckpt.resolve_resume(cfg.train.resume, self.save_dir)
-        if self.resume_from is not None:        # what needs neither the data nor the model, before either is read
-            ckpt.check_resume_compatible(self.resume_from[0] / self.resume_from[1], cfg,
-                                         int(os.environ.get("WORLD_SIZE", 1)), total_steps=None)
+        self.resume_from = ckpt.check_start(cfg, int(os.environ.get("WORLD_SIZE", 1)))   # before data or model
+        ckpt.check_output_dir(self.output_dir)
         init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \

@@ -13,8 +13,10 @@ Overrides are dotted keys (``adapter.rank=16`` or ``--adapter.rank 16``); see do
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+from ..checkpoint import check_start
 from ..config import load_config
 from ..data.formats import check_data_files
 from ..ds_config import load_ds_config
@@ -44,6 +46,7 @@ def _train(argv: list[str] | None) -> int:
     cfg = load_config(run_config_path(args.config), overrides)
     check_data_files(cfg.data)
     method_class(cfg.adapter.method)
+    check_start(cfg, int(os.environ.get("WORLD_SIZE", 1)))     # the Trainer repeats it, for library callers
     from ..engine import Trainer
 
     trainer = Trainer(cfg, ds_config)

@@ -23,8 +23,8 @@ from .errors import InputError
 from . import reshard
 from .fileio import atomic_write_text
 from .reshard import BatchLayout
-from .run_layout import (BEST, CHECKPOINTS, LATEST, METRICS, RUN_CONFIG, TAG_PATTERN, TMP_PREFIX, TRAINER_STATE,
-                         CheckpointError, find_checkpoint, read_latest, tag_for)
+from .run_layout import (BEST, CHECKPOINTS, LATEST, METRICS, RUN_CONFIG, TAG_PATTERN, TMP_PREFIX,
+                         CheckpointError, find_checkpoint, read_latest, read_trainer_state, tag_for)
 
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
@@ -173,6 +173,9 @@ def safe_load(path: str | Path) -> dict:
             found = re.search(r"GLOBAL ([\w.]+)", str(err))
             raise UnsafeCheckpointError(f"{path} refers to {found.group(1) if found else 'a disallowed object'}, "
                                         f"which DeepSpeed checkpoints never contain; refusing to unpickle it") from None
+        except (RuntimeError, EOFError, OSError) as err:    # PytorchStreamReader: a truncated or damaged zip
+            raise CheckpointError(f"{path} is damaged or truncated and cannot be read ({str(err).splitlines()[0]}); "
+                                  f"resume or consolidate from another checkpoint") from None
 
 
 def screen_checkpoint(folder: str | Path) -> None:
@@ -204,7 +207,7 @@ def check_resume_compatible(folder: Path, cfg, world_size: int, total_steps: int
     from .config import load_config
 
     saved = load_config(folder / RUN_CONFIG)
-    state = json.loads((folder / TRAINER_STATE).read_text())
+    state = read_trainer_state(folder)
     for dotted in RESUME_FIELDS:
         group, name = dotted.split(".")
         old, new = getattr(getattr(saved, group), name), getattr(getattr(cfg, group), name)

@@ -185,6 +185,8 @@ class Trainer:
             saved = on_rank0(lambda: manifest.verify(folder))
             if saved is not None:
                 self.new_learning_rate = ckpt.check_resume_manifest(folder, saved, *self.fingerprints, cfg)
+            else:               # nothing proves its files whole: read each now, before the model is loaded
+                on_rank0(lambda: ckpt.screen_checkpoint(folder))
 
         hidden_size = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code).hidden_size
         self.ds_config = fill_ds_config(raw_ds, cfg, self.world, hidden_size, self.total_steps, warmup)

@@ -1,10 +1,12 @@
-"""Small files: writing one so that readers see the old or the new content, never a part; reading a config file
-with one line naming what is wrong with it."""
+"""Small files: writing one so that readers see the old or the new content, never a part; reading a config or JSON
+file back with one line naming what is wrong with it."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -31,3 +33,21 @@ def read_config_text(path: str | Path, what: str, error: type[Exception]) -> str
     if not text.strip():
         raise error(f"{what} {path} is empty; give the settings, or leave the option out for the default")
     return text
+
+
+def read_json(path: str | Path, error: type[Exception], expect: type = dict) -> Any:
+    """A JSON file we wrote (a trainer state, a manifest, a report), read back: a missing, unreadable, truncated or
+    malformed file, or one whose top level is not ``expect``, raises ``error`` naming it."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path} is missing") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise error(f"{path} cannot be read: {err}") from None
+    except (ValueError, RecursionError) as err:
+        raise error(f"{path} is damaged (not valid JSON: {str(err).splitlines()[0] if str(err) else 'too deeply nested'})"
+                    f"; it was truncated or changed after it was written") from None
+    if not isinstance(value, expect):
+        raise error(f"{path} is damaged: its top level is a {type(value).__name__}, not a {expect.__name__}")
+    return value

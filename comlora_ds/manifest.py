@@ -21,12 +21,13 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import warnings
 from pathlib import Path
 from typing import Any
 
 from .errors import InputError
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, read_json
 
 MANIFEST = "manifest.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -144,12 +145,9 @@ def verify(folder: Path) -> dict | None:
         warnings.warn(f"{folder} has no {MANIFEST} (written before checkpoints were verified): its files are used "
                       f"unchecked", stacklevel=2)
         return None
-    try:
-        manifest = json.loads(path.read_text())
-        files = manifest["files"]
-    except (ValueError, KeyError, TypeError):
-        raise ManifestError(f"{path} is not a readable manifest; the checkpoint cannot be verified") from None
-    for name, digest in files.items():
+    manifest = read_json(path, ManifestError)
+    _check_structure(path, manifest)
+    for name, digest in manifest["files"].items():
         file = Path(folder) / name
         if not file.is_file():
             raise ManifestError(f"checkpoint {folder}: {name} is missing (the manifest lists it)")
@@ -157,6 +155,28 @@ def verify(folder: Path) -> dict | None:
             raise ManifestError(f"checkpoint {folder}: {name} is not the file that was written (sha256 differs: "
                                 f"changed or truncated after the save)")
     return manifest
+
+
+def _check_structure(path: Path, manifest: dict) -> None:
+    """Every field that verification, resume and consolidation read, with its type: a damaged manifest is refused
+    here in one line, not by a KeyError after the model has loaded."""
+    def fail(field: str, what: str):
+        raise ManifestError(f"{path} is damaged: {field} {what}; the checkpoint cannot be verified")
+
+    for field in ("files", "data", "base_model", "settings"):
+        if not isinstance(manifest.get(field), dict):
+            fail(field, "is missing" if field not in manifest else f"is a {type(manifest[field]).__name__}, not an "
+                                                                       f"object")
+    for name, digest in manifest["files"].items():
+        if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)) or Path(name).is_absolute() \
+                or ".." in Path(name).parts:
+            fail(f"files[{name!r}]", "is not a relative file name with a sha256 digest")
+    for name, digest in manifest["data"].items():
+        if digest is not None and not isinstance(digest, str):
+            fail(f"data[{name!r}]", f"is a {type(digest).__name__}, not a digest")
+    for name, value in manifest["base_model"].items():
+        if not isinstance(value, str):
+            fail(f"base_model[{name!r}]", f"is a {type(value).__name__}, not a string")
 
 
 def resume_changes(manifest: dict, data: dict, base_model: dict, settings: dict) -> list[tuple[str, Any, Any]]:

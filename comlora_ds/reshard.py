@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .run_layout import DS_CONFIG, RUN_CONFIG, TMP_PREFIX, TRAINER_STATE
+from .run_layout import DS_CONFIG, RUN_CONFIG, TMP_PREFIX, read_trainer_state
 
 UNIVERSAL_PREFIX = f"{TMP_PREFIX}universal-"
 
@@ -54,8 +54,7 @@ def saved_layout(folder: Path) -> BatchLayout:
     """The split the checkpoint in ``folder`` was trained with (its trainer state and run config)."""
     from .config import load_config
 
-    state = json.loads((folder / TRAINER_STATE).read_text())
-    return layout_of(load_config(folder / RUN_CONFIG), state["world_size"])
+    return layout_of(load_config(folder / RUN_CONFIG), read_trainer_state(folder)["world_size"])
 
 
 def batches_in_epoch(saved_batches: int, saved: BatchLayout, now: BatchLayout) -> int:

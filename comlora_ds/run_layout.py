@@ -52,6 +52,26 @@ class CheckpointError(InputError, ValueError):
     names a missing folder or one outside its checkpoints folder."""
 
 
+# the trainer state's fields that resume and resharding read, and their types
+TRAINER_STATE_FIELDS = {"global_step": int, "total_steps": int, "world_size": int, "epoch": int,
+                        "batches_in_epoch": int}
+
+
+def read_trainer_state(folder: str | Path) -> dict:
+    """A checkpoint's ``trainer_state.json``, its structure checked: a damaged one is refused naming the file and the
+    field, before anything is resumed from it."""
+    from .fileio import read_json
+
+    path = Path(folder) / TRAINER_STATE
+    state = read_json(path, CheckpointError)
+    for name, kind in TRAINER_STATE_FIELDS.items():
+        value = state.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool) or value < 0:
+            raise CheckpointError(f"{path} is damaged: field {name!r} = {value!r} (expected a non-negative "
+                                  f"{kind.__name__})")
+    return state
+
+
 def read_latest(save_dir: str | Path, pointer: str = LATEST) -> str | None:
     """The tag ``latest`` (or ``best``) names; None when there is no such file (no checkpoint was completed, or none
     was validated as best). One that names anything but an existing ``step_NNNNNNNN`` folder beside it

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import pytest
 import torch
@@ -58,3 +59,24 @@ def test_resume_changes_list_what_differs():
                                       {"data.seed": 7, "train.learning_rate": 1e-3})
     assert changes == [("data.train_files[0]", "sha256 aaaaaaaaaaaa", "sha256 bbbbbbbbbbbb"), ("base model", "m", "n"),
                        ("data.seed", 42, 7)]
+
+
+GOOD = {"files": {}, "data": {"data.train_files[0]": "d" * 64}, "base_model": {"name": "hub/model"},
+        "settings": {"data.seed": 1}}
+
+
+@pytest.mark.parametrize("text,message", [
+    ('{"files": {', "manifest.json is damaged (not valid JSON"),
+    ("[]", "manifest.json is damaged: its top level is a list, not a dict"),
+    (json.dumps({**GOOD, "files": ["a.bin"]}), "damaged: files is a list, not an object"),   # was AttributeError
+    (json.dumps({"files": {}}), "damaged: data is missing"),                  # passed, then KeyError: 'data'
+    (json.dumps({**GOOD, "settings": None}), "damaged: settings is a NoneType, not an object"),
+    (json.dumps({**GOOD, "files": {"a.bin": 3}}), "damaged: files['a.bin'] is not a relative file name with a sha256"),
+    (json.dumps({**GOOD, "files": {"../../etc/passwd": "0" * 64}}), "files['../../etc/passwd'] is not a relative"),
+    (json.dumps({**GOOD, "data": {"data.train_files[0]": 7}}), "damaged: data['data.train_files[0]'] is a int"),
+    (json.dumps({**GOOD, "base_model": {"weights": ["x"]}}), "damaged: base_model['weights'] is a list"),
+])
+def test_a_damaged_manifest_is_refused_naming_the_field(tmp_path, text, message):
+    (tmp_path / manifest.MANIFEST).write_text(text)
+    with pytest.raises(manifest.ManifestError, match=re.escape(message)):
+        manifest.verify(tmp_path)

@@ -505,6 +505,33 @@ def test_resume_with_other_settings_is_refused_naming_them(reference, run_cli, t
     assert _snapshot(out) == before
 
 
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda step: (step / "trainer_state.json").write_text('{"global_step": 6, "total'),
+     "trainer_state.json is damaged (not valid JSON"),                            # was a JSONDecodeError traceback
+    (lambda step: (step / "trainer_state.json").write_text('{"global_step": "six"}'),
+     "trainer_state.json is damaged: field 'global_step' = 'six'"),
+    (lambda step: _truncate(next(step.glob("*optim_states.pt"))),
+     "optim_states.pt is damaged or truncated and cannot be read (PytorchStreamReader"),   # was a RuntimeError
+])
+def test_a_damaged_checkpoint_without_a_manifest_is_refused_in_one_line(reference, run_cli, tmp_path, capsys,
+                                                                        damage, message):
+    """A checkpoint written before manifests existed is used unchecked (with a warning): its files' own structure
+    is still checked before anything is resumed from them."""
+    out = _copy_run(reference, tmp_path)
+    step = out / "checkpoints" / "step_00000006"
+    (step / "manifest.json").unlink()
+    damage(step)
+    before = _snapshot(out)
+    rc = run_cli(["--deepspeed", str(ds_config(tmp_path, 2)), *base_overrides(out), "train.resume=auto"])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and err.count("\n") == 1, err
+    assert _snapshot(out) == before
+
+
 @pytest.mark.distributed
 def test_two_ranks_refuse_another_global_batch_before_any_work(reference, tmp_path):
     """Both ranks refuse with the one line and exit 2 before the data or the model is read (it used to come after

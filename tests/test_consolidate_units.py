@@ -249,8 +249,14 @@ def test_output_folder_rules(tmp_path):
     check_output(out, "other", overwrite=True, protected=[])
     (out / "report.json").unlink()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(ConsolidationError, match="files that consolidation did not write; pass --overwrite"):
-        check_output(out, "fp", overwrite=False, protected=[])
+    for overwrite in (False, True):       # a user's own folder is never replaced: --overwrite deleted notes.txt
+        with pytest.raises(ConsolidationError, match=r"holds files that consolidation did not write \(notes.txt; no "
+                                                     r"report.json of an export\); --overwrite replaces only an "
+                                                     r"earlier export"):
+            check_output(out, "fp", overwrite=overwrite, protected=[])
+    (out / "report.json").write_text('{"fingerprint": ')           # a damaged report is not proof of an export
+    with pytest.raises(ConsolidationError, match="holds files that consolidation did not write"):
+        check_output(out, "fp", overwrite=True, protected=[])
     with pytest.raises(ConsolidationError, match="is or contains .*ckpt: replacing it would delete it"):
         check_output(tmp_path, "fp", overwrite=True, protected=[tmp_path / "ckpt"])
 

@@ -2,7 +2,8 @@
 
 Nothing half-written ever appears at OUT: everything is written into ``.<OUT name>.consolidate-*`` beside it
 and renamed into place at the end (a failure removes it). OUT may be replaced only when it is empty, holds the
-same consolidation (same fingerprint in its report.json: re-running is idempotent), or ``overwrite`` is set.
+same consolidation (same fingerprint in its report.json: re-running is idempotent), or holds an earlier export of
+ours (a report.json with a fingerprint) and ``overwrite`` is set: a folder of anybody else's files is never replaced.
 OUT may never be, or contain, the checkpoint or the base model (replacing it would delete them), nor be, contain or
 sit inside any training run or checkpoint (a run's ``metrics.jsonl``, a ``latest`` file, a ``step_NNNNNNNN`` folder,
 DeepSpeed's ``*_model_states.pt``), with or without ``overwrite``: consolidation deletes nothing that training wrote.
@@ -61,12 +62,22 @@ def training_output_in(out: Path) -> tuple[str, Path] | None:
 
 
 def refuse_training_output(out: Path) -> None:
-    """Checked first, before any tensor is read: OUT is never a training run or checkpoint, nor inside one."""
+    """Checked first, before any tensor is read: OUT is never a training run or checkpoint, nor inside one, nor a
+    folder of files that are not an export of ours."""
     found = training_output_in(out)
     if found is not None:
         relation, folder = found
         raise ConsolidationError(f"--out {out} {relation} a training run or checkpoint ({folder}); consolidation never "
                                  f"writes there, with or without --overwrite: choose another output folder")
+    _refuse_foreign_files(out)
+
+
+def _refuse_foreign_files(out: Path) -> None:
+    if out.is_dir() and any(out.iterdir()) and _previous_export(out) is None:   # never replaced: it may be anybody's
+        names = sorted(p.name for p in out.iterdir())
+        raise ConsolidationError(f"--out {out} holds files that consolidation did not write ({', '.join(names[:3])}"
+                                 f"{', ...' if len(names) > 3 else ''}; no {REPORT} of an export); --overwrite "
+                                 f"replaces only an earlier export: choose another folder, or an empty one")
 
 
 def check_output(out: Path, fp: str, overwrite: bool, protected: list[Path]) -> None:
@@ -80,19 +91,26 @@ def check_output(out: Path, fp: str, overwrite: bool, protected: list[Path]) -> 
         return
     if not out.is_dir():
         raise ConsolidationError(f"--out {out} exists and is not a folder")
-    if not any(out.iterdir()) or overwrite:
+    if not any(out.iterdir()):
         return
-    report = out / REPORT
+    _refuse_foreign_files(out)
+    previous = _previous_export(out)
+    if previous.get("fingerprint") == fp or overwrite:
+        return
+    raise ConsolidationError(f"--out {out} already holds a different model (consolidated from "
+                             f"{previous.get('checkpoint', {}).get('path')}, winner {previous.get('winner')}); pass "
+                             f"--overwrite to replace it, or choose another folder")
+
+
+def _previous_export(out: Path) -> dict | None:
+    """The report of the export in ``out`` when it is one of ours (a report.json with its fingerprint), else None."""
     try:
-        previous = json.loads(report.read_text()) if report.is_file() else None
-    except ValueError:
-        previous = None
-    if previous and previous.get("fingerprint") == fp:
-        return
-    what = (f"a different model (consolidated from {previous.get('checkpoint', {}).get('path')}, winner "
-            f"{previous.get('winner')})" if previous else "files that consolidation did not write")
-    raise ConsolidationError(f"--out {out} already holds {what}; pass --overwrite to replace it, or choose "
-                             f"another folder")
+        report = json.loads((out / REPORT).read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(report, dict) or not isinstance(report.get("fingerprint"), str):
+        return None
+    return report if isinstance(report.get("checkpoint", {}), dict) else None
 
 
 @contextmanager

@@ -154,11 +154,30 @@ def _building_partitioned(ds_config: dict) -> Iterator[None]:
         _PartitionWithoutBroadcast.building = False
 
 
+def causal_lm_class(config, trust_remote_code: bool) -> type[PreTrainedModel]:
+    """The class ``AutoModelForCausalLM`` builds for ``config``, its modeling module imported now.
+
+    A modeling module first imported inside ``deepspeed.zero.Init`` is broken for the rest of the process:
+    zero.Init wraps the ``__init__`` of every module class defined while it is active and puts back, on exit, the
+    ``__init__`` it saw; the hub-kernel decorators (``transformers.integrations.hub_kernels``, on ``LlamaAttention``)
+    replace ``__init__`` and ``forward`` when the class is defined, and only ``forward`` survives that exit, so every
+    attention layer built afterwards, by any later ``from_pretrained`` in the process, fails on its first forward
+    (``'LlamaAttention' object has no attribute '_kernel_funcs'``). Imported before zero.Init starts, the classes are only patched and
+    restored like every other existing class."""
+    auto_map = getattr(config, "auto_map", None) or {}
+    if trust_remote_code and "AutoModelForCausalLM" in auto_map:
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        return get_class_from_dynamic_module(auto_map["AutoModelForCausalLM"], config._name_or_path)
+    return AutoModelForCausalLM._model_mapping[type(config)]
+
+
 def load_partitioned_base(path: str, cfg: ModelConfig, ds_config: dict) -> PreTrainedModel:
     """The frozen base, built partitioned and filled from its safetensors files (each rank its own partitions)."""
     folder = weights_folder(path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     attn = choose_attn_implementation(cfg.attn_implementation)
+    causal_lm_class(config, cfg.trust_remote_code)         # imported here, outside zero.Init: see its docstring
     with _building_partitioned(ds_config):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code,
                                                  attn_implementation=attn)

@@ -151,3 +151,29 @@ def test_a_hub_id_is_read_from_its_snapshot_in_the_hub_cache(tmp_path):
         names = set(f.keys())
     assert found["folder"] == str(snapshot)
     assert found["index"] == dict.fromkeys(names, str(snapshot / "model.safetensors"))
+
+
+TRAIN_THEN_EVALUATE = r"""
+import os, sys
+import torch
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+import deepspeed
+deepspeed.init_distributed(dist_backend="gloo")
+assert "transformers.models.llama.modeling_llama" not in sys.modules   # first imported by the partitioned build
+from transformers import AutoModelForCausalLM
+from comlora_ds.config import ModelConfig
+from comlora_ds.zero3_init import load_partitioned_base
+ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+load_partitioned_base(sys.argv[1], ModelConfig(name_or_path=sys.argv[1]), ds)
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])        # what evaluation does next, in the same process
+print("logits", tuple(model(torch.tensor([[1, 2, 3]])).logits.shape))
+"""
+
+
+def test_a_new_llama_runs_after_a_partitioned_build_in_the_same_process():
+    """Found in an audit: after one model.zero3_init build, every LLaMA built later in the process failed on its
+    first forward ('LlamaAttention' object has no attribute '_kernel_funcs'), so a script or notebook that trains
+    and then evaluates broke; the modeling module is now imported before zero.Init starts."""
+    done = run_in_group([sys.executable, "-c", TRAIN_THEN_EVALUATE, str(tiny_model_dir()), str(free_port())], 120,
+                        env=subprocess_env())
+    assert done.returncode == 0 and "logits (1, 3, 512)" in done.stdout, done.stderr[-3000:]

@@ -191,3 +191,29 @@ def test_smollm2_short_training_run_lowers_the_loss():
     objective = build_objective(cfg)
     history = _fit(model, batch, objective, steps=12, lr=2e-3)
     assert history[-1] < 0.7 * history[0], history
+
+
+def test_selector_math_is_fp32_when_its_weights_are_stored_in_bf16():
+    """Under DeepSpeed bf16 the selector's parameters are stored in bf16; its scores must still be the fp32
+    computation on those stored weights (they used to run the encoder in bf16: 1e-3 off at init)."""
+    import copy
+
+    torch.manual_seed(0)
+    stored = Selector(num_components=2, embed_dim=64, num_heads=4).to(torch.bfloat16).train()
+    reference = copy.deepcopy(stored).float()          # the same stored values, in fp32
+    emb = torch.randn(3, 12, 64)
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[1, 7:] = 0
+    scores, expected = stored(emb, mask), reference(emb, mask)
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, expected, atol=2e-6, rtol=1e-5)
+    with torch.no_grad():                              # what bf16 math gives: far outside that tolerance
+        bf16_hidden = stored.encoder(emb.to(torch.bfloat16), src_key_padding_mask=mask == 0).float()
+        keep = mask.unsqueeze(-1).bool()
+        bf16_scores = (bf16_hidden.masked_fill(~keep, 0).sum(1) / keep.sum(1)) @ stored.component_embeddings.float().t()
+    assert (bf16_scores - expected).abs().max() > 1e-4
+    scores.sum().backward()
+    expected.sum().backward()
+    for (name, p), q in zip(stored.named_parameters(), reference.parameters()):
+        assert p.grad is not None and p.grad.dtype == torch.bfloat16, name
+        torch.testing.assert_close(p.grad.float(), q.grad.to(torch.bfloat16).float(), atol=1e-2, rtol=1e-2)

@@ -141,6 +141,31 @@ def test_build_datasets_refuses_chat_before_reading_rows(tmp_path: Path, tiny) -
         build_datasets(DataConfig(train_files=[str(path)], format="alpaca", template="chat"), tiny, "my-model")
 
 
+@pytest.mark.parametrize("turns", ["all", "last"])
+def test_a_reply_starting_with_whitespace_is_supervised_whole_after_the_generation_prompt(smollm2, turns) -> None:
+    """Found in an audit: tokenised whole, '<|im_start|>assistant\n' + '  No more jokes.' became ..., 'istant', '\n ',
+    ' No', so the reply's first character was never a target and the context was not what generation sees."""
+    replies = ["  No more jokes.", "\n\nA list:\n- one", "It is 4."]
+    messages = [{"role": "user", "content": "Tell me a joke."}, {"role": "assistant", "content": replies[0]},
+                {"role": "user", "content": "Then list things."}, {"role": "assistant", "content": replies[1]},
+                {"role": "user", "content": "And 2 + 2?"}, {"role": "assistant", "content": replies[2]}]
+    got = encode_row({"messages": messages, "input": ""}, smollm2, "chat", 4096, assistant_turns=turns)
+    ids, labels = got["input_ids"], got["labels"]
+    starts = [i for i in range(len(labels)) if labels[i] != IGNORE_INDEX and (i == 0 or labels[i - 1] == IGNORE_INDEX)]
+    turn_ends = [i for i in range(1, len(labels) + 1) if labels[i - 1] != IGNORE_INDEX and
+                 (i == len(labels) or labels[i] == IGNORE_INDEX)]
+    chosen = list(range(3)) if turns == "all" else [2]
+    assert len(starts) == len(chosen)
+    for k, start, end in zip(chosen, starts, turn_ends):
+        context = smollm2.apply_chat_template(messages[:2 * k + 1], tokenize=False, add_generation_prompt=True)
+        assert smollm2.decode(ids[:start]) == context          # no token straddles the end of the generation prompt
+        assert smollm2.decode(ids[start:end]) == replies[k] + "<|im_end|>\n"           # every character a target
+    first_prompt = smollm2.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    first_prompt_ids = smollm2(first_prompt, add_special_tokens=False)["input_ids"]
+    assert ids[:len(first_prompt_ids)] == first_prompt_ids      # exactly the ids PromptRenderer's prompt generates from
+    assert smollm2.decode(ids) == smollm2.apply_chat_template(messages, tokenize=False)
+
+
 def test_eval_prompts_render_like_training(smollm2, tiny) -> None:
     chat = PromptRenderer("chat", smollm2)
     prompt = chat.prompt("Add the numbers.", "2 and 3")

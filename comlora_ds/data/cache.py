@@ -29,7 +29,7 @@ from ..config import DataConfig
 from ..distributed import on_local_leaders, on_rank0
 from .dataset import DataReport, build_datasets, empty_split, no_progress_bars
 
-FORMAT_VERSION = "1"        # bump when the encoding of rows changes
+FORMAT_VERSION = "2"        # bump when the encoding of rows changes (2: chat turns tokenised at their boundaries)
 _NOT_IN_KEY = ("cache_dir", "cache")
 _DONE = "report.json"       # written last
 

@@ -11,11 +11,14 @@ user turn, kept apart so that the Alpaca template renders LLM-Adapters rows byte
   exactly the LLM-Adapters training text. A system turn is written in front of the first prompt, followed by a
   blank line.
 * ``chat``: the tokenizer's own chat template (``apply_chat_template``), with ``input`` appended to the first user
-  turn after a newline (LLaMA-Factory's Alpaca conversion). The text is tokenised once, whole, so the ids are exactly
-  ``apply_chat_template(messages, tokenize=True)``; a token is supervised when its first character lies in an
-  assistant turn: from the end of the generation prompt of that turn (``messages[:i]`` rendered with
-  ``add_generation_prompt=True``) to the end of ``messages[:i + 1]`` rendered, i.e. the reply and the template's
-  end-of-turn text. No EOS is added: the template ends a turn itself.
+  turn after a newline (LLaMA-Factory's Alpaca conversion). Every assistant turn spans from the end of its
+  generation prompt (``messages[:i]`` rendered with ``add_generation_prompt=True``) to the end of ``messages[:i + 1]``
+  rendered, i.e. the reply and the template's end-of-turn text. The rendered text is cut at those boundaries and each
+  piece tokenised alone (as the Alpaca path tokenises prompt and response apart), so the tokens before a reply are
+  exactly the tokens generation sees for that prompt and every character of a supervised turn is a target, also
+  when the reply starts with whitespace (tokenised whole, BPE merged it with the prompt's last newline). Where no
+  merge crosses a boundary the ids equal ``apply_chat_template(messages, tokenize=True)``. No EOS is added: the
+  template ends a turn itself.
 
 ``data.assistant_turns = last`` supervises only the last assistant turn of a multi-turn row.
 
@@ -83,12 +86,16 @@ def chat_spans(tokenizer: Any, messages: Sequence[dict]) -> tuple[str, list[tupl
 
 def _encode_chat(row: dict, tokenizer: Any, assistant_turns: str) -> tuple[list[int], list[int], int]:
     text, spans = chat_spans(tokenizer, chat_messages(row))
-    if assistant_turns == "last":
-        spans = spans[-1:]
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-    ids = list(encoded["input_ids"])
-    labels = [t if any(s <= o[0] < e for s, e in spans) else IGNORE_INDEX
-              for t, o in zip(ids, encoded["offset_mapping"])]
+    supervised = set(spans[-1:] if assistant_turns == "last" else spans)
+    # Cut at every turn's generation-prompt end and turn end, each piece tokenised alone: a reply that starts with
+    # whitespace would otherwise merge with the prompt's last newline ('\n' + '  No' -> '\n ', ' No'), so its first
+    # character was never a target and training saw a context that generation (the prompt alone) never produces.
+    cuts = sorted({0, len(text), *(c for span in spans for c in span)})
+    ids, labels = [], []
+    for piece in zip(cuts, cuts[1:]):
+        piece_ids = tokenizer(text[piece[0]:piece[1]], add_special_tokens=False, verbose=False)["input_ids"]
+        ids += piece_ids
+        labels += piece_ids if piece in supervised else [IGNORE_INDEX] * len(piece_ids)
     prefix = special_prefix_ids(tokenizer)
     n_prefix = len(prefix) if prefix and ids[:len(prefix)] == prefix else 0
     return ids, labels, n_prefix

@@ -6,6 +6,7 @@ from the real files.)"""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -156,3 +157,73 @@ def test_the_cache_returns_what_build_datasets_returns_even_without_validation_r
         for train, val, _ in (first, second):
             assert train["input_ids"] == want_train["input_ids"] and train["labels"] == want_train["labels"]
             assert val.column_names == want_val.column_names and val.to_list() == want_val.to_list()
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+CACHE_DAMAGE = {
+    "truncated report.json": (lambda entry: _truncate(entry / "report.json"), "does not read back"),
+    "truncated arrow file": (lambda entry: _truncate(next((entry / "train").glob("*.arrow"))),
+                             "bytes, "),
+    "deleted train folder": (lambda entry: shutil.rmtree(entry / "train"), "is missing"),
+    "deleted validation state": (lambda entry: (entry / "validation" / "state.json").unlink(),
+                                 "validation/state.json is missing"),
+}
+
+
+@pytest.mark.parametrize("case", list(CACHE_DAMAGE))
+def test_a_damaged_cache_entry_is_reported_and_rebuilt(tmp_path: Path, case: str) -> None:
+    """Found in a bad-input trial: the cache counted as complete once report.json existed, so each of these ended in
+    a traceback after the model had loaded, and the entry was never rebuilt."""
+    from transformers import AutoTokenizer
+
+    from comlora_ds.config import DataConfig
+    from comlora_ds.data.cache import cache_key
+    from comlora_ds.data.dataset import build_datasets
+
+    from assets import commonsense_file
+
+    tok = prepare_tokenizer(AutoTokenizer.from_pretrained(tiny_model_dir()))
+    cfg = DataConfig(train_files=[str(commonsense_file("piqa"))], val_size=16, max_train_samples=64,
+                     cache_dir=str(tmp_path))
+    tokenised_datasets(cfg, tok)
+    entry = cache_root(cfg) / cache_key(cfg, tok)
+    damage, reason = CACHE_DAMAGE[case]
+    damage(entry)
+    with pytest.warns(UserWarning, match=f"tokenise-once cache entry {entry} is damaged .*{reason}.*; rebuilding it"):
+        train, val, report = tokenised_datasets(cfg, tok)
+    want_train, want_val, _ = build_datasets(cfg, tok)
+    assert report.cache.startswith("tokenised into") and train["input_ids"] == want_train["input_ids"]
+    assert val.to_list() == want_val.to_list()
+    assert tokenised_datasets(cfg, tok)[2].cache.startswith("read from")       # whole again
+    assert sorted(p.name for p in entry.parent.iterdir()) == [entry.name]        # nothing left aside
+
+
+def test_an_entry_under_another_settings_key_is_not_used(tmp_path: Path) -> None:
+    """A cache built with data.max_length=32, placed under the key of max_length=64, was used silently."""
+    from transformers import AutoTokenizer
+
+    from comlora_ds.config import DataConfig
+    from comlora_ds.data.cache import cache_key
+
+    from assets import commonsense_file
+
+    tok = prepare_tokenizer(AutoTokenizer.from_pretrained(tiny_model_dir()))
+    short, long = (DataConfig(train_files=[str(commonsense_file("piqa"))], val_size=8, max_train_samples=32,
+                              max_length=n, cache_dir=str(tmp_path)) for n in (32, 64))
+    tokenised_datasets(short, tok)
+    os.replace(cache_root(short) / cache_key(short, tok), cache_root(long) / cache_key(long, tok))
+    with pytest.warns(UserWarning, match="it was built under key .* \\(built with other settings or data\\)"):
+        train, _, _ = tokenised_datasets(long, tok)
+    assert max(len(ids) for ids in train["input_ids"]) > 32
+
+
+def test_a_cache_dir_that_is_a_file_is_named(tmp_path: Path) -> None:
+    from comlora_ds.config import DataConfig
+    from comlora_ds.errors import InputError
+
+    (tmp_path / "cache").write_text("")
+    with pytest.raises(InputError, match=f"data.cache_dir = '{tmp_path / 'cache'}': .* is a file, not a folder"):
+        cache_root(DataConfig(cache_dir=str(tmp_path / "cache")))

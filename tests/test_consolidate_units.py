@@ -338,3 +338,16 @@ def test_a_latest_pointing_into_another_run_is_not_followed(tmp_path):
     (ours / "latest").write_text("../../other/checkpoints/step_00000006")
     with pytest.raises(ConsolidationError, match="not a step_NNNNNNNN checkpoint folder beside it"):
         locate_checkpoint(ours)
+
+
+def test_a_damaged_validation_rows_file_is_named_with_its_line(tmp_path):
+    from comlora_ds.export.scoring import load_validation_rows
+    from comlora_ds.run_layout import VALIDATION_ROWS
+
+    good = json.dumps({"input_ids": [1, 2], "labels": [-100, 2]})
+    (tmp_path / VALIDATION_ROWS).write_text(good + "\n" + good[:9] + "\n")
+    with pytest.raises(ConsolidationError, match=f"{VALIDATION_ROWS} line 2 is not valid JSON"):
+        load_validation_rows(tmp_path)
+    (tmp_path / VALIDATION_ROWS).write_text(good + "\n[1, 2]\n")
+    with pytest.raises(ConsolidationError, match="line 2 has no input_ids/labels"):
+        load_validation_rows(tmp_path)

@@ -24,10 +24,18 @@ def load_validation_rows(step_dir: Path) -> list[dict] | None:
     path = step_dir / VALIDATION_ROWS
     if not path.is_file():
         return None
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    for i, row in enumerate(rows):
-        if "input_ids" not in row or "labels" not in row:
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
+            raise ConsolidationError(f"{path} line {i + 1} is not valid JSON (truncated or changed after the save); "
+                                     f"consolidate another checkpoint, or pass --winner k") from None
+        if not isinstance(row, dict) or "input_ids" not in row or "labels" not in row:
             raise ConsolidationError(f"{path} line {i + 1} has no input_ids/labels: not a tokenised validation split")
+        rows.append(row)
     return rows
 
 

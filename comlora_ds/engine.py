@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import math
 import os
 import random
@@ -38,8 +39,10 @@ from .config import ConfigError, RunConfig
 from .data import ResponseCollator, prepare_tokenizer
 from .data.cache import tokenised_datasets
 from .distributed import on_rank0, release_shm_names
+from .divergence import adapter_layers, update_divergence
 from .ds_config import fill_ds_config, load_ds_config, resolve_bf16, zero_stage
 from .errors import InputError
+from .fileio import atomic_write_text
 from .losses import annealing_eta
 from .methods import get_method
 from .op_builds import check_build_locks, use_own_extensions_dir
@@ -391,6 +394,8 @@ class Trainer:
                 validation = self.validate(logger)
             if validation is not None and self.rank == 0:
                 ckpt.write_json(self.output_dir / layout.VALIDATION, validation)
+                atomic_write_text(self.output_dir / layout.VALIDATION_SCORES,
+                                  "".join(json.dumps(row) + "\n" for row in self.last_scores.per_row()))
             return TrainResult(self.output_dir, self.state.global_step, last_checkpoint, False, early_stopped,
                                validation)
         finally:
@@ -413,6 +418,8 @@ class Trainer:
         self.engine.eval()
         scores = score_validation(self.engine, self.val_rows, self.collate, self.cfg.adapter.num_components,
                                   self.cfg.train.micro_batch_size, self.device)
+        scores.update_divergence = update_divergence(adapter_layers(self.model))
+        self.last_scores = scores
         self.engine.train()
         result = {"step": self.state.global_step, **scores.as_dict(), "seconds": time.perf_counter() - start}
         logger.write({"validation": result, "step": self.state.global_step})

@@ -38,6 +38,7 @@ TRAINER_STATE = "trainer_state.json"
 DS_CONFIG = "ds_config.json"
 DATA_REPORT = "data_report.json"
 VALIDATION_ROWS = "validation_rows.jsonl"
+VALIDATION_SCORES = "validation_scores.jsonl"   # beside validation.json: each row's loss and score per component
 TOKENIZER = "tokenizer"
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
 TMP_PREFIX = "tmp-"

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from scipy.stats import spearmanr
 
+from .divergence import loss_difference, verdict
+
 
 @dataclass
 class ValidationScores:
@@ -28,6 +30,9 @@ class ValidationScores:
     num_samples: int
     agreement: int = 0              # samples whose selector argmax is their loss argmin
     rank_correlation: float | None = None   # Spearman(sims, -loss), centred per sample (None without a selector)
+    row_losses: torch.Tensor | None = None  # [N, K] per validation row, in the split's order
+    row_sims: torch.Tensor | None = None    # [N, K] (None without a selector)
+    update_divergence: dict | None = None   # comlora_ds.divergence.update_divergence of the scored components
 
     @property
     def mean_loss(self) -> torch.Tensor:
@@ -57,7 +62,23 @@ class ValidationScores:
             "selector_agreement_rate": (self.agreement / self.num_samples
                                         if self.sim_sum is not None and self.num_samples else None),
             "selector_rank_correlation": self.rank_correlation,
+            **self.divergence(),
         }
+
+    def divergence(self) -> dict:
+        """Are the components different? Their validation-loss difference per pair (with the one-line verdict) and
+        the weight-space distance of their updates (:mod:`comlora_ds.divergence`)."""
+        if self.row_losses is None:
+            return {}
+        difference = loss_difference(self.row_losses)
+        return {"loss_difference": difference, "distinguishability": verdict(difference),
+                "update_divergence": self.update_divergence}
+
+    def per_row(self) -> list[dict]:
+        """One record per validation row: each component's loss and selector score (what every aggregate is
+        computed from)."""
+        sims = self.row_sims.tolist() if self.row_sims is not None else [None] * len(self.row_losses)
+        return [{"row": i, "loss": loss, "sim": sim} for i, (loss, sim) in enumerate(zip(self.row_losses.tolist(), sims))]
 
 
 def centred_rank_correlation(sims: torch.Tensor, losses: torch.Tensor) -> float | None:
@@ -91,6 +112,7 @@ def score_validation(model: Callable, rows: Sequence[dict], collate: Callable, n
     loss_sum, sim_sum = torch.zeros(k, device=device), torch.zeros(k, device=device)
     argmax, argmin = torch.zeros(k, device=device), torch.zeros(k, device=device)
     has_selector, per_sample_sims, per_sample_losses = False, [], []
+    row_ids = torch.tensor(indices, dtype=torch.float32, device=device)
     for start in range(0, len(indices), batch_size):
         batch = collate([rows[i] for i in indices[start:start + batch_size]])
         weight = torch.tensor(real[start:start + batch_size], dtype=torch.float32, device=device)
@@ -98,34 +120,39 @@ def score_validation(model: Callable, rows: Sequence[dict], collate: Callable, n
         losses = out.losses.float()                                         # [K, B]
         loss_sum += (losses * weight).sum(1)
         argmin += torch.bincount(losses.argmin(0), weights=weight, minlength=k)
+        per_sample_losses.append(losses.t())
         if out.sims is not None:
             has_selector = True
             sim_sum += (out.sims.float() * weight[:, None]).sum(0)
             argmax += torch.bincount(out.sims.argmax(1), weights=weight, minlength=k)
             per_sample_sims.append(out.sims.float())
-            per_sample_losses.append(losses.t())
     stats = torch.cat([loss_sum, sim_sum, argmax, argmin, torch.tensor([float(sum(real))], device=device)])
     if distributed:
         dist.all_reduce(stats)
     loss_sum, sim_sum, argmax, argmin, n = stats.cpu().split([k, k, k, k, 1])
     scores = ValidationScores(loss_sum, sim_sum if has_selector else None, argmax.long(), argmin.long(), int(n))
+    if not per_sample_losses:
+        return scores
+    losses = torch.cat(per_sample_losses)
+    sims = torch.cat(per_sample_sims) if has_selector else torch.zeros_like(losses)
+    sims, losses = _gather_samples(sims, losses, row_ids, torch.tensor(real, device=device), distributed, world)
+    scores.row_losses, scores.row_sims = losses, sims if has_selector else None
     if has_selector:
-        sims, losses = _gather_samples(torch.cat(per_sample_sims), torch.cat(per_sample_losses),
-                                       torch.tensor(real, device=device), distributed, world)
         scores.agreement = int((sims.argmax(1) == losses.argmin(1)).sum())
         scores.rank_correlation = centred_rank_correlation(sims, losses)
     return scores
 
 
-def _gather_samples(sims: torch.Tensor, losses: torch.Tensor, real: torch.Tensor, distributed: bool,
-                    world: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every rank's per-sample [n, K] sims and losses, padding rows dropped (every rank holds the same n)."""
-    stacked = torch.cat([sims, losses, real[:, None].float()], dim=1)
+def _gather_samples(sims: torch.Tensor, losses: torch.Tensor, row_ids: torch.Tensor, real: torch.Tensor,
+                    distributed: bool, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's per-sample [n, K] sims and losses in the validation split's row order, padding rows dropped."""
+    stacked = torch.cat([sims, losses, row_ids[:, None], real[:, None].float()], dim=1)
     if distributed:
         parts = [torch.empty_like(stacked) for _ in range(world)]
         dist.all_gather(parts, stacked)
         stacked = torch.cat(parts)
     stacked = stacked.cpu()
-    keep = stacked[:, -1] > 0
+    stacked = stacked[stacked[:, -1] > 0]
+    stacked = stacked[stacked[:, -2].argsort()]
     k = sims.shape[1]
-    return stacked[keep, :k], stacked[keep, k:2 * k]
+    return stacked[:, :k], stacked[:, k:2 * k]

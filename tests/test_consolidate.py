@@ -239,6 +239,16 @@ def test_offline_scores_match_the_trainers_validation(runs, exports, name):
     assert v["selector_argmax_counts"] == trained["selector_argmax_counts"] and v["num_samples"] == 8
     assert report["selector_winner_is_lowest_loss"] == (v["winner"] == v["lowest_loss_component"])
     assert report["scoring"] == {"device": "cpu", "dtype": "float32", "attn_implementation": "sdpa"}   # no GPU here
+    # issue 27: the trainer's divergence (ZeRO-3: factors gathered on the ranks) equals the one from recovered tensors
+    ours, theirs = v["update_divergence"]["0-1"], trained["update_divergence"]["0-1"]
+    for scope_ours, scope_theirs in [(ours, theirs), *((ours["by_module"][m], theirs["by_module"][m])
+                                                       for m in theirs["by_module"])]:
+        assert (scope_ours["relative_distance"], scope_ours["cosine"]) == pytest.approx(
+            (scope_theirs["relative_distance"], scope_theirs["cosine"]), rel=1e-4, abs=1e-6)
+    assert v["loss_difference"]["0-1"]["mean"] == pytest.approx(trained["loss_difference"]["0-1"]["mean"],
+                                                                rel=1e-3, abs=1e-6)
+    assert v["distinguishability"].startswith("components 0 and 1 ")
+    assert v["distinguishability"].split(" on validation")[0] in (exports[name] / "report.md").read_text()
 
 
 @pytest.mark.parametrize("name", ["z2", "z3", "lora", "nosel", "dash"])

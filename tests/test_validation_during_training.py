@@ -165,3 +165,32 @@ def test_checkpoint_best_is_refused_where_no_best_exists(tmp_path, capsys):
     assert main([str(checkpoints / "step_00000004"), "--checkpoint", "best", "--out", str(tmp_path / "out")]) == 2
     assert "is one step folder" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.distributed
+def test_divergence_is_logged_at_every_validation_and_the_per_row_file_recomputes_it(rising):
+    """Issue 27: are the components different? Each validation records their weight-space distance (overall and per
+    module type) and their per-row loss difference with a verdict; validation_scores.jsonl (rows in the split's
+    order, gathered from both ranks) recomputes every aggregate of validation.json."""
+    import torch
+
+    from comlora_ds.config import LLAMA_LINEAR_MODULES
+    from comlora_ds.divergence import loss_difference
+
+    for step, record in _validations(rising).items():
+        pair = record["update_divergence"]["0-1"]
+        assert pair["relative_distance"] > 0 and -1 <= pair["cosine"] <= 1, step
+        assert set(pair["by_module"]) == set(LLAMA_LINEAR_MODULES)
+        assert record["loss_difference"]["0-1"]["num_rows"] == 8 and "on validation" in record["distinguishability"]
+    final = json.loads((rising / "validation.json").read_text())
+    rows = [json.loads(line) for line in (rising / "validation_scores.jsonl").read_text().splitlines()]
+    assert [r["row"] for r in rows] == list(range(8))
+    losses, sims = torch.tensor([r["loss"] for r in rows]), torch.tensor([r["sim"] for r in rows])
+    assert final["mean_loss"] == pytest.approx(losses.mean(0).tolist(), rel=1e-5)
+    assert final["sim_sum"] == pytest.approx(sims.sum(0).tolist(), rel=1e-5, abs=1e-5)
+    assert final["selector_argmax_counts"] == torch.bincount(sims.argmax(1), minlength=2).tolist()
+    (name, recomputed), = loss_difference(losses).items()
+    logged = final["loss_difference"][name]
+    assert logged["distinguishable"] == recomputed["distinguishable"] and logged["wins"] == recomputed["wins"]
+    assert (logged["mean"], logged["paired_se"]) == pytest.approx((recomputed["mean"], recomputed["paired_se"]),
+                                                                  rel=1e-4)

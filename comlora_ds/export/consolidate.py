@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 
 from ..base_model import choose_placement
+from ..divergence import update_divergence
 from ..manifest import base_model_fingerprint
 from ..run_layout import TOKENIZER
 from ..validation import ValidationScores
@@ -155,6 +156,8 @@ def consolidate(checkpoint: str | Path, out: str | Path, *, pointer: str = "late
 
     # 4. write everything beside OUT, then publish it in one rename
     exporter = ComponentExporter(tensors, cfg.adapter)
+    if scores is not None:
+        scores.update_divergence = update_divergence(exporter.components())
     tokenizer_dir = ref.step_dir / TOKENIZER
     outputs, written = {}, {}
     with staging(out) as tmp:

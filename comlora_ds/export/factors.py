@@ -8,7 +8,7 @@ nothing here: its layer class overrides ``factors_of``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -42,6 +42,11 @@ class ComponentExporter:
         self.method = adapter.method
         self.scaling = lora_scaling(adapter.alpha, adapter.rank, adapter.use_rslora)
         self.num_components = adapter.num_components
+
+    def components(self) -> Iterator[tuple[str, list[LoRAFactors]]]:
+        """(module type, the K components' factors) per adapted layer, one layer at a time."""
+        for module in self.layers:
+            yield module.rsplit(".", 1)[-1], [self.factors(module, k) for k in range(self.num_components)]
 
     def factors(self, module: str, k: int) -> LoRAFactors:
         if not 0 <= k < self.num_components:

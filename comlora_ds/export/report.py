@@ -184,6 +184,13 @@ def markdown(report: dict) -> str:
             lines.append(f"- selector agreement per sample (its top component has the sample's lowest loss): "
                          f"{100 * v['selector_agreement_rate']:.1f}% (chance {100 / report['num_components']:.0f}%); "
                          f"Spearman(sims, -loss), centred per sample: {'-' if rho is None else f'{rho:.3f}'}")
+        if v.get("distinguishability"):
+            lines.append(f"- {v['distinguishability']}")
+        for pair, d in (v.get("update_divergence") or {}).items():
+            cosine = "-" if d["cosine"] is None else f"{d['cosine']:.3f}"
+            distance = "-" if d["relative_distance"] is None else f"{d['relative_distance']:.3f}"
+            lines.append(f"- weight updates of components {pair.replace('-', ' and ')}: relative distance {distance}, "
+                         f"cosine {cosine} (over all adapted layers; per module type in report.json)")
         lines += ["", f"Validation split: {v['num_samples']} rows.", "",
                   "| component | val. LM loss | selector score sum | selector argmax | lowest loss |",
                   "|---:|---:|---:|---:|---:|"]

@@ -125,7 +125,8 @@ def test_a_shipped_name_or_a_path(tmp_path, monkeypatch):
 # Declared dependencies that no file imports, each used through the library named here.
 USED_THROUGH = {"gguf": "transformers (reads the built-in model's GGUF file)",
                 "tensorboard": "torch.utils.tensorboard (comlora_ds.tracking)",
-                "flash-attn": "transformers (model.attn_implementation=flash_attention_2)"}
+                "flash-attn": "transformers (model.attn_implementation=flash_attention_2)",
+                "sentencepiece": "transformers (a LLaMA-2 folder with only tokenizer.model)"}
 
 
 def _imported_distributions(folders: tuple[str, ...]) -> set[str]:

@@ -25,7 +25,8 @@ from .methods._zero import gathered
 
 def frobenius_inner(f: LoRAFactors, g: LoRAFactors) -> float:
     """``<f.delta(), g.delta()>_F`` from the factors: ``r_f x r_g`` products only."""
-    return float(f.scaling * g.scaling * ((f.B.double().t() @ g.B.double()) * (f.A.double() @ g.A.double().t())).sum())
+    a_f, b_f, a_g, b_g = (t.detach().double() for t in (f.A, f.B, g.A, g.B))
+    return float(f.scaling * g.scaling * ((b_f.t() @ b_g) * (a_f @ a_g.t())).sum())
 
 
 def _pair(inner: torch.Tensor, i: int, j: int) -> dict:

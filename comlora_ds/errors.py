@@ -10,6 +10,7 @@ launch/consolidate.py and launch/evaluate.py; ``COMLORA_DEBUG=1`` shows the trac
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable
@@ -35,6 +36,15 @@ def run_cli(main: Callable[[], int]) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return EXIT_INPUT_ERROR
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors (an unknown choice, a missing argument) are one ``error: ...`` line and exit code
+    2, like :func:`run_cli`'s, instead of the usage text plus the message."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_INPUT_ERROR)
 
 
 class EvaluationError(InputError, ValueError):

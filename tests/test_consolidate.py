@@ -68,7 +68,7 @@ if __name__ == "__main__":
     train_and_dump(sys.argv[1:])
 
 # ------------------------------------------------------------------------------------------ pytest from here
-from comlora_ds.adapters.inject import active_component  # noqa: E402
+from comlora_ds.adapters.inject import active_component, adapter_layers  # noqa: E402
 from comlora_ds.base_model import Placement  # noqa: E402
 from comlora_ds.export.consolidate import ConsolidationError, consolidate  # noqa: E402
 from comlora_ds.data import ResponseCollator  # noqa: E402
@@ -417,11 +417,70 @@ def test_winner_override_and_an_existing_output(runs, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
 
 
+def _mean_response_nll(model, rows: list[dict]) -> float:
+    """The validation loss as docs/method.md defines it, by hand: each row's mean NLL over its response tokens,
+    averaged over the rows."""
+    batch = ResponseCollator(0)(rows)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    labels = batch["labels"][:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels.clamp(min=0), reduction="none")
+    mask = labels != -100
+    return ((nll * mask).sum(1) / mask.sum(1)).mean().item()
+
+
+@pytest.mark.parametrize("name", ["z2", "dash"])
+def test_winner_rules_export_the_selectors_choice_the_lowest_loss_component_or_the_soup(runs, exports, tmp_path,
+                                                                                       name):
+    """--winner-rule (issue 27): val_loss exports the lowest-validation-loss component; soup exports the base plus
+    the mean of the K updates (checked weight by weight against the live layers), as a stock PEFT adapter of rank
+    K*r (K*(r+s) for LoRA-Dash) with the merged model's logits; every report gives each rule's validation loss, the
+    soup's equal to the merged soup model's loss computed by hand."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run, selector = runs[name], json.loads((exports[name] / "report.json").read_text())
+    v = selector["validation"]
+    assert selector["winner_rule"] == "selector" and selector["winner"] == v["winner"]
+    assert v["rule_loss"]["selector"] == v["mean_loss"][v["winner"]]
+    assert v["rule_loss"]["val_loss"] == min(v["mean_loss"])
+    assert "each winner rule (`--winner-rule`) exports: selector " in (exports[name] / "report.md").read_text()
+
+    by_loss = consolidate(run / "checkpoints", tmp_path / "val_loss", winner_rule="val_loss", merged=False)
+    assert (by_loss["winner"], by_loss["winner_by"]) == (v["lowest_loss_component"], "validation_loss")
+    component = tmp_path / "val_loss" / "adapter" / "adapter_model.safetensors"
+    soup = consolidate(run / "checkpoints", tmp_path / "soup", winner_rule="soup")
+    assert soup["winner"] == "soup" and soup["winner_by"].startswith("soup")
+    assert soup["validation"]["rule_loss"] == pytest.approx(v["rule_loss"], rel=FP32_TOL)
+    assert "exported: **the soup (uniform average) of the components**" in (tmp_path / "soup" / "report.md").read_text()
+
+    ref = locate_checkpoint(run / "checkpoints")
+    live = build_live_model(ref.cfg, ref.cfg.model.name_or_path, recover_tensors(ref))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "soup" / "merged").eval()
+    k_total = ref.cfg.adapter.num_components
+    for path, layer in adapter_layers(live.llm).items():
+        mean = sum(layer.delta_weight(k).double() for k in range(k_total)) / k_total
+        torch.testing.assert_close(merged.get_submodule(path).weight.double(), layer.base.weight.double() + mean,
+                                   rtol=0, atol=1e-6)
+    config = json.loads((tmp_path / "soup" / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == k_total * by_loss["adapter"]["rank"] and config["rank_pattern"] == {}
+    assert component.is_file()
+    batch = validation_batch(run)
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir()),
+                                     tmp_path / "soup" / "adapter").eval()
+    with torch.no_grad():
+        assert_logits_close(peft(**batch).logits, merged(**batch).logits, FP32_TOL)
+    rows = load_validation_rows(step_dir(run))
+    assert _mean_response_nll(merged, rows) == pytest.approx(v["rule_loss"]["soup"], rel=1e-4)
+    assert v["rule_loss"]["soup"] != pytest.approx(min(v["mean_loss"]), rel=1e-6)      # not a component's loss
+
+
 # ---------------------------------------------------------------------------------------------- refusals
 def _copy_checkpoint(run: Path, dest: Path) -> Path:
-    step = dest / "checkpoints" / STEP
-    shutil.copytree(run / "checkpoints" / STEP, step)
-    (dest / "checkpoints" / "latest").write_text(STEP)
+    tag = (run / "checkpoints" / "latest").read_text().strip()
+    step = dest / "checkpoints" / tag
+    shutil.copytree(run / "checkpoints" / tag, step)
+    (dest / "checkpoints" / "latest").write_text(tag)
     return step
 
 
@@ -504,6 +563,16 @@ REFUSALS = {
     "changed_file": ("z3", lambda s, tmp: _flip_last_byte(s / "zero_pp_rank_1_mp_rank_00_optim_states.pt"), {},
                      r"zero_pp_rank_1_mp_rank_00_optim_states.pt is not the file that was written"),
     "winner_out_of_range": ("z2", None, {"winner": 2}, r"--winner 2: the checkpoint has K = 2 components"),
+    "unknown_winner_rule": ("z2", None, {"winner_rule": "best"}, r"--winner-rule 'best' is not one of selector, "
+                            r"val_loss, soup"),
+    "soup_of_one_component": ("lora", None, {"winner_rule": "soup"},
+                              r"--winner-rule soup averages the K components, but .* has K = 1"),
+    "val_loss_without_the_validation_rows": ("z2", lambda s, tmp: (s / "validation_rows.jsonl").unlink(),
+                                             {"winner_rule": "val_loss"},
+                                             r"--winner-rule val_loss needs .*validation_rows.jsonl \(the validation "
+                                             r"split the run was trained with\), which is missing"),
+    "winner_and_a_rule": ("z2", None, {"winner": 0, "winner_rule": "soup"},
+                          r"--winner 0 and --winner-rule soup both choose what is exported: pass one"),
 }
 
 
@@ -540,8 +609,7 @@ def test_refusals_name_the_problem_and_write_nothing(runs, tmp_path, case):
         kwargs["base"] = str(tmp_path / "smaller")
     if options.get("out") == "run":
         out = run
-    if "winner" in options:
-        kwargs["winner"] = options["winner"]
+    kwargs.update({key: options[key] for key in ("winner", "winner_rule") if key in options})
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     with pytest.raises(ConsolidationError, match="(?s)" + message):
         consolidate(run / "checkpoints", out, **kwargs)
@@ -552,4 +620,13 @@ def test_cli_refusal_exit_code_and_message(tmp_path):
     proc = run_cli(tmp_path / "nothing", "--out", tmp_path / "out")
     assert proc.returncode == 2
     assert f"error: no checkpoint at {tmp_path / 'nothing'}: no such file or folder" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_an_unknown_winner_rule_in_one_line(tmp_path):
+    proc = run_cli(tmp_path / "nothing", "--out", tmp_path / "out", "--winner-rule", "best")
+    assert proc.returncode == 2 and proc.stdout == ""
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("error: comlora-consolidate: argument --winner-rule: invalid choice: 'best' (choose from ")
+    assert "val_loss" in line and line.endswith("(see comlora-consolidate --help)")
     assert not (tmp_path / "out").exists()

@@ -18,7 +18,7 @@ from comlora_ds.adapters.inject import adapter_layers, inject_adapters, merge_co
 from comlora_ds.adapters.layer import lora_scaling
 from comlora_ds.config import AdapterConfig, RunConfig
 from comlora_ds.export import ConsolidationError
-from comlora_ds.export.factors import ComponentExporter
+from comlora_ds.export.factors import SOUP, ComponentExporter
 from comlora_ds.export.merge import SAFE_INDEX, stream_merge
 from comlora_ds.export.outdir import check_output, publish, staging
 from comlora_ds.export.peft_adapter import write_peft_adapter
@@ -176,6 +176,42 @@ def test_extension_point_exports_a_higher_rank_component(tmp_path):
                                                 tmp_path / "adapter").eval()(**batch).logits
         merged_logits = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(**batch).logits
     torch.testing.assert_close(peft_logits, merged_logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "lora_dash"])
+def test_soup_adapter_is_the_average_of_the_updates_through_stock_peft(tmp_path, method):
+    """--winner-rule soup: one stock PEFT LoRA of rank K*r (K*(r+s) for LoRA-Dash) whose logits equal the merged
+    soup model's and those of the base with the average of the K dense updates added by hand."""
+    adapter = adapter_cfg(method=method)
+    base = save_base(tmp_path / "base")
+    tensors = trained_tensors(AutoModelForCausalLM.from_pretrained(base), adapter_cfg())
+    s = 2 if method == "lora_dash" else 0
+    if s:
+        g = torch.Generator().manual_seed(3)
+        for module in {n.rpartition(".")[0] for n in tensors}:
+            d_out, d_in = tensors[f"{module}.lora_B"].shape[1], tensors[f"{module}.lora_A"].shape[2]
+            tensors[f"{module}.dash_U"] = torch.linalg.qr(torch.randn(K, d_out, s, generator=g))[0]
+            tensors[f"{module}.dash_V"] = torch.linalg.qr(torch.randn(K, d_in, s, generator=g))[0]
+            tensors[f"{module}.dash_d"] = torch.randn(K, s, generator=g)
+    exporter = ComponentExporter(tensors, adapter)
+    summary = write_peft_adapter(exporter, SOUP, adapter, str(base), tmp_path / "adapter")
+    stream_merge(base, tmp_path / "merged", exporter.weight_deltas(SOUP), merge_shapes(exporter))
+    assert summary["rank"] == K * (RANK + s) and summary["rank_pattern"] == {}
+    by_hand = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        for module in exporter.layers:
+            mean = sum(exporter.factors(module, k).delta().double() for k in range(K)) / K
+            weight = by_hand.get_submodule(module).weight
+            weight.copy_(weight.double() + mean)
+    batch = make_batch()
+    with torch.no_grad():
+        peft_logits = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base),
+                                                tmp_path / "adapter").eval()(**batch).logits
+        merged_logits = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(**batch).logits
+        hand_logits = by_hand(**batch).logits
+    torch.testing.assert_close(peft_logits, merged_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(merged_logits, hand_logits, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(hand_logits, AutoModelForCausalLM.from_pretrained(base)(**batch).logits, atol=1e-3)
 
 
 # ------------------------------------------------------------------------------------------ tensor checks

@@ -63,7 +63,7 @@ def active_component(model: nn.Module, k: int | None) -> Iterator[None]:
             layer.active_component = prev
 
 
-def merge_component(model: nn.Module, k: int) -> None:
+def merge_component(model: nn.Module, k: int | str) -> None:
     for layer in adapter_layers(model).values():
         layer.merge(k)
 

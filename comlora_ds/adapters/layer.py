@@ -42,6 +42,21 @@ class LoRAFactors:
         return (self.B.float() @ self.A.float()).mul_(self.scaling)
 
 
+SOUP = "soup"
+"""The selection that stands for the uniform average of the K components' updates (``--winner-rule soup``), accepted
+wherever a component index is (:meth:`ComLoRALinear.delta_weight`, ``merge``, the exporter's ``factors``)."""
+
+
+def soup_factors(components: list[LoRAFactors]) -> LoRAFactors:
+    """The uniform average ``(1/K) sum_k s_k B_k A_k`` as one LoRA pair of rank sum_k r_k, exactly:
+    ``A = cat_k A_k`` (rows), ``B = cat_k s_k B_k / K`` (columns), scaling 1 (the PEFT writer folds its own
+    scaling's ratio into B)."""
+    k = len(components)
+    A = torch.cat([f.A.float() for f in components], dim=0)
+    B = torch.cat([f.B.float() * (f.scaling / k) for f in components], dim=1)
+    return LoRAFactors(A, B, 1.0)
+
+
 class ComLoRALinear(nn.Module):
     """``base(x) + scaling * B_k A_k dropout(x)`` for K components stored as ``A [K, r, d_in]``,
     ``B [K, d_out, r]``.
@@ -107,20 +122,23 @@ class ComLoRALinear(nn.Module):
         whose component is more than ``B_k A_k`` overrides it with an equivalent (possibly higher-rank) pair."""
         return LoRAFactors(tensors["lora_A"][k].float(), tensors["lora_B"][k].float(), scaling)
 
-    def component_factors(self, k: int) -> LoRAFactors:
+    def component_factors(self, k: int | str) -> LoRAFactors:
+        """Component k's factors; ``k = SOUP``: the soup's (:func:`soup_factors` of the K components)."""
+        if k == SOUP:
+            return soup_factors([self.component_factors(i) for i in range(self.num_components)])
         tensors = {**dict(self.named_parameters(recurse=False)), **dict(self.named_buffers(recurse=False))}
         return self.factors_of({name: t.detach() for name, t in tensors.items()}, k, self.scaling)
 
-    def delta_weight(self, k: int) -> torch.Tensor:
-        """Component k's weight update in fp32, [d_out, d_in] (``scaling * B_k A_k`` for LoRA)."""
+    def delta_weight(self, k: int | str) -> torch.Tensor:
+        """Component k's (or the soup's) weight update in fp32, [d_out, d_in] (``scaling * B_k A_k`` for LoRA)."""
         return self.component_factors(k).delta()
 
     @torch.no_grad()
-    def merge(self, k: int, safe: bool = True) -> None:
-        """Fold component k into the frozen weight (in fp32, then cast back to its dtype)."""
+    def merge(self, k: int | str, safe: bool = True) -> None:
+        """Fold component k (or the soup) into the frozen weight (in fp32, then cast back to its dtype)."""
         if self.merged_component is not None:
             raise RuntimeError(f"component {self.merged_component} is already merged; unmerge() first")
-        if not 0 <= k < self.num_components:
+        if k != SOUP and not 0 <= k < self.num_components:
             raise IndexError(f"component {k} out of range for K = {self.num_components}")
         weight = self.base.weight
         merged = weight.float() + self.delta_weight(k)

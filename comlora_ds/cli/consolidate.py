@@ -20,7 +20,9 @@ from pathlib import Path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="comlora-consolidate", description=__doc__,
+    from ..errors import OneLineArgumentParser
+
+    p = OneLineArgumentParser(prog="comlora-consolidate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="checkpoints folder, step_NNNNNNNN folder or run folder")
     p.add_argument("--checkpoint", dest="pointer", choices=("latest", "best"), default="latest",
@@ -28,6 +30,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output folder (built beside it, renamed into place at the end)")
     p.add_argument("--winner", type=int, default=None,
                    help="export this component instead of the selector's choice (scores are still reported)")
+    p.add_argument("--winner-rule", choices=("selector", "val_loss", "soup"), default="selector",
+                   help="what is exported: selector = the selector's winner (the paper's eq. 12; default), val_loss = "
+                        "the lowest-validation-loss component, soup = the uniform average of the K components' "
+                        "updates (one PEFT LoRA of rank K*r)")
     p.add_argument("--base", default=None, help="base model folder or hub id (default: the run's model.name_or_path)")
     p.add_argument("--all-components", action="store_true", help="also write every component as a PEFT adapter")
     p.add_argument("--no-adapter", action="store_true", help="do not write the winner's PEFT adapter")
@@ -56,13 +62,15 @@ def _consolidate(args: argparse.Namespace) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")      # zero_to_fp32 needs no accelerator
     from ..export.consolidate import consolidate
 
-    report = consolidate(args.checkpoint, args.out, pointer=args.pointer, winner=args.winner, base=args.base,
+    report = consolidate(args.checkpoint, args.out, pointer=args.pointer, winner=args.winner,
+                         winner_rule=args.winner_rule, base=args.base,
                          all_components=args.all_components, adapter=not args.no_adapter,
                          merged=not args.no_merged, score=not args.skip_validation, overwrite=args.overwrite,
                          batch_size=args.batch_size, device=args.device, score_dtype=args.score_dtype,
                          log=lambda msg: print(msg, file=sys.stderr, flush=True))
     v = report["validation"]
-    print(f"winner: component {report['winner']} (by {report['winner_by']})")
+    print(f"winner: {report['winner'] if report['winner'] == 'soup' else 'component ' + str(report['winner'])} "
+          f"(by {report['winner_by']})")
     if v:
         print(f"validation loss per component: {[round(x, 4) for x in v['mean_loss']]}; lowest-loss component "
               f"{v['lowest_loss_component']}; selector winner is lowest-loss: {v['selector_winner_is_lowest_loss']}")

@@ -6,7 +6,9 @@ to bottom; the pieces live beside it in ``comlora_ds/export/``:
 1. ``recover``: find the checkpoint, recover every trainable tensor in fp32 (DeepSpeed's zero_to_fp32) and check
    each against the shapes the run config + base model imply (refusing empty/partial ZeRO-3 tensors).
 2. ``scoring``: rebuild the trained model and score the stored validation split: accumulated selector score
-   per component (the winner, docs/method.md "Winner"), per-component validation LM loss, per-sample argmax counts.
+   per component (the winner, docs/method.md "Winner"), per-component validation LM loss, per-sample argmax counts,
+   and with K > 1 the soup's validation loss (one more pass); the winner rule (``WINNER_RULES``) picks what is
+   exported: the selector's winner, the lowest-validation-loss component, or the soup of all K.
 3. ``factors``: component k of each layer as LoRA factors (A', B', scaling), from its adapter layer's ``factors_of``.
 4. ``peft_adapter``: the winner (and optionally every component) as a standard PEFT LoRA adapter.
 5. ``merge``: the winner merged into the base, shard by shard, tensor by tensor, in fp32, cast to the base dtype.
@@ -25,10 +27,11 @@ from typing import Callable
 
 import torch
 
+from ..adapters.layer import SOUP
 from ..base_model import choose_placement
 from ..divergence import update_divergence
 from ..manifest import base_model_fingerprint
-from ..run_layout import TOKENIZER
+from ..run_layout import TOKENIZER, VALIDATION_ROWS
 from ..validation import ValidationScores
 from .errors import ConsolidationError
 from .factors import ComponentExporter
@@ -38,9 +41,13 @@ from ..data.templates import write_template_file
 from .peft_adapter import copy_tokenizer, write_peft_adapter
 from .recover import check_tensors, expected_shapes, locate_checkpoint, recover_tensors
 from .report import read_training_metrics, write_plots, write_report
-from .scoring import build_live_model, load_validation_rows, score_checkpoint
+from .scoring import build_live_model, load_validation_rows, score_checkpoint, score_soup
 
-__all__ = ["ConsolidationError", "consolidate", "choose_winner", "recover_checked", "resolve_base"]
+__all__ = ["ConsolidationError", "consolidate", "choose_winner", "recover_checked", "resolve_base", "WINNER_RULES"]
+
+WINNER_RULES = ("selector", "val_loss", "soup")
+"""``selector``: the paper's eq. 12 (argmax of the accumulated selector scores; the lowest validation loss without a
+selector); ``val_loss``: the lowest-validation-loss component; ``soup``: the uniform average of the K updates."""
 
 
 def resolve_base(base: str | None, ref) -> tuple[str, Path]:
@@ -101,19 +108,50 @@ def check_base_is_the_trained_one(ref, base_dir: Path) -> None:
                                  f"pass the original base with --base")
 
 
-def choose_winner(requested: int | None, scores: ValidationScores | None, num_components: int) -> tuple[int, str]:
+def check_winner_rule(rule: str, winner: int | None, ref, score: bool) -> None:
+    """Refuses, before any tensor is read or anything written, a rule this checkpoint cannot serve."""
+    k_total = ref.cfg.adapter.num_components
+    if rule not in WINNER_RULES:
+        raise ConsolidationError(f"--winner-rule {rule!r} is not one of {', '.join(WINNER_RULES)}")
+    if winner is not None and rule != "selector":
+        raise ConsolidationError(f"--winner {winner} and --winner-rule {rule} both choose what is exported: pass one")
+    if rule == "soup" and k_total == 1:
+        raise ConsolidationError(f"--winner-rule soup averages the K components, but {ref.step_dir} has K = 1: "
+                                 f"use --winner-rule selector")
+    if winner is None and rule != "soup" and k_total > 1:
+        if not score:
+            raise ConsolidationError(f"--winner-rule {rule} with K = {k_total} needs the validation split scored: "
+                                     f"drop --skip-validation, or pass --winner k or --winner-rule soup")
+        if not (ref.step_dir / VALIDATION_ROWS).is_file():
+            raise ConsolidationError(f"--winner-rule {rule} needs {ref.step_dir / VALIDATION_ROWS} (the validation "
+                                     f"split the run was trained with), which is missing: pass --winner k or "
+                                     f"--winner-rule soup")
+
+
+def choose_winner(requested: int | None, scores: ValidationScores | None, num_components: int,
+                  rule: str = "selector") -> tuple[int | str, str]:
     if requested is not None:
         return requested, "user (--winner)"
+    if rule == "soup":
+        return SOUP, f"soup (uniform average of the {num_components} components' updates)"
     if num_components == 1:
         return 0, "single component"
     if scores is not None:
+        if rule == "val_loss":
+            return scores.lowest_loss_component, "validation_loss"
         return scores.winner, "selector" if scores.sim_sum is not None else "validation_loss"
     raise ConsolidationError(f"K = {num_components} and no validation split was scored (the checkpoint has no "
                              f"validation_rows.jsonl, or scoring was skipped): pass --winner k")
 
 
+def rule_losses(scores: ValidationScores, soup_loss: float | None) -> dict[str, float | None]:
+    """The validation loss of what each winner rule exports, side by side (``None``: the rule does not apply)."""
+    return {"selector": float(scores.mean_loss[scores.winner]),
+            "val_loss": float(scores.mean_loss[scores.lowest_loss_component]), "soup": soup_loss}
+
+
 def consolidate(checkpoint: str | Path, out: str | Path, *, pointer: str = "latest", winner: int | None = None,
-                base: str | None = None, all_components: bool = False, adapter: bool = True, merged: bool = True,
+                winner_rule: str = "selector", base: str | None = None, all_components: bool = False, adapter: bool = True, merged: bool = True,
                 score: bool = True, overwrite: bool = False, batch_size: int | None = None, device: str | None = None,
                 score_dtype: str = "auto", log: Callable[[str], None] = lambda msg: None) -> dict:
     """Consolidates ``checkpoint`` (a run or checkpoints folder: the checkpoint its ``pointer``, latest or best,
@@ -128,31 +166,35 @@ def consolidate(checkpoint: str | Path, out: str | Path, *, pointer: str = "late
     cfg, k_total = ref.cfg, ref.cfg.adapter.num_components
     if winner is not None and not 0 <= winner < k_total:
         raise ConsolidationError(f"--winner {winner}: the checkpoint has K = {k_total} components (0 .. {k_total - 1})")
+    check_winner_rule(winner_rule, winner, ref, score)
     out = Path(out).expanduser().resolve()
     refuse_training_output(out)
     base_name, base_dir, tensors = recover_checked(ref, base, log)
     clock.lap("recover")
 
     # 2. may we write OUT? (refuse before the expensive part)
-    options = {"winner": winner, "all_components": all_components, "adapter": adapter, "merged": merged,
-               "score": score}
+    options = {"winner": winner, "winner_rule": winner_rule, "all_components": all_components, "adapter": adapter,
+               "merged": merged, "score": score}
     fp = fingerprint(tensors, ref.step_dir, base_name, options)
     check_output(out, fp, overwrite, protected=[ref.step_dir, base_dir])
 
     # 3. score the validation split, choose the winner
-    scores = None
+    scores, soup_loss = None, None
     rows = load_validation_rows(ref.step_dir) if score else None
     if rows:
         model = build_live_model(cfg, str(base_dir), tensors, placement)
         log("scoring on {device}, {dtype}, {attn_implementation} attention".format(**_placement_summary(placement)))
-        scores = score_checkpoint(model, rows, ref.step_dir / TOKENIZER, k_total,
-                                  batch_size or cfg.train.micro_batch_size, placement.device)
-        del model
-        gc.collect()
+        scoring = (rows, ref.step_dir / TOKENIZER, k_total, batch_size or cfg.train.micro_batch_size, placement.device)
+        scores = score_checkpoint(model, *scoring)
         log(f"validation ({scores.num_samples} rows): mean loss "
             f"{[round(x, 4) for x in scores.mean_loss.tolist()]}, winner {scores.winner}")
+        if k_total > 1:
+            soup_loss = score_soup(model, *scoring)
+            log(f"validation loss of the soup of the {k_total} components: {soup_loss:.4f}")
+        del model
+        gc.collect()
         clock.lap("score")
-    chosen, chosen_by = choose_winner(winner, scores, k_total)
+    chosen, chosen_by = choose_winner(winner, scores, k_total, winner_rule)
 
     # 4. write everything beside OUT, then publish it in one rename
     exporter = ComponentExporter(tensors, cfg.adapter)
@@ -175,15 +217,17 @@ def consolidate(checkpoint: str | Path, out: str | Path, *, pointer: str = "late
             written["merge"] = stream_merge(base_dir, tmp / "merged", exporter.weight_deltas(chosen), shapes)
             copy_tokenizer(tokenizer_dir, tmp / "merged")
             outputs["merged"] = "merged"
-            log(f"merged component {chosen} into {len(written['merge']['shards'])} shard(s)")
+            log(f"merged {'the soup' if chosen == SOUP else f'component {chosen}'} into {len(written['merge']['shards'])} shard(s)")
             clock.lap("merge")
         for folder in [outputs.get("adapter"), outputs.get("merged"), *outputs.get("components", [])]:
             if folder:
                 write_template_file(tmp / folder, cfg.data)
         curves = read_training_metrics(ref.run_dir)
         validation = scores.as_dict() if scores is not None else None
+        if validation is not None and k_total > 1:
+            validation["rule_loss"] = rule_losses(scores, soup_loss)
         report = {**_summary(ref, base_name, base_dir, tensors, exporter), **written,
-                  "winner": chosen, "winner_by": chosen_by, "validation": validation,
+                  "winner": chosen, "winner_by": chosen_by, "winner_rule": winner_rule, "validation": validation,
                   "scoring": _placement_summary(placement) if scores is not None else None,
                   "selector_winner_is_lowest_loss": validation and validation["selector_winner_is_lowest_loss"],
                   "training": _training_summary(curves), "outputs": outputs, "fingerprint": fp}

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from ..adapters.layer import LoRAFactors, lora_scaling
+from ..adapters.layer import SOUP, LoRAFactors, lora_scaling, soup_factors
 from ..config import AdapterConfig
 from .errors import ConsolidationError
 
@@ -29,7 +29,8 @@ def layer_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch
 
 
 class ComponentExporter:
-    """The factors of one component for every adapted layer, computed on demand (one layer at a time)."""
+    """The factors of one component (or of the soup, ``k = SOUP``) for every adapted layer, computed on demand
+    (one layer at a time)."""
 
     def __init__(self, tensors: dict[str, torch.Tensor], adapter: AdapterConfig):
         from ..methods import method_class
@@ -48,7 +49,9 @@ class ComponentExporter:
         for module in self.layers:
             yield module.rsplit(".", 1)[-1], [self.factors(module, k) for k in range(self.num_components)]
 
-    def factors(self, module: str, k: int) -> LoRAFactors:
+    def factors(self, module: str, k: int | str) -> LoRAFactors:
+        if k == SOUP:
+            return soup_factors([self.factors(module, i) for i in range(self.num_components)])
         if not 0 <= k < self.num_components:
             raise ConsolidationError(f"component {k} does not exist: the checkpoint has K = {self.num_components} "
                                      f"components (0 .. {self.num_components - 1})")
@@ -59,7 +62,7 @@ class ComponentExporter:
                                      f"B {list(factors.B.shape)}: expected [rank, {d_in}] and [{d_out}, rank]")
         return factors
 
-    def weight_deltas(self, k: int) -> dict[str, Callable[[], torch.Tensor]]:
+    def weight_deltas(self, k: int | str) -> dict[str, Callable[[], torch.Tensor]]:
         """Base weight name -> a function computing component k's fp32 delta for it (lazily, to keep one
         delta in memory at a time during the streamed merge)."""
         return {f"{module}.weight": (lambda m=module: self.factors(m, k).delta()) for module in self.layers}

@@ -163,11 +163,15 @@ def _validation_table(validations: list[dict]) -> list[str]:
     return lines
 
 
+def _exported(winner: int | str) -> str:
+    return "the soup (uniform average) of the components" if winner == "soup" else f"component {winner}"
+
+
 def markdown(report: dict) -> str:
     v = report.get("validation")
     k_all = range(report["num_components"])
     lines = [f"# Consolidation of {report['checkpoint']['path']}", "",
-             f"- winner: **component {report['winner']}** (chosen by {report['winner_by']})",
+             f"- exported: **{_exported(report['winner'])}** (chosen by {report['winner_by']})",
              f"- method {report['method']}, K = {report['num_components']}, r = {report['rank']}, "
              f"alpha = {report['alpha']}, targets {', '.join(report['target_modules'])}",
              f"- checkpoint: step {report['checkpoint']['step']}, ZeRO stage {report['checkpoint']['zero_stage']}, "
@@ -184,6 +188,9 @@ def markdown(report: dict) -> str:
             lines.append(f"- selector agreement per sample (its top component has the sample's lowest loss): "
                          f"{100 * v['selector_agreement_rate']:.1f}% (chance {100 / report['num_components']:.0f}%); "
                          f"Spearman(sims, -loss), centred per sample: {'-' if rho is None else f'{rho:.3f}'}")
+        if v.get("rule_loss"):
+            lines.append("- validation loss of what each winner rule (`--winner-rule`) exports: " + ", ".join(
+                f"{rule} {'-' if loss is None else f'{loss:.4f}'}" for rule, loss in v["rule_loss"].items()))
         if v.get("distinguishability"):
             lines.append(f"- {v['distinguishability']}")
         for pair, d in (v.get("update_divergence") or {}).items():

@@ -1,6 +1,7 @@
 """Scoring the stored validation split offline: the real model (base + K adapters + selector) rebuilt from the
 run config and the recovered tensors, then ``comlora_ds.validation.score_validation`` (docs/method.md, "Winner":
-accumulated selector similarity per component, per-component LM loss, per-sample argmax counts)."""
+accumulated selector similarity per component, per-component LM loss, per-sample argmax counts), and the soup's
+validation loss (:func:`score_soup`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from ..adapters.inject import merge_component, unmerge_all
+from ..adapters.layer import SOUP
 from ..config import RunConfig
 from ..data import ResponseCollator, prepare_tokenizer
 from ..model import ComLoRAModel, build_model
@@ -17,7 +20,6 @@ from ..base_model import Placement, load_base_model
 from ..run_layout import VALIDATION_ROWS
 from ..validation import ValidationScores, score_validation
 from .errors import ConsolidationError
-
 
 
 def load_validation_rows(step_dir: Path) -> list[dict] | None:
@@ -62,3 +64,15 @@ def score_checkpoint(model: ComLoRAModel, rows: list[dict], tokenizer_dir: Path,
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(str(tokenizer_dir)))
     collate = ResponseCollator(tokenizer.pad_token_id)
     return score_validation(model, rows, collate, num_components, batch_size, device)
+
+
+def score_soup(model: ComLoRAModel, rows: list[dict], tokenizer_dir: Path, num_components: int, batch_size: int,
+               device: str = "cpu") -> float:
+    """The validation loss of the soup (the uniform average of the K updates merged into the base, exactly what
+    ``--winner-rule soup`` exports): with every layer merged, each of the K components computes the merged model,
+    so component 0's mean loss is the soup's. The model is unmerged afterwards."""
+    merge_component(model.llm, SOUP)
+    try:
+        return float(score_checkpoint(model, rows, tokenizer_dir, num_components, batch_size, device).mean_loss[0])
+    finally:
+        unmerge_all(model.llm)

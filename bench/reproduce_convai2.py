@@ -11,11 +11,14 @@ dialogue lines as the prompt, the self response as the target), the validation s
 dialogue's first turns are exactly the examples the whole dialogue gives for them, so the cut file is valid
 ParlAI text), written to <out>/data/. Every variant and seed sees the same rows in the same order (data.seed 42).
 
-Each variant x seed (default LoRA r=4, LoRA r=8, ComLoRA K=2 r=4) trains under DeepSpeed, is consolidated (every
-ComLoRA component as its own model too) and evaluated on the test dialogues: BLEU, METEOR, ROUGE-L, BERTScore of
-greedy replies and the reference responses' NLL. The untouched base is evaluated the same way. The report
-(bench/reproduce_convai2_report.py) adds best-of-K LoRA (K independent LoRA runs, the lowest validation loss kept),
-paired tests over the test examples and the paper's Table 10 view. A finished run keeps only what the report reads
+Each variant x seed (default LoRA r=4, LoRA r=8, ComLoRA K=2 r=4; also lora_r16, comlora_k2_r8) trains under
+DeepSpeed (validating every --eval-steps: the components' divergence over training), is consolidated (every ComLoRA
+component as its own model too, and the soup of the K components: ``--winner-rule soup``) and evaluated on the test
+dialogues: BLEU, METEOR, ROUGE-L, BERTScore of greedy replies and the reference responses' NLL. The untouched base
+is evaluated the same way. The report (bench/reproduce_convai2_report.py) adds best-of-K LoRA (K independent LoRA
+runs, the lowest validation loss kept), ComLoRA under each winner rule (selector, val_loss, soup), paired tests over
+the test examples, the paper's Table 10 view and the divergence over training. ``--train-only`` trains and stops
+(the other stages run on a later call), e.g. to keep both cores on training. A finished run keeps only what the report reads
 (validation.json, export/report.json, eval/) and its checkpoint; its merged models are deleted unless --keep-models.
 
 Every stage is skipped when its output exists and training resumes from its last checkpoint, so the script can be
@@ -40,6 +43,7 @@ PARTS = ("valid_self_original_no_cands.dialogues_0000-0199.txt", "valid_self_ori
 VARIANTS = {
     "lora_r4": ["adapter.num_components=1", "adapter.rank=4", "adapter.alpha=8"],
     "lora_r8": ["adapter.num_components=1", "adapter.rank=8", "adapter.alpha=16"],
+    "lora_r16": ["adapter.num_components=1", "adapter.rank=16", "adapter.alpha=32"],
     "comlora_k2_r4": ["adapter.num_components=2", "adapter.rank=4", "adapter.alpha=8",
                       "comlora.annealing=exponential", "comlora.noise=0.1"],
     "comlora_k2_r8": ["adapter.num_components=2", "adapter.rank=8", "adapter.alpha=16",
@@ -66,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--max-steps", type=int, default=50)
+    p.add_argument("--eval-steps", type=int, default=0,
+                   help="validate every N steps during training (divergence over training in metrics.jsonl); 0 = off")
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--max-length", type=int, default=192)
@@ -82,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="keep each run's merged models after its evaluations (default: delete them; the checkpoint "
                         "stays, so a run can be consolidated again)")
     p.add_argument("--chunk-minutes", type=float, default=0, help="stop (resumably) after this long; 0 = never")
+    p.add_argument("--train-only", action="store_true",
+                   help="only train (no consolidation or evaluation yet); a later run without it does the rest")
     p.add_argument("--report", type=Path, help="write the results section here (e.g. docs/results.md)")
     p.add_argument("--report-only", action="store_true")
     return p.parse_args(argv)
@@ -164,13 +172,24 @@ def train_command(args, variant: str, seed: int) -> list[str]:
                  "train.lr_scheduler=linear", "train.warmup_ratio=0.03", f"train.max_steps={args.max_steps}",
                  "train.save_steps=25", "train.save_total_limit=1", "train.resume=auto",
                  "logging.wandb_mode=offline", "logging.winner_window=10", *VARIANTS[variant], *args.extra]
+    if args.eval_steps:
+        overrides.append(f"train.eval_steps={args.eval_steps}")
     return [*shlex.split(args.launcher), str(REPO / "launch" / "train.py"), "--deepspeed", args.ds_config, *overrides]
 
 
-def consolidate_command(args, variant: str, seed: int) -> list[str]:
+def consolidate_command(args, variant: str, seed: int, rule: str = "selector") -> list[str]:
+    """The selector's winner and every component (``export/``), or with ``rule = "soup"`` the soup of the K
+    components (``export_soup/``); the lowest-validation-loss component is one of the former."""
     folder = run_dir(args, variant, seed)
+    if rule == "soup":
+        return [sys.executable, str(REPO / "launch" / "consolidate.py"), str(folder / "checkpoints"), "--out",
+                str(folder / "export_soup"), "--winner-rule", "soup", "--no-adapter"]
     return [sys.executable, str(REPO / "launch" / "consolidate.py"), str(folder / "checkpoints"), "--out",
             str(folder / "export"), "--all-components", "--no-adapter"]
+
+
+def is_comlora(variant: str) -> bool:
+    return "adapter.num_components=1" not in VARIANTS[variant]
 
 
 def evaluate_command(args, model: str, out: Path) -> list[str]:
@@ -189,7 +208,7 @@ def run_grid(args, budget: Budget) -> bool:
     logs = args.out / "logs"
     with claim(args.out / "base") as mine:
         out = args.out / "base" / "eval"
-        if mine and not stage(evaluate_command(args, args.model, out), out / "results.json", budget,
+        if mine and not args.train_only and not stage(evaluate_command(args, args.model, out), out / "results.json", budget,
                               logs / "base.eval.log"):
             return False
     for seed in args.seeds:
@@ -198,12 +217,22 @@ def run_grid(args, budget: Budget) -> bool:
             with claim(folder) as mine:
                 if not mine:
                     continue
-                if not (stage(train_command(args, variant, seed), folder / "validation.json", budget,
-                              logs / f"{folder.name}.train.log")
-                        and stage(consolidate_command(args, variant, seed), folder / "export" / "report.json",
-                                  budget, logs / f"{folder.name}.consolidate.log")):
+                if not stage(train_command(args, variant, seed), folder / "validation.json", budget,
+                             logs / f"{folder.name}.train.log"):
                     return False
-                for model, out in component_evaluations(folder):
+                if args.train_only:
+                    continue
+                if not stage(consolidate_command(args, variant, seed), folder / "export" / "report.json", budget,
+                             logs / f"{folder.name}.consolidate.log"):
+                    return False
+                jobs = component_evaluations(folder)
+                if is_comlora(variant):
+                    if not stage(consolidate_command(args, variant, seed, "soup"),
+                                 folder / "export_soup" / "report.json", budget,
+                                 logs / f"{folder.name}.consolidate_soup.log"):
+                        return False
+                    jobs.append((str(folder / "export_soup" / "merged"), folder / "eval" / "soup"))
+                for model, out in jobs:
                     if not stage(evaluate_command(args, model, out), out / "results.json", budget,
                                  logs / f"{folder.name}.{out.name}.eval.log"):
                         return False
@@ -215,7 +244,8 @@ def run_grid(args, budget: Budget) -> bool:
 def prune_models(folder: Path) -> None:
     """Delete a finished run's merged models (the base's size each, K of them for ComLoRA): the report needs only
     validation.json, export/report.json and eval/; the checkpoint stays for a new consolidation."""
-    for model in [folder / "export" / "merged", *(folder / "export" / "components").glob("component_*")]:
+    for model in [folder / "export" / "merged", folder / "export_soup" / "merged",
+                  *(folder / "export" / "components").glob("component_*")]:
         if model.is_dir():
             shutil.rmtree(model)
 
@@ -228,6 +258,9 @@ def example_commands(args) -> list[str]:
         folder = run_dir(args, variant, seed)
         commands += [train_command(args, variant, seed), consolidate_command(args, variant, seed),
                      evaluate_command(args, str(folder / "export" / "merged"), folder / "eval" / "winner")]
+        if is_comlora(variant):
+            commands += [consolidate_command(args, variant, seed, "soup"),
+                         evaluate_command(args, str(folder / "export_soup" / "merged"), folder / "eval" / "soup")]
     return display(commands)
 
 

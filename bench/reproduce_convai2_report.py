@@ -1,8 +1,11 @@
-"""The results section of bench/reproduce_convai2.py: paper Table 4 (with best-of-K LoRA), paired tests, Table 10.
+"""The results section of bench/reproduce_convai2.py: paper Table 4 (with best-of-K LoRA), ComLoRA under each winner
+rule, paired tests, Table 10, and the components' divergence over training.
 
 Everything is read back from the runs' own files: validation.json (validation loss per component, the selector's
-winner and diagnostics), eval/<model>/results.json (corpus metrics) and eval/<model>/predictions.jsonl (per test
-example: the reference's summed NLL and token count, METEOR, ROUGE-L, BERTScore F1).
+winner and diagnostics), metrics.jsonl (the validations during training: divergence and distinguishability),
+eval/<model>/results.json (corpus metrics) and eval/<model>/predictions.jsonl (per test example: the reference's
+summed NLL and token count, METEOR, ROUGE-L, BERTScore F1). The winner rules (``consolidate.py --winner-rule``):
+``selector`` is eval/winner, ``val_loss`` the eval of the lowest-validation-loss component, ``soup`` eval/soup.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from reproduce_report import compose_page, mean_sd
 METRICS = (("BLEU", "bleu"), ("METEOR", "meteor"), ("R-L", "rougeL"), ("BERT F1", "bertscore_f1"),
            ("BERT R", "bertscore_r"), ("BERT P", "bertscore_p"), ("NLL", "nll"), ("PPL", "perplexity"))
 # per-example scores for the paired tests: name, how to read it from a predictions row, higher is better?
+RULES = ("selector", "val_loss", "soup")
 PAIRED = (("NLL / token", lambda r: r["nll_sum"] / r["response_tokens"], False),
           ("METEOR", lambda r: r["meteor"], True), ("R-L", lambda r: r["rougeL"], True),
           ("BERT F1", lambda r: r["bertscore_f1"], True))
@@ -54,8 +58,46 @@ def finished_runs(args, run_dir) -> dict[str, list[dict]]:
                     components[k] = found
             out.setdefault(variant, []).append({
                 "seed": seed, "folder": folder, "validation": validation, "winner": winner,
-                "predictions": _predictions(folder / "eval" / "winner"), "components": components})
+                "predictions": _predictions(folder / "eval" / "winner"), "components": components,
+                "rules": rule_results(folder, validation)})
     return out
+
+
+def rule_results(folder: Path, validation: dict) -> dict[str, dict]:
+    """Per winner rule whose test evaluation exists: {results, predictions, validation_loss} of what it exports."""
+    if len(validation["mean_loss"]) < 2:
+        return {}
+    lowest = validation["lowest_loss_component"]
+    evals = {"selector": folder / "eval" / "winner",
+             "val_loss": folder / "eval" / ("winner" if lowest == validation["winner"] else f"component_{lowest}"),
+             "soup": folder / "eval" / "soup"}
+    soup_report = _load(folder / "export_soup" / "report.json") or {}
+    losses = {"selector": validation["mean_loss"][validation["winner"]], "val_loss": validation["mean_loss"][lowest],
+              "soup": ((soup_report.get("validation") or {}).get("rule_loss") or {}).get("soup")}
+    out = {}
+    for rule, where in evals.items():
+        results = _load(where / "results.json")
+        if results is not None:
+            out[rule] = {"results": results, "predictions": _predictions(where), "validation_loss": losses[rule]}
+    return out
+
+
+def divergence_over_training(folder: Path) -> list[dict]:
+    """The validations during training (train.eval_steps) of one run, from its metrics.jsonl: step, the first pair's
+    update distance and cosine, its loss difference and paired SE (a resumed run logs a step once more: the last
+    record of a step is kept)."""
+    path = folder / "metrics.jsonl"
+    by_step = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        record = json.loads(line)
+        v = record.get("validation")
+        if v and v.get("update_divergence"):
+            (pair, d), = list(v["update_divergence"].items())[:1]
+            diff = v["loss_difference"][pair]
+            by_step[int(record["step"])] = {"step": int(record["step"]), "distance": d["relative_distance"],
+                                            "cosine": d["cosine"], "difference": diff["mean"],
+                                            "se": diff["paired_se"], "distinguishable": diff["distinguishable"]}
+    return [by_step[s] for s in sorted(by_step)]
 
 
 def best_of(runs: list[dict], k: int) -> list[dict]:
@@ -96,21 +138,27 @@ def _rank_of(variant: str) -> str:
     return variant.rsplit("_r", 1)[1]
 
 
+def _complete_rules(group: list[dict]) -> list[str]:
+    """The winner rules every seed of a ComLoRA variant was evaluated under."""
+    return [rule for rule in RULES if all(rule in r["rules"] for r in group)]
+
+
 def comparisons(runs: dict[str, list[dict]], base_predictions: list[dict] | None) -> list[str]:
-    """Paired tests: each ComLoRA winner vs LoRA of its rank and vs best-of-K LoRA; every variant vs the base."""
+    """Paired tests: each ComLoRA rule vs LoRA of its rank and vs best-of-K LoRA; every variant vs the base."""
     rows = []
     for variant, group in runs.items():
         if not variant.startswith("comlora"):
             continue
         lora = runs.get(f"lora_r{_rank_of(variant)}", [])
         k = len(group[0]["validation"]["mean_loss"])
-        mine = [r["predictions"] for r in group]
-        if lora:
-            rows += _paired_rows(f"{variant} winner", mine, f"lora_r{_rank_of(variant)}",
-                                 [r["predictions"] for r in lora])
-        if len(lora) >= k:
-            rows += _paired_rows(f"{variant} winner", mine, f"best-of-{k} lora_r{_rank_of(variant)}",
-                                 [r["predictions"] for r in best_of(lora, k)])
+        for rule in _complete_rules(group) or ["selector"]:
+            mine = [r["rules"][rule]["predictions"] if r["rules"] else r["predictions"] for r in group]
+            label = f"{variant} {rule}"
+            if lora:
+                rows += _paired_rows(label, mine, f"lora_r{_rank_of(variant)}", [r["predictions"] for r in lora])
+            if len(lora) >= k:
+                rows += _paired_rows(label, mine, f"best-of-{k} lora_r{_rank_of(variant)}",
+                                     [r["predictions"] for r in best_of(lora, k)])
     if base_predictions is not None:
         for variant, group in runs.items():
             rows += _paired_rows(variant, [r["predictions"] for r in group], "base", [base_predictions])[:1]
@@ -140,6 +188,30 @@ def component_rows(runs: dict[str, list[dict]]) -> list[str]:
     return rows
 
 
+def rule_rows(runs: dict[str, list[dict]]) -> list[str]:
+    """Each ComLoRA variant under each winner rule: test metrics over the seeds and the validation loss of what the
+    rule exports."""
+    rows = []
+    for variant, group in runs.items():
+        for rule in _complete_rules(group) if variant.startswith("comlora") else []:
+            picked = [r["rules"][rule] for r in group]
+            rows.append(_metric_row(f"{variant} {rule}", len(group), [p["results"] for p in picked],
+                                    [p["validation_loss"] for p in picked if p["validation_loss"] is not None]))
+    return rows
+
+
+def divergence_rows(runs: dict[str, list[dict]]) -> list[str]:
+    """Per ComLoRA run, per validation during training: the components' update distance and cosine and their
+    validation loss difference (mean, paired SE, distinguishable = |mean| > 2 SE)."""
+    rows = []
+    for variant, group in runs.items():
+        for run in group if variant.startswith("comlora") else []:
+            for d in divergence_over_training(run["folder"]):
+                rows.append(f"| {variant} seed {run['seed']} | {d['step']} | {d['distance']:.3f} | {d['cosine']:.3f} "
+                            f"| {d['difference']:+.4f} | {d['se']:.4f} | {'yes' if d['distinguishable'] else 'no'} |")
+    return rows
+
+
 def _intro(args) -> list[str]:
     from common import cpu_model
 
@@ -165,6 +237,13 @@ def _intro(args) -> list[str]:
 LEGEND = ("Mean ± standard deviation over seeds (n). ComLoRA rows are the validation winner merged into the base; "
           "best-of-K LoRA: K independent LoRA runs (seeds), the lowest validation loss kept, over every K-subset of "
           "the seeds. Validation loss = the kept model's mean response-token loss on the held-out rows.")
+RULES_LEGEND = ("selector: the selector's winner (paper eq. 12, the default); val_loss: the component with the lower "
+                "validation loss; soup: the base plus the uniform average of the K components' updates (one merged "
+                "model, the same inference cost). Validation loss: of the model each rule exports.")
+DIVERGENCE_LEGEND = ("From each run's metrics.jsonl (train.eval_steps): update distance = ||dW_0 - dW_1||_F / mean "
+                     "||dW_k||_F over all adapted layers (0: twins; sqrt(2) = 1.41 for unrelated updates of equal "
+                     "norm), cosine of the two updates; the loss difference is over the validation rows, "
+                     "distinguishable when |mean| > 2 paired SE.")
 PAIRED_LEGEND = ("Per test reply, the score averaged over the seeds of each side (for best-of-K: over the kept runs of "
                  "every K-subset), then compared reply by reply: difference of means, its paired standard error, "
                  "replies where the first side is better / worse, the two-sided sign test and a paired bootstrap "
@@ -188,6 +267,11 @@ def write_report(args, run_dir, commands: list[str]) -> None:
             lines.append(_metric_row(f"best-of-{k} {variant}", len(kept), [r["winner"] for r in kept],
                                      [r["validation"]["mean_loss"][0] for r in kept]))
     lines += ["", LEGEND, ""]
+    rules = rule_rows(runs)
+    if rules:
+        lines += ["### ComLoRA under each winner rule (`consolidate.py --winner-rule`)", "",
+                  "| method | n | " + " | ".join(label for label, _ in METRICS) + " | validation loss |",
+                  "|" + "---|" * (len(METRICS) + 3), *rules, "", RULES_LEGEND, ""]
     paired = comparisons(runs, _predictions(args.out / "base" / "eval"))
     if paired:
         lines += ["### Paired tests over the test replies", "",
@@ -200,6 +284,11 @@ def write_report(args, run_dir, commands: list[str]) -> None:
                   "component | test METEOR per component | selector agreement (validation) | selector rank "
                   "correlation | best test NLL (= winner?) |", "|---|---|---|---|---|---|---|---|---|",
                   *table10, ""]
+    divergence = divergence_rows(runs)
+    if divergence:
+        lines += ["### Do the components move apart during training?", "",
+                  "| run | step | update distance | update cosine | val. loss difference (0 - 1) | paired SE | "
+                  "distinguishable |", "|---|---:|---:|---:|---:|---:|---|", *divergence, "", DIVERGENCE_LEGEND, ""]
     lines += ["### Commands", "", "What the driver runs (the first seed; the others differ only in `train.seed` and "
               "the folders; each other ComLoRA component is evaluated like the winner):", "", "```bash", *commands,
               "```", ""]

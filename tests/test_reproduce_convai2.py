@@ -53,7 +53,7 @@ def test_grid_and_its_results_section(tmp_path):
     cmd = [sys.executable, str(REPO / "bench" / "reproduce_convai2.py"), "--out", str(out), "--model",
            str(tiny_model_dir()), "--files", *files, "--train-dialogues", "0:6", "--test-dialogues", "6:8",
            "--test-turns", "2", "--variants", "lora_r4", "comlora_k2_r4", "--seeds", "1", "2", "--max-steps", "2",
-           "--max-length", "128", "--val-size", "4", "--eval-batch", "4", "--max-new-tokens", "4",
+           "--eval-steps", "1", "--max-length", "128", "--val-size", "4", "--eval-batch", "4", "--max-new-tokens", "4",
            "--report", str(report)]
     proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -96,10 +96,38 @@ def test_grid_and_its_results_section(tmp_path):
     theirs = [statistics.mean(v) for v in zip(*(nll_per_example(runs[("lora_r4", s)] / "eval" / "winner")
                                                 for s in (1, 2)))]
     c = paired_comparison(mine, theirs)
-    row = _cells(page, "| comlora_k2_r4 winner vs lora_r4 | NLL / token |")
+    row = _cells(page, "| comlora_k2_r4 selector vs lora_r4 | NLL / token |")
     assert row[2:6] == [f"{c.mean_a:.3f}", f"{c.mean_b:.3f}", f"{c.difference:+.3f}", f"{c.standard_error:.3f}"]
     assert row[7] == f"{c.sign_test_p:.2g}"
-    assert _cells(page, "| comlora_k2_r4 winner vs best-of-2 lora_r4 | METEOR |")
+    assert _cells(page, "| comlora_k2_r4 soup vs best-of-2 lora_r4 | METEOR |")
+    assert _cells(page, "| comlora_k2_r4 val_loss vs lora_r4 | NLL / token |")
+
+    # each winner rule: selector = the winner's evaluation, val_loss = the lower-validation-loss component's, soup =
+    # the merged soup's (its validation loss from the soup consolidation's report)
+    def rule_eval(seed: int, rule: str) -> Path:
+        v, folder = validation[("comlora_k2_r4", seed)], runs[("comlora_k2_r4", seed)] / "eval"
+        if rule == "soup":
+            return folder / "soup"
+        k = v["winner"] if rule == "selector" else v["lowest_loss_component"]
+        return folder / ("winner" if k == v["winner"] else f"component_{k}")
+
+    for rule in ("selector", "val_loss", "soup"):
+        cells = _cells(page, f"| comlora_k2_r4 {rule} |")
+        nll = [json.loads((rule_eval(s, rule) / "results.json").read_text())["metrics"]["nll"] for s in (1, 2)]
+        assert cells[1] == "2" and cells[8] == _mean_sd(nll, 3)
+    soup_val = [json.loads((runs[("comlora_k2_r4", s)] / "export_soup" / "report.json").read_text())
+                ["validation"]["rule_loss"]["soup"] for s in (1, 2)]
+    assert _cells(page, "| comlora_k2_r4 soup |")[10] == _mean_sd(soup_val, 4)
+
+    # the divergence over training: one row per validation (eval_steps 1: steps 1 and 2) from metrics.jsonl
+    for seed in (1, 2):
+        records = [json.loads(x)["validation"] for x in
+                   (runs[("comlora_k2_r4", seed)] / "metrics.jsonl").read_text().splitlines() if '"validation"' in x]
+        for v in records:
+            cells = _cells(page, f"| comlora_k2_r4 seed {seed} | {v['step']} |")
+            assert cells[2] == f"{v['update_divergence']['0-1']['relative_distance']:.3f}"
+            assert cells[4] == f"{v['loss_difference']['0-1']['mean']:+.4f}"
+        assert [v["step"] for v in records] == [1, 2]
     assert _cells(page, "| lora_r4 vs base | NLL / token |")
 
     # Table 10: each ComLoRA run's components, the selector's winner, and the test NLL of every component
@@ -116,6 +144,7 @@ def test_grid_and_its_results_section(tmp_path):
     for folder in runs.values():          # finished runs keep what the report reads, not their merged models
         assert (folder / "export" / "report.json").is_file() and (folder / "checkpoints").is_dir()
         assert not (folder / "export" / "merged").exists() and not list(folder.glob("export/components/*"))
+        assert not (folder / "export_soup" / "merged").exists()
 
     rerun = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)   # everything is done
     assert rerun.returncode == 0 and "$ " not in rerun.stdout

@@ -40,10 +40,10 @@ DOC = REPO / "docs" / "benchmarks.md"
 DOC_HEADER = ("# Benchmarks\n\nMeasured numbers of comlora_ds. Each section names its script, the exact command, "
               "the machine and the date; rerun the command to refresh it.\n")
 
+from comlora_ds.comlora.losses import ComLoRAObjective, response_nll_full_logits  # noqa: E402
+from comlora_ds.comlora.model import ComLoRAModel, build_model, build_objective  # noqa: E402
 from comlora_ds.config import LLAMA_LINEAR_MODULES, RunConfig  # noqa: E402
-from comlora_ds.losses import ComLoRAObjective, response_nll_full_logits  # noqa: E402
-from comlora_ds.model import ComLoRAModel, build_model, build_objective  # noqa: E402
-from comlora_ds.step import forward_backward  # noqa: E402
+from comlora_ds.training.step import forward_backward  # noqa: E402
 
 MODELS = {
     "smollm2-135m": "smollm2-135m",                                     # built in, converted once
@@ -85,7 +85,7 @@ def today() -> str:
 
 # ---------------------------------------------------------------------------------------- models
 def resolve(name: str) -> str:
-    from comlora_ds.builtin_models import resolve_model_path
+    from comlora_ds.models.builtin_models import resolve_model_path
 
     return resolve_model_path(MODELS.get(name, name))
 
@@ -103,7 +103,7 @@ class BaseModel:
     def __init__(self, name: str, dtype: str = "auto", attn: str = "auto"):
         from transformers import AutoModelForCausalLM
 
-        from comlora_ds.base_model import choose_attn_implementation
+        from comlora_ds.models.base_model import choose_attn_implementation
 
         self.name, self.path = name, resolve(name)
         self.dtype = default_dtype(dtype)

@@ -25,9 +25,9 @@ import common  # noqa: F401  (environment: CPU accelerator, offline hub)
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from comlora_ds.clipping import clip_factor, full_grads, group_norms  # noqa: E402
 from comlora_ds.config import load_config  # noqa: E402
-from comlora_ds.engine import Trainer, TrainerCallback, exit_process  # noqa: E402
+from comlora_ds.training.clipping import clip_factor, full_grads, group_norms  # noqa: E402
+from comlora_ds.training.engine import Trainer, TrainerCallback, exit_process  # noqa: E402
 
 
 class GradNormRecorder(TrainerCallback):

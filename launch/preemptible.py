@@ -6,7 +6,7 @@
 
 On SIGTERM or SIGUSR1 every rank is sent SIGUSR1 (the launcher never sees it): the ranks agree on a step, write one
 checkpoint and exit 0, and so does this command. launch/slurm.sbatch runs it on every node; docs/deepspeed.md has
-the details (comlora_ds/preemption.py).
+the details (comlora_ds/checkpointing/preemption.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from comlora_ds.preemption import run_launcher  # noqa: E402
+from comlora_ds.checkpointing.preemption import run_launcher  # noqa: E402
 
 if __name__ == "__main__":
     if len(sys.argv) < 2:

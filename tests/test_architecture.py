@@ -9,20 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_batch, tiny_llama
 from peft import PeftModel
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from comlora_ds.adapters.inject import adapter_layers
-from comlora_ds.adapters.layer import ComLoRALinear, LoRAFactors
+from comlora_ds.comlora.inject import adapter_layers
+from comlora_ds.comlora.layer import ComLoRALinear, LoRAFactors
+from comlora_ds.comlora.model import build_model
 from comlora_ds.config import load_config
 from comlora_ds.export.factors import ComponentExporter
 from comlora_ds.export.merge import stream_merge
 from comlora_ds.export.peft_adapter import write_peft_adapter
-from comlora_ds.methods import AdapterMethod, method_class, register_method
 from comlora_ds.methods import _METHODS as REGISTERED
-from comlora_ds.model import build_model
-from conftest import make_batch, tiny_llama
+from comlora_ds.methods import AdapterMethod, method_class, register_method
 
 PACKAGE = Path(__file__).resolve().parents[1] / "comlora_ds"
 
@@ -83,6 +83,43 @@ def test_the_package_has_no_import_cycle():
     graph = import_graph()
     assert "comlora_ds.methods" in graph["comlora_ds.export.factors"]      # the walk sees function-level imports
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+# Who may import whom, by subpackage (docs/architecture.md, "Layers"): a part imports only the parts listed for it;
+# a module at the package root (errors, fileio, distributed, config, presets) is a part of its own name.
+ALLOWED_IMPORTS = {
+    "errors": set(), "fileio": set(), "distributed": set(),
+    "config": {"errors", "fileio", "data"},            # data.olmo_eval's task lists validate data.tasks
+    "presets": {"config"},
+    "models": {"config", "errors", "fileio"},
+    "data": {"config", "errors", "fileio", "distributed", "models", "checkpointing",
+             "evaluation"},                            # the convai2 / mmlu parsers give their training rows
+    "comlora": {"config", "errors", "data", "methods"},
+    "methods": {"config", "errors", "comlora"},
+    "checkpointing": {"config", "errors", "fileio", "models"},
+    "training": {"config", "errors", "fileio", "distributed", "models", "data", "comlora", "methods",
+                 "checkpointing"},
+    "export": {"config", "errors", "fileio", "models", "data", "comlora", "methods", "checkpointing"},
+    "evaluation": {"config", "errors", "fileio", "models", "data", "comlora", "methods", "checkpointing", "export"},
+    "cli": {"config", "errors", "fileio", "presets", "models", "data", "methods", "checkpointing", "training",
+            "export", "evaluation"},
+}
+
+
+def _part(module: str) -> str:
+    return module.split(".")[1] if "." in module else module
+
+
+def test_imports_follow_the_layers():
+    """Lower layers never import the trainer, consolidation, evaluation or the CLIs; every subpackage is listed."""
+    graph = import_graph()
+    parts = {_part(m) for m in graph if m != "comlora_ds"}
+    assert parts == set(ALLOWED_IMPORTS), parts ^ set(ALLOWED_IMPORTS)
+    wrong = sorted(f"{m} imports {t}" for m, targets in graph.items() if m != "comlora_ds" for t in targets
+                   if _part(t) != _part(m) and _part(t) not in ALLOWED_IMPORTS[_part(m)])
+    assert not wrong, "\n".join(wrong)
+    for low in ("models", "data", "comlora", "methods", "checkpointing"):
+        assert not ALLOWED_IMPORTS[low] & {"training", "export", "cli"}
 
 
 def test_find_cycle_reports_one():
@@ -170,15 +207,16 @@ def test_a_toy_method_trains_merges_and_exports_through_its_layer_class(toy_meth
 
 # ------------------------------------------------------------------------------------------ one error style
 def test_every_user_error_is_an_input_error_and_keeps_its_builtin_base():
-    from comlora_ds import checkpoint, errors, manifest, run_layout
+    from comlora_ds import errors
+    from comlora_ds.checkpointing import checkpoint, manifest, run_layout
     from comlora_ds.config import ConfigError
     from comlora_ds.data.formats import DataError
-    from comlora_ds.ds_config import DeepSpeedConfigError
     from comlora_ds.evaluation.load import TrainingCheckpointError
     from comlora_ds.evaluation.report import ResultsConflict
     from comlora_ds.evaluation.wordnet import MetricUnavailable
     from comlora_ds.export.errors import ConsolidationError
-    from comlora_ds.base_model import ModelError
+    from comlora_ds.models.base_model import ModelError
+    from comlora_ds.training.ds_config import DeepSpeedConfigError
 
     kept = {ConfigError: ValueError, DataError: ValueError, DeepSpeedConfigError: ValueError,
             run_layout.CheckpointError: ValueError, checkpoint.OutputDirError: OSError,

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from comlora_ds import base_model
-from comlora_ds.base_model import DeviceError, Placement, choose_placement
+from comlora_ds.models import base_model
+from comlora_ds.models.base_model import DeviceError, Placement, choose_placement
 
 REPO = Path(__file__).resolve().parents[1]
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusals of a machine without a GPU")
@@ -68,6 +68,7 @@ def test_bad_devices_and_dtypes_are_named(gpu_machine):
 
 def test_load_base_model_takes_the_placements_attention(tmp_path):
     from assets import tiny_model_dir
+
     from comlora_ds.config import load_config
 
     cfg = load_config(overrides=["model.attn_implementation=eager"]).model

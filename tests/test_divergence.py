@@ -1,4 +1,4 @@
-"""comlora_ds.divergence against dense references: the components' weight-space distance and their validation-loss
+"""comlora_ds.comlora.divergence against dense references: the components' weight-space distance and their validation-loss
 difference."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from comlora_ds.adapters.layer import LoRAFactors
-from comlora_ds.divergence import frobenius_inner, loss_difference, update_divergence, verdict
+from comlora_ds.comlora.divergence import frobenius_inner, loss_difference, update_divergence, verdict
+from comlora_ds.comlora.layer import LoRAFactors
 
 
 def _factors(seed: int, rank: int = 3, d_in: int = 7, d_out: int = 5, scaling: float = 2.0) -> LoRAFactors:

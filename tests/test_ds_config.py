@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from comlora_ds.config import load_config
-from comlora_ds.ds_config import DeepSpeedConfigError, fill_ds_config, load_ds_config
+from comlora_ds.training.ds_config import DeepSpeedConfigError, fill_ds_config, load_ds_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,9 +18,20 @@ import time
 from pathlib import Path
 
 import pytest
-
-from helpers import (BF16_TOL, FP32_TOL, REPO, assert_trajectories_match, base_overrides, ds_config, free_port,
-                     launch, run_in_group, step_losses, subprocess_env, tensorboard_scalars)
+from helpers import (
+    BF16_TOL,
+    FP32_TOL,
+    REPO,
+    assert_trajectories_match,
+    base_overrides,
+    ds_config,
+    free_port,
+    launch,
+    run_in_group,
+    step_losses,
+    subprocess_env,
+    tensorboard_scalars,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -119,7 +130,7 @@ def test_resume_is_bit_exact_with_dropout_and_noise(tmp_path):
 RANK_STREAMS = """
 import sys, torch, torch.distributed as dist
 from comlora_ds.config import load_config
-from comlora_ds.engine import Trainer, exit_process
+from comlora_ds.training.engine import Trainer, exit_process
 trainer = Trainer(load_config(overrides=sys.argv[3:]), sys.argv[1])
 weights = {n: p.detach().clone() for n, p in trainer.engine.module.named_parameters() if p.requires_grad}
 torch.save({"weights": weights, "draws": torch.rand(16)}, f"{sys.argv[2]}/rank{dist.get_rank()}.pt")
@@ -242,7 +253,7 @@ def test_two_nodes_on_loopback(tmp_path):
 
 
 def test_rank_stream_seeds_are_distinct_and_reproducible():
-    from comlora_ds.engine import rank_stream_seed
+    from comlora_ds.training.engine import rank_stream_seed
 
     seeds = {(seed, rank): rank_stream_seed(seed, rank) for seed in range(4) for rank in range(8)}
     assert len(set(seeds.values())) == len(seeds)                   # seed + rank would collide: (1, 0) vs (0, 1)

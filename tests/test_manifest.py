@@ -1,4 +1,4 @@
-"""comlora_ds.manifest by hand: file hashes, the base model's storage-independent fingerprint, resume changes."""
+"""comlora_ds.checkpointing.manifest by hand: file hashes, the base model's storage-independent fingerprint, resume changes."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import re
 
 import pytest
 import torch
-
-from comlora_ds import manifest
 from conftest import tiny_llama
+
+from comlora_ds.checkpointing import manifest
 
 
 def test_sha256_and_verify_name_the_changed_or_missing_file(tmp_path):

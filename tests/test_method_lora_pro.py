@@ -12,16 +12,24 @@ import math
 
 import pytest
 import torch
+from conftest import make_batch, tiny_llama
 from torch import nn
 
-from comlora_ds.adapters.inject import adapter_layers
+from comlora_ds.comlora.inject import adapter_layers
+from comlora_ds.comlora.model import build_model
 from comlora_ds.config import load_config
 from comlora_ds.methods import get_method
-from comlora_ds.methods.lora_pro import (LoRAPair, LoRAProAdamW, equivalent_gradient, equivalent_parts,
-                                         equivalent_sqnorm, factorize, lora_pairs, lorapro_adjust, solve_x)
-from comlora_ds.model import build_model
-
-from conftest import make_batch, tiny_llama
+from comlora_ds.methods.lora_pro import (
+    LoRAPair,
+    LoRAProAdamW,
+    equivalent_gradient,
+    equivalent_parts,
+    equivalent_sqnorm,
+    factorize,
+    lora_pairs,
+    lorapro_adjust,
+    solve_x,
+)
 
 F64 = 1e-10
 
@@ -461,8 +469,8 @@ def test_zero_stages_run_the_efficient_mode_as_a_gradient_transform():
 def test_training_steps_on_a_tiny_llama_reduce_the_loss():
     """The whole path on a model: ComLoRA K = 2, LoRA-Pro full and efficient, loss goes down, state is kept
     per pair ([K, d_out, d_in] moments in full mode, LoRA-sized in efficient mode)."""
-    from comlora_ds.model import build_objective
-    from comlora_ds.step import forward_backward
+    from comlora_ds.comlora.model import build_objective
+    from comlora_ds.training.step import forward_backward
 
     for mode in ("full", "efficient"):
         cfg = _cfg("adapter.num_components=2", f"lora_pro.mode={mode}", "comlora.noise=0.0")

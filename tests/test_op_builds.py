@@ -1,5 +1,5 @@
 """Each install builds DeepSpeed's JIT ops in its own folder, and a killed build's lock is refused by name instead of
-hanging every later multi-rank run (comlora_ds/op_builds.py)."""
+hanging every later multi-rank run (comlora_ds/training/op_builds.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from comlora_ds import op_builds
 from comlora_ds.errors import InputError
+from comlora_ds.training import op_builds
 
 
 def test_a_virtualenv_gets_its_own_extensions_folder_unless_the_user_chose_one(monkeypatch, tmp_path):

@@ -18,11 +18,10 @@ import shutil
 import site
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
-
+import tomllib
 from assets import commonsense_dir
 from helpers import REPO, base_overrides, free_port, subprocess_env
 
@@ -124,7 +123,7 @@ def test_a_shipped_name_or_a_path(tmp_path, monkeypatch):
 
 # Declared dependencies that no file imports, each used through the library named here.
 USED_THROUGH = {"gguf": "transformers (reads the built-in model's GGUF file)",
-                "tensorboard": "torch.utils.tensorboard (comlora_ds.tracking)",
+                "tensorboard": "torch.utils.tensorboard (comlora_ds.training.tracking)",
                 "flash-attn": "transformers (model.attn_implementation=flash_attention_2)",
                 "sentencepiece": "transformers (a LLaMA-2 folder with only tokenizer.model)"}
 

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from helpers import REPO, base_overrides, ds_config, free_port, subprocess_env
 
 pytestmark = pytest.mark.distributed
@@ -107,7 +106,7 @@ def assert_one_checkpoint_at_the_agreed_step(out: Path, world: int, output: str)
 
 
 def test_catches_reads_the_handler_mask():
-    from comlora_ds.preemption import catches
+    from comlora_ds.checkpointing.preemption import catches
 
     previous = signal.signal(signal.SIGUSR1, lambda *_: None)
     try:

@@ -20,15 +20,24 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from comlora_ds import checkpoint as ckpt
-from comlora_ds import run_layout
-from comlora_ds.config import load_config
-from comlora_ds.ds_config import DeepSpeedConfigError, resolve_bf16
-
 from assets import commonsense_file, tiny_model_dir
-from helpers import (FP32_TOL, REPO, assert_trajectories_match, base_overrides, ds_config, free_port, launch,
-                     run_in_group, step_losses, subprocess_env)
+from helpers import (
+    FP32_TOL,
+    REPO,
+    assert_trajectories_match,
+    base_overrides,
+    ds_config,
+    free_port,
+    launch,
+    run_in_group,
+    step_losses,
+    subprocess_env,
+)
+
+from comlora_ds.checkpointing import checkpoint as ckpt
+from comlora_ds.checkpointing import run_layout
+from comlora_ds.config import load_config
+from comlora_ds.training.ds_config import DeepSpeedConfigError, resolve_bf16
 
 TRAIN_JSON = commonsense_file("ARC-Challenge")
 
@@ -473,7 +482,7 @@ def _copy_run(reference: Path, tmp_path: Path) -> Path:
 
 
 def test_every_checkpoint_lists_its_files_data_base_and_settings(reference):
-    from comlora_ds import manifest
+    from comlora_ds.checkpointing import manifest
 
     step = reference / "checkpoints" / "step_00000006"
     saved = json.loads((step / manifest.MANIFEST).read_text())

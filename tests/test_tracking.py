@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from comlora_ds.config import load_config
-from comlora_ds.tracking import RunLogger, wandb_settings
+from comlora_ds.training.tracking import RunLogger, wandb_settings
 
 
 @pytest.mark.parametrize("overrides,environ,expected", [

@@ -28,7 +28,7 @@ def train_with_gradient_ascent(argv: list[str]) -> None:
     from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
 
     from comlora_ds.config import load_config
-    from comlora_ds.engine import Trainer, TrainerCallback, exit_process
+    from comlora_ds.training.engine import Trainer, TrainerCallback, exit_process
 
     class GradientAscent(TrainerCallback):
         def on_gradients(self, trainer, step):
@@ -48,11 +48,10 @@ if __name__ == "__main__":
 
 # ------------------------------------------------------------------------------------------ pytest from here
 import pytest  # noqa: E402
+from helpers import FP32_TOL, base_overrides, ds_config, free_port, run_in_group, subprocess_env, tensorboard_scalars  # noqa: E402
 
 from comlora_ds.config import load_config  # noqa: E402
-from comlora_ds.validation_schedule import ValidationSchedule  # noqa: E402
-from helpers import (FP32_TOL, base_overrides, ds_config, free_port, run_in_group, subprocess_env,  # noqa: E402
-                     tensorboard_scalars)
+from comlora_ds.training.validation_schedule import ValidationSchedule  # noqa: E402
 
 
 def _records(run) -> list[dict]:
@@ -131,7 +130,7 @@ def test_report_plots_the_validation_curves(best_export):
 
 @pytest.mark.distributed
 def test_tensorboard_scalars_equal_metrics_jsonl(rising):
-    from comlora_ds.tracking import _flatten
+    from comlora_ds.training.tracking import _flatten
 
     got = tensorboard_scalars(rising)
     want = {(tag, r["step"]): float(value) for r in _records(rising) for tag, value in _flatten(r).items()
@@ -174,8 +173,8 @@ def test_divergence_is_logged_at_every_validation_and_the_per_row_file_recompute
     order, gathered from both ranks) recomputes every aggregate of validation.json."""
     import torch
 
+    from comlora_ds.comlora.divergence import loss_difference
     from comlora_ds.config import LLAMA_LINEAR_MODULES
-    from comlora_ds.divergence import loss_difference
 
     for step, record in _validations(rising).items():
         pair = record["update_divergence"]["0-1"]

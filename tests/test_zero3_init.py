@@ -1,4 +1,4 @@
-"""ZeRO-3 start-up without the whole base on any rank (comlora_ds/zero3_init.py, model.zero3_init).
+"""ZeRO-3 start-up without the whole base on any rank (comlora_ds/models/zero3_init.py, model.zero3_init).
 
 References: DeepSpeed's own partitioning of the ``from_pretrained`` model (the layout each rank must hold, 3 ranks so
 that tensors are padded), DeepSpeed's gather (the whole tensor), and a ZeRO-3 run that loads the whole base on every
@@ -14,13 +14,13 @@ import sys
 
 import pytest
 import torch
-from safetensors import safe_open
 from assets import tiny_model_dir
 from helpers import base_overrides, ds_config, free_port, launch, run_in_group, step_losses, subprocess_env
+from safetensors import safe_open
 
 from comlora_ds.config import ConfigError, ModelConfig
 from comlora_ds.export.recover import locate_checkpoint, recover_tensors
-from comlora_ds.zero3_init import check_model_dtype
+from comlora_ds.models.zero3_init import check_model_dtype
 
 LAYOUT = r"""
 import json, shutil, sys
@@ -28,10 +28,10 @@ from pathlib import Path
 import deepspeed, torch, torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
-from comlora_ds.base_model import ModelError
+from comlora_ds.models.base_model import ModelError
 from comlora_ds.config import ModelConfig
-from comlora_ds import zero3_init
-from comlora_ds.zero3_init import load_partitioned_base
+from comlora_ds.models import zero3_init
+from comlora_ds.models.zero3_init import load_partitioned_base
 
 zero3_init.READ_BLOCK = 200       # 3 rows of 64 per read: partitions start and end inside a read
 source, work, ds = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
@@ -130,7 +130,7 @@ def test_bf16_base_under_fp32_training_is_refused():
 
 HUB_ID = r"""
 import json
-from comlora_ds.zero3_init import weight_index, weights_folder
+from comlora_ds.models.zero3_init import weight_index, weights_folder
 folder = weights_folder("tiny-org/tiny-llama")
 print(json.dumps({"folder": str(folder), "index": {k: str(v) for k, v in weight_index(folder).items()}}))
 """
@@ -162,7 +162,7 @@ deepspeed.init_distributed(dist_backend="gloo")
 assert "transformers.models.llama.modeling_llama" not in sys.modules   # first imported by the partitioned build
 from transformers import AutoModelForCausalLM
 from comlora_ds.config import ModelConfig
-from comlora_ds.zero3_init import load_partitioned_base
+from comlora_ds.models.zero3_init import load_partitioned_base
 ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
 load_partitioned_base(sys.argv[1], ModelConfig(name_or_path=sys.argv[1]), ds)
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1])        # what evaluation does next, in the same process

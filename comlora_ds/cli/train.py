@@ -16,13 +16,13 @@ import argparse
 import os
 import sys
 
-from ..checkpoint import check_start
+from ..checkpointing.checkpoint import check_start
 from ..config import load_config
 from ..data.formats import check_data_files
-from ..ds_config import load_ds_config
 from ..errors import run_cli
 from ..methods import method_class
 from ..presets import ds_config_path, run_config_path
+from ..training.ds_config import load_ds_config
 
 
 def parse_args(argv: list[str] | None = None):
@@ -47,7 +47,7 @@ def _train(argv: list[str] | None) -> int:
     check_data_files(cfg.data)
     method_class(cfg.adapter.method)
     check_start(cfg, int(os.environ.get("WORLD_SIZE", 1)))     # the Trainer repeats it, for library callers
-    from ..engine import Trainer
+    from ..training.engine import Trainer
 
     trainer = Trainer(cfg, ds_config)
     result = trainer.train()
@@ -62,7 +62,7 @@ def run() -> None:
     """The console script: a finished run (the engine is imported) leaves without interpreter finalization."""
     code = main()
     if code == 0:
-        from ..engine import exit_process
+        from ..training.engine import exit_process
 
         exit_process(code)
     sys.exit(code)

@@ -1,7 +1,7 @@
 """Tokenise once: the training and validation datasets of a run, built by one process and read by every rank.
 
 The cache folder is ``<data.cache_dir or $COMLORA_DS_CACHE or ~/.cache/comlora_ds>/tokenized/<key>``, the key a
-sha256 of the data's content (every file or folder, :func:`comlora_ds.manifest.data_fingerprint`), the tokenizer
+sha256 of the data's content (every file or folder, :func:`comlora_ds.checkpointing.manifest.data_fingerprint`), the tokenizer
 (its saved files, after :func:`~comlora_ds.data.tokenize.prepare_tokenizer`), every ``data.*`` setting that changes
 the rows, and :data:`FORMAT_VERSION`. Rank 0 computes the key and builds the folder when it is missing
 (:func:`~comlora_ds.data.dataset.build_datasets`, written to a temporary folder and renamed: complete or absent);
@@ -50,7 +50,7 @@ class CacheDirError(InputError, NotADirectoryError):
 
 
 def cache_root(cfg: DataConfig) -> Path:
-    from ..builtin_models import cache_root as comlora_cache
+    from ..models.builtin_models import cache_root as comlora_cache
 
     root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else comlora_cache()
     for folder in (root, root / "tokenized"):
@@ -80,10 +80,10 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def cache_key(cfg: DataConfig, tokenizer: Any, data_fingerprint: dict | None = None) -> str:
-    """``data_fingerprint``: :func:`comlora_ds.manifest.data_fingerprint` of ``cfg`` when the caller has it already
+    """``data_fingerprint``: :func:`comlora_ds.checkpointing.manifest.data_fingerprint` of ``cfg`` when the caller has it already
     (hashing large files once); computed here otherwise."""
     if data_fingerprint is None:
-        from ..manifest import data_fingerprint as fingerprint_of
+        from ..checkpointing.manifest import data_fingerprint as fingerprint_of
 
         data_fingerprint = fingerprint_of(cfg)
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_IN_KEY}

@@ -26,8 +26,8 @@ def response_logprobs(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str
     The prompt is text ``renderer`` made (default: the Alpaca template); the response ends as it did in training
     (EOS, or the chat template's end of turn). Pairs longer than ``max_length`` keep the response and lose the
     prompt's left end, as in training."""
+    from ..comlora.losses import response_token_counts
     from ..data.tokenize import IGNORE_INDEX, ResponseCollator, fit_example
-    from ..losses import response_token_counts
     from .generate import ensure_pad_token, model_device
 
     renderer = renderer or PromptRenderer()

@@ -13,7 +13,7 @@
   with its shape checks), injected into the run's base model and component k is merged in memory; nothing is
   written. Without ``component`` it is refused (:class:`TrainingCheckpointError`): a checkpoint holds K
   components, and choosing the winner is consolidation's job (``launch/consolidate.py``).
-* a built-in model name (``smollm2-135m``, :mod:`comlora_ds.builtin_models`): converted once, then as a folder.
+* a built-in model name (``smollm2-135m``, :mod:`comlora_ds.models.builtin_models`): converted once, then as a folder.
 * anything else: passed to ``from_pretrained`` as a hub id (works offline only when it is in the local cache).
 """
 
@@ -24,11 +24,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-
+from ..checkpointing.run_layout import TOKENIZER, looks_like_training_output
 from ..errors import EvaluationError, InputError
-from ..base_model import Placement, choose_placement
-from ..run_layout import TOKENIZER, looks_like_training_output
-
+from ..models.base_model import Placement, choose_placement
 
 
 class TrainingCheckpointError(InputError, ValueError):
@@ -59,7 +57,7 @@ def _has_tokenizer(path: Path) -> bool:
 def describe_target(model_or_adapter: str, base: Optional[str] = None, component: Optional[int] = None) -> Target:
     """Classify ``model_or_adapter`` (see module doc); raises for a checkpoint without ``component`` (and
     the reverse) and for unusable folders."""
-    from ..builtin_models import BUILTIN_MODELS, resolve_model_path
+    from ..models.builtin_models import BUILTIN_MODELS, resolve_model_path
 
     path = Path(model_or_adapter).expanduser()
     if path.is_dir() and looks_like_training_output(path):
@@ -111,7 +109,7 @@ def training_template(target: Target) -> str:
 def load_for_eval(model_or_adapter: str, base: Optional[str] = None, component: Optional[int] = None,
                   dtype: Optional[str] = None, device: Optional[str] = None) -> tuple[Any, Any, Target]:
     """(model in eval mode, tokenizer, :class:`Target`); device, dtype and attention from
-    :func:`~comlora_ds.base_model.choose_placement` (None: a GPU in bf16 with flash-attn where present, else CPU fp32
+    :func:`~comlora_ds.models.base_model.choose_placement` (None: a GPU in bf16 with flash-attn where present, else CPU fp32
     with sdpa)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -139,7 +137,7 @@ def _checkpoint_component(target: Target, placement: Placement) -> tuple[Any, An
     """Component ``target.component`` of a training checkpoint, merged into the base model in memory."""
     from transformers import AutoTokenizer
 
-    from ..adapters.inject import merge_component
+    from ..comlora.inject import merge_component
     from ..export.consolidate import recover_checked
     from ..export.recover import locate_checkpoint
     from ..export.scoring import build_live_model

@@ -169,7 +169,7 @@ def run_evaluation(settings: EvalSettings, model: Any = None, tokenizer: Any = N
     """Run one evaluation; writes the results files when ``settings.out`` is set. ``model``/``tokenizer`` may be
     passed in (then ``settings.model`` is only recorded). Under torchrun every rank evaluates a share of the batches
     (:mod:`.parallel`), every rank returns the whole results and rank 0 writes them."""
-    from ..base_model import choose_placement
+    from ..models.base_model import choose_placement
     from .load import Target, load_for_eval
     from .parallel import join_launcher_group, rank_and_world
 

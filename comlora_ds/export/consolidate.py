@@ -27,17 +27,17 @@ from typing import Callable
 
 import torch
 
-from ..adapters.layer import SOUP
-from ..base_model import choose_placement
-from ..divergence import update_divergence
-from ..manifest import base_model_fingerprint
-from ..run_layout import TOKENIZER, VALIDATION_ROWS
-from ..validation import ValidationScores
+from ..checkpointing.manifest import base_model_fingerprint
+from ..checkpointing.run_layout import TOKENIZER, VALIDATION_ROWS
+from ..comlora.divergence import update_divergence
+from ..comlora.layer import SOUP
+from ..comlora.validation import ValidationScores
+from ..data.templates import write_template_file
+from ..models.base_model import choose_placement
 from .errors import ConsolidationError
 from .factors import ComponentExporter
 from .merge import stream_merge
 from .outdir import check_output, fingerprint, publish, refuse_training_output, staging
-from ..data.templates import write_template_file
 from .peft_adapter import copy_tokenizer, write_peft_adapter
 from .recover import check_tensors, expected_shapes, locate_checkpoint, recover_tensors
 from .report import read_training_metrics, write_plots, write_report
@@ -53,7 +53,7 @@ selector); ``val_loss``: the lowest-validation-loss component; ``soup``: the uni
 def resolve_base(base: str | None, ref) -> tuple[str, Path]:
     """(name recorded in adapter_config.json, local folder with config + safetensors). Default: the run's
     ``model.name_or_path`` (built-in names resolve to their converted folder; hub ids to the local HF cache)."""
-    from ..base_model import resolve_model_path
+    from ..models.base_model import resolve_model_path
 
     if base is None:
         try:

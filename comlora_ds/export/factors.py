@@ -1,6 +1,6 @@
 """Recovered checkpoint tensors -> each component's LoRA factors, layer by layer, for the merge and the PEFT adapter.
 
-The maths is the adapter layer's: :meth:`comlora_ds.adapters.layer.ComLoRALinear.factors_of` of the run's method
+The maths is the adapter layer's: :meth:`comlora_ds.comlora.layer.ComLoRALinear.factors_of` of the run's method
 (``layer_type`` of ``comlora_ds.methods.method_class(adapter.method)``), so consolidation computes exactly what
 training's in-memory merge computes. A method whose component is more than ``scaling * B_k A_k`` (LoRA-Dash) needs
 nothing here: its layer class overrides ``factors_of``.
@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from ..adapters.layer import SOUP, LoRAFactors, lora_scaling, soup_factors
+from ..comlora.layer import SOUP, LoRAFactors, lora_scaling, soup_factors
 from ..config import AdapterConfig
 from .errors import ConsolidationError
 

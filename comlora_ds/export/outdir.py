@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..run_layout import LATEST, METRICS, TAG_PATTERN, TRAINER_STATE
+from ..checkpointing.run_layout import LATEST, METRICS, TAG_PATTERN, TRAINER_STATE
 from .errors import ConsolidationError
 
 REPORT = "report.json"

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..adapters.layer import lora_scaling
+from ..comlora.layer import lora_scaling
 from ..config import AdapterConfig
 from .factors import ComponentExporter
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from .. import manifest
-from ..checkpoint import UnsafeCheckpointError, safe_load, screen_checkpoint
-from ..run_layout import LATEST, RUN_CONFIG, TOKENIZER, CheckpointError, find_checkpoint
+from ..checkpointing import manifest
+from ..checkpointing.checkpoint import UnsafeCheckpointError, safe_load, screen_checkpoint
+from ..checkpointing.run_layout import LATEST, RUN_CONFIG, TOKENIZER, CheckpointError, find_checkpoint
 from ..config import ConfigError, RunConfig, load_config
 from .errors import ConsolidationError
 
@@ -177,7 +177,7 @@ def skeleton(cfg: RunConfig, base_config) -> torch.nn.Module:
     """The ComLoRAModel the run config describes, on the meta device (no memory, no weights read)."""
     from transformers import AutoModelForCausalLM
 
-    from ..model import build_model
+    from ..comlora.model import build_model
 
     cfg = _without_checkpointing(cfg)
     with torch.device("meta"):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..run_layout import METRICS
+from ..checkpointing.run_layout import METRICS
 
 PLOTS = "plots"
 

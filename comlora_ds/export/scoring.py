@@ -1,5 +1,5 @@
 """Scoring the stored validation split offline: the real model (base + K adapters + selector) rebuilt from the
-run config and the recovered tensors, then ``comlora_ds.validation.score_validation`` (docs/method.md, "Winner":
+run config and the recovered tensors, then ``comlora_ds.comlora.validation.score_validation`` (docs/method.md, "Winner":
 accumulated selector similarity per component, per-component LM loss, per-sample argmax counts), and the soup's
 validation loss (:func:`score_soup`)."""
 
@@ -11,14 +11,14 @@ from pathlib import Path
 
 import torch
 
-from ..adapters.inject import merge_component, unmerge_all
-from ..adapters.layer import SOUP
+from ..checkpointing.run_layout import VALIDATION_ROWS
+from ..comlora.inject import merge_component, unmerge_all
+from ..comlora.layer import SOUP
+from ..comlora.model import ComLoRAModel, build_model
+from ..comlora.validation import ValidationScores, score_validation
 from ..config import RunConfig
 from ..data import ResponseCollator, prepare_tokenizer
-from ..model import ComLoRAModel, build_model
-from ..base_model import Placement, load_base_model
-from ..run_layout import VALIDATION_ROWS
-from ..validation import ValidationScores, score_validation
+from ..models.base_model import Placement, load_base_model
 from .errors import ConsolidationError
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..adapters.layer import ComLoRALinear
+from ..comlora.layer import ComLoRALinear
 from ..config import RunConfig
 
 

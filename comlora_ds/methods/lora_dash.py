@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..adapters.layer import ComLoRALinear, LoRAFactors
+from ..comlora.layer import ComLoRALinear, LoRAFactors
 from ..config import ConfigError
 from ._zero import gathered
 from .base import AdapterMethod

@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ..adapters.inject import adapter_layers
+from ..comlora.inject import adapter_layers
 from ..config import ConfigError
 from ._zero import gathered
 from .base import AdapterMethod

@@ -33,7 +33,7 @@ def _kill_in_checkpoint(spec):
 def _nan_at_forward(spec):
     import torch
 
-    from comlora_ds import model
+    from comlora_ds.comlora import model
 
     call, component = (int(x) for x in spec.split(":"))
     original, count = model.response_nll, [0]
@@ -56,7 +56,7 @@ def _fill_disk_after(spec):
     import shutil
     from pathlib import Path
 
-    from comlora_ds import checkpoint
+    from comlora_ds.checkpointing import checkpoint
 
     step, original = int(spec), checkpoint.save_checkpoint
 

@@ -13,13 +13,13 @@ works at every ZeRO stage; the reads are collectives, so every rank calls this a
 
 from __future__ import annotations
 
-import torch
 from typing import NamedTuple
 
+import torch
 from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
 from torch import nn
 
-from .adapters.layer import ComLoRALinear
+from ..comlora.layer import ComLoRALinear
 
 EPS = 1e-6          # as torch.nn.utils.clip_grad_norm_ and DeepSpeed: factor = max_norm / (norm + 1e-6)
 

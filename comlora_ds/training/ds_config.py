@@ -13,10 +13,10 @@ from typing import Any
 
 import hjson
 
-from .config import RunConfig
-from .data.formats import repeated_keys
-from .errors import InputError
-from .fileio import read_config_text
+from ..config import RunConfig
+from ..data.formats import repeated_keys
+from ..errors import InputError
+from ..fileio import read_config_text
 
 AUTO = "auto"
 
@@ -92,7 +92,7 @@ def resolve_bf16(cfg: RunConfig, ds: dict) -> bool:
     """bf16 on or off: the run config decides unless it says auto and the DS config is explicit."""
     import torch
 
-    from .base_model import fast_bf16_available
+    from ..models.base_model import fast_bf16_available
 
     requested = str(cfg.train.bf16).lower()
     ds_value = _get(ds, "bf16.enabled")
@@ -122,7 +122,7 @@ def fill_ds_config(source: str | Path | dict, cfg: RunConfig, world_size: int, h
     _fill_match(ds, "train_batch_size", t.micro_batch_size * gas * world_size,
                 f"train.micro_batch_size x gradient_accumulation_steps (x K in sequential mode) x {world_size} "
                 f"ranks", True)
-    if cfg.clip_scope == "per_group":    # the trainer clips each group itself (comlora_ds/clipping.py)
+    if cfg.clip_scope == "per_group":    # the trainer clips each group itself (comlora_ds/training/clipping.py)
         scope = "per_group" if cfg.train.clip_scope == "per_group" else "auto (per_group for K > 1)"
         _fill_match(ds, "gradient_clipping", 0.0, f"train.clip_scope = {scope} (the trainer clips each group itself; "
                     f"train.clip_scope=global lets DeepSpeed clip), which needs DeepSpeed's gradient_clipping", True)

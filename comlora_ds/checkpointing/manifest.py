@@ -26,8 +26,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
-from .fileio import atomic_write_text, read_json
+from ..errors import InputError
+from ..fileio import atomic_write_text, read_json
 
 MANIFEST = "manifest.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -100,7 +100,7 @@ def base_model_fingerprint(model_path: str) -> dict[str, str]:
     import torch
     from safetensors import safe_open
 
-    from .base_model import read_rows
+    from ..models.base_model import read_rows
 
     digests = {}                # per tensor, streamed in blocks of rows: never a whole tensor or shard in memory
     for shard in shards:

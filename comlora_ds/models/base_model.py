@@ -11,8 +11,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .config import ModelConfig
-from .errors import InputError, MissingPackage
+from ..config import ModelConfig
+from ..errors import InputError, MissingPackage
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

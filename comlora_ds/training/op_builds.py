@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
 
 # A cold build of the slowest op took 76 s on 2 busy cores; ten minutes is far beyond any build in progress.
 STALE_LOCK_SECONDS = 600

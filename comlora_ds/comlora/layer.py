@@ -61,7 +61,7 @@ class ComLoRALinear(nn.Module):
     """``base(x) + scaling * B_k A_k dropout(x)`` for K components stored as ``A [K, r, d_in]``,
     ``B [K, d_out, r]``.
 
-    Modes, set by the model (see ``comlora_ds.model``):
+    Modes, set by the model (see ``comlora_ds.comlora.model``):
       * ``active_component = None``: batched over all K (input rows are component-major, K * B).
       * ``active_component = k``: only component k, on an ordinary batch (sequential mode, eval).
       * after ``merge(k)``: component k lives in ``base.weight`` and the forward is just ``base(x)``.

@@ -52,7 +52,7 @@ def layout_of(cfg, world_size: int) -> BatchLayout:
 
 def saved_layout(folder: Path) -> BatchLayout:
     """The split the checkpoint in ``folder`` was trained with (its trainer state and run config)."""
-    from .config import load_config
+    from ..config import load_config
 
     return layout_of(load_config(folder / RUN_CONFIG), read_trainer_state(folder)["world_size"])
 
@@ -65,9 +65,8 @@ def batches_in_epoch(saved_batches: int, saved: BatchLayout, now: BatchLayout) -
 
 def needs_universal(step_dir: Path, saved: BatchLayout, world_size: int) -> bool:
     """Only ZeRO (stage >= 1) partitions the state by rank; without it every rank's file holds all of it."""
-    from .ds_config import zero_stage
-
-    return saved.world_size != world_size and zero_stage(json.loads((step_dir / DS_CONFIG).read_text())) >= 1
+    saved_ds = json.loads((step_dir / DS_CONFIG).read_text())        # the filled config the run trained with
+    return saved.world_size != world_size and int((saved_ds.get("zero_optimization") or {}).get("stage") or 0) >= 1
 
 
 def universal_work_dir(save_dir: Path, tag: str) -> Path:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .data.tokenize import IGNORE_INDEX
+from ..data.tokenize import IGNORE_INDEX
 
 ALIGN_SIGN = 1.0
 

@@ -19,10 +19,10 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .config import LoggingConfig, RunConfig
-from .fileio import atomic_write_text
-from .run_layout import METRICS, TENSORBOARD, WANDB_RUN_ID
-from .losses import PairTarget
+from ..checkpointing.run_layout import METRICS, TENSORBOARD, WANDB_RUN_ID
+from ..comlora.losses import PairTarget
+from ..config import LoggingConfig, RunConfig
+from ..fileio import atomic_write_text
 from .step import StepOutput
 
 DIAGNOSTICS = ("target_pairs_agreeing", "target_pairs", "top_is_lowest_loss", "sim_spread_sum", "samples")

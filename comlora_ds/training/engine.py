@@ -30,26 +30,27 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoConfig, get_scheduler
 
-from . import checkpoint as ckpt
-from . import manifest, reshard, zero3_init
-from . import run_layout as layout
-from .base_model import load_base_model, load_tokenizer, resolve_dtype, resolve_model_path
+from ..checkpointing import checkpoint as ckpt
+from ..checkpointing import manifest, reshard
+from ..checkpointing import run_layout as layout
+from ..comlora.divergence import adapter_layers, update_divergence
+from ..comlora.losses import annealing_eta
+from ..comlora.model import build_model, build_objective
+from ..comlora.validation import score_validation
+from ..config import ConfigError, RunConfig
+from ..data import ResponseCollator, prepare_tokenizer
+from ..data.cache import tokenised_datasets
+from ..distributed import on_rank0, release_shm_names
+from ..errors import InputError
+from ..fileio import atomic_write_text
+from ..methods import get_method
+from ..models import zero3_init
+from ..models.base_model import load_base_model, load_tokenizer, resolve_dtype, resolve_model_path
 from .clipping import clip_per_group
-from .config import ConfigError, RunConfig
-from .data import ResponseCollator, prepare_tokenizer
-from .data.cache import tokenised_datasets
-from .distributed import on_rank0, release_shm_names
-from .divergence import adapter_layers, update_divergence
 from .ds_config import fill_ds_config, load_ds_config, resolve_bf16, zero_stage
-from .errors import InputError
-from .fileio import atomic_write_text
-from .losses import annealing_eta
-from .methods import get_method
 from .op_builds import check_build_locks, use_own_extensions_dir
-from .model import build_model, build_objective
 from .step import DeepSpeedStepper
 from .tracking import RunLogger, StepAccumulator
-from .validation import score_validation
 from .validation_schedule import ValidationSchedule
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)

@@ -32,7 +32,7 @@ class ValidationScores:
     rank_correlation: float | None = None   # Spearman(sims, -loss), centred per sample (None without a selector)
     row_losses: torch.Tensor | None = None  # [N, K] per validation row, in the split's order
     row_sims: torch.Tensor | None = None    # [N, K] (None without a selector)
-    update_divergence: dict | None = None   # comlora_ds.divergence.update_divergence of the scored components
+    update_divergence: dict | None = None   # comlora_ds.comlora.divergence.update_divergence of the scored components
 
     @property
     def mean_loss(self) -> torch.Tensor:
@@ -67,7 +67,7 @@ class ValidationScores:
 
     def divergence(self) -> dict:
         """Are the components different? Their validation-loss difference per pair (with the one-line verdict) and
-        the weight-space distance of their updates (:mod:`comlora_ds.divergence`)."""
+        the weight-space distance of their updates (:mod:`comlora_ds.comlora.divergence`)."""
         if self.row_losses is None:
             return {}
         difference = loss_difference(self.row_losses)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -61,7 +61,7 @@ TRAINER_STATE_FIELDS = {"global_step": int, "total_steps": int, "world_size": in
 def read_trainer_state(folder: str | Path) -> dict:
     """A checkpoint's ``trainer_state.json``, its structure checked: a damaged one is refused naming the file and the
     field, before anything is resumed from it."""
-    from .fileio import read_json
+    from ..fileio import read_json
 
     path = Path(folder) / TRAINER_STATE
     state = read_json(path, CheckpointError)

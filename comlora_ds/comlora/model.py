@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .adapters.inject import adapter_layers, inject_adapters
-from .config import RunConfig
+from ..config import RunConfig
+from .inject import adapter_layers, inject_adapters
 from .losses import ComLoRAObjective, response_nll, response_token_counts
 from .selector import Selector
 
@@ -79,7 +79,7 @@ def build_model(cfg: RunConfig, llm: PreTrainedModel, method=None, on_create=Non
     ``cfg.adapter.method``), add the selector (ComLoRA only), and turn on non-reentrant gradient checkpointing if
     asked (it needs no input grads with a frozen base). ``on_create`` sees each adapter layer and the selector as
     soon as it exists (``zero3_init.Partitioner``)."""
-    from .methods import get_method
+    from ..methods import get_method
 
     a, c = cfg.adapter, cfg.comlora
     method = method or get_method(cfg)

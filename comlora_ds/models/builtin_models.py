@@ -31,7 +31,7 @@ from typing import Callable, Optional
 
 from filelock import FileLock
 
-from .errors import MissingPackage
+from ..errors import MissingPackage
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from .losses import ComLoRAObjective, ObjectiveTerms, PairTarget
+from ..comlora.losses import ComLoRAObjective, ObjectiveTerms, PairTarget
 
 
 class StepOutput(NamedTuple):

@@ -34,8 +34,8 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from ..config import ConfigError, ModelConfig
 from .base_model import ModelError, choose_attn_implementation, read_rows, tensor_shape
-from .config import ConfigError, ModelConfig
 
 INDEX_FILE = "model.safetensors.index.json"
 READ_BLOCK = 1 << 20          # elements read at once while a partition is filled (4 MiB in fp32)

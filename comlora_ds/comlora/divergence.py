@@ -2,7 +2,7 @@
 validation losses can be told apart (issue 27).
 
 Weight space, from the low-rank factors only (never a ``d_out x d_in`` product): component k's update in one layer is
-``dW_k = s_k B_k A_k`` (:class:`~comlora_ds.adapters.layer.LoRAFactors`, which LoRA-Dash and LoRA-Pro components also
+``dW_k = s_k B_k A_k`` (:class:`~comlora_ds.comlora.layer.LoRAFactors`, which LoRA-Dash and LoRA-Pro components also
 give), and ``<dW_i, dW_j>_F = s_i s_j sum((B_i^T B_j) * (A_i A_j^T))``, an ``r x r`` product. Summed over the layers
 of one module type (``q_proj``, ...) or over all layers, these give each pair's relative distance
 ``||dW_i - dW_j|| / mean(||dW_i||, ||dW_j||)`` (0: twins; 2: opposite) and cosine ``<dW_i, dW_j> / (||dW_i|| ||dW_j||)``.
@@ -19,8 +19,8 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .adapters.layer import ComLoRALinear, LoRAFactors
-from .methods._zero import gathered
+from ..methods._zero import gathered
+from .layer import ComLoRALinear, LoRAFactors
 
 
 def frobenius_inner(f: LoRAFactors, g: LoRAFactors) -> float:

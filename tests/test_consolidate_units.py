@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_batch, tiny_llama, tiny_llama_config
 from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
@@ -25,6 +24,8 @@ from comlora_ds.export.outdir import check_output, publish, staging
 from comlora_ds.export.peft_adapter import write_peft_adapter
 from comlora_ds.export.recover import check_tensors, expected_shapes, locate_checkpoint
 from comlora_ds.export.report import markdown, read_training_metrics, write_plots
+
+from conftest import make_batch, tiny_llama, tiny_llama_config
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 K, RANK, ALPHA = 3, 4, 8.0
@@ -144,6 +145,17 @@ def test_merge_refuses_non_finite_weights(tmp_path):
         stream_merge(base, tmp_path / "merged", exporter.weight_deltas(0), merge_shapes(exporter))
 
 
+def add_dash_directions(tensors: dict[str, torch.Tensor], s: int, seed: int) -> None:
+    """LoRA-Dash's chosen directions for every adapted layer of ``tensors``, as a trained checkpoint holds them:
+    orthonormal ``dash_U [K, d_out, s]``, ``dash_V [K, d_in, s]`` and random scales ``dash_d [K, s]``."""
+    g = torch.Generator().manual_seed(seed)
+    for module in {n.rpartition(".")[0] for n in tensors}:
+        d_out, d_in = tensors[f"{module}.lora_B"].shape[1], tensors[f"{module}.lora_A"].shape[2]
+        tensors[f"{module}.dash_U"] = torch.linalg.qr(torch.randn(K, d_out, s, generator=g))[0]
+        tensors[f"{module}.dash_V"] = torch.linalg.qr(torch.randn(K, d_in, s, generator=g))[0]
+        tensors[f"{module}.dash_d"] = torch.randn(K, s, generator=g)
+
+
 # ------------------------------------------------------------------------------------- extension point
 def test_extension_point_exports_a_higher_rank_component(tmp_path):
     """LoRA-Dash's layer (an extra U diag(d) V^T per component, from extra checkpoint tensors) exports as a
@@ -152,12 +164,7 @@ def test_extension_point_exports_a_higher_rank_component(tmp_path):
     adapter = adapter_cfg(method="lora_dash")
     base = save_base(tmp_path / "base")
     tensors = trained_tensors(AutoModelForCausalLM.from_pretrained(base), adapter_cfg())
-    g = torch.Generator().manual_seed(7)
-    for module in {n.rpartition(".")[0] for n in tensors}:
-        d_out, d_in = tensors[f"{module}.lora_B"].shape[1], tensors[f"{module}.lora_A"].shape[2]
-        tensors[f"{module}.dash_U"] = torch.linalg.qr(torch.randn(K, d_out, s, generator=g))[0]
-        tensors[f"{module}.dash_V"] = torch.linalg.qr(torch.randn(K, d_in, s, generator=g))[0]
-        tensors[f"{module}.dash_d"] = torch.randn(K, s, generator=g)
+    add_dash_directions(tensors, s, seed=7)
 
     exporter = ComponentExporter(tensors, adapter)      # lora_dash: DashLinear.factors_of, rank r + s
     for module, t in exporter.layers.items():
@@ -186,12 +193,7 @@ def test_soup_adapter_is_the_average_of_the_updates_through_stock_peft(tmp_path,
     tensors = trained_tensors(AutoModelForCausalLM.from_pretrained(base), adapter_cfg())
     s = 2 if method == "lora_dash" else 0
     if s:
-        g = torch.Generator().manual_seed(3)
-        for module in {n.rpartition(".")[0] for n in tensors}:
-            d_out, d_in = tensors[f"{module}.lora_B"].shape[1], tensors[f"{module}.lora_A"].shape[2]
-            tensors[f"{module}.dash_U"] = torch.linalg.qr(torch.randn(K, d_out, s, generator=g))[0]
-            tensors[f"{module}.dash_V"] = torch.linalg.qr(torch.randn(K, d_in, s, generator=g))[0]
-            tensors[f"{module}.dash_d"] = torch.randn(K, s, generator=g)
+        add_dash_directions(tensors, s, seed=3)
     exporter = ComponentExporter(tensors, adapter)
     summary = write_peft_adapter(exporter, SOUP, adapter, str(base), tmp_path / "adapter")
     stream_merge(base, tmp_path / "merged", exporter.weight_deltas(SOUP), merge_shapes(exporter))
@@ -376,8 +378,8 @@ def test_a_latest_pointing_into_another_run_is_not_followed(tmp_path):
 
 
 def test_a_damaged_validation_rows_file_is_named_with_its_line(tmp_path):
-    from comlora_ds.checkpointing.run_layout import VALIDATION_ROWS
     from comlora_ds.export.scoring import load_validation_rows
+    from comlora_ds.checkpointing.run_layout import VALIDATION_ROWS
 
     good = json.dumps({"input_ids": [1, 2], "labels": [-100, 2]})
     (tmp_path / VALIDATION_ROWS).write_text(good + "\n" + good[:9] + "\n")

@@ -18,8 +18,9 @@ dialogues: BLEU, METEOR, ROUGE-L, BERTScore of greedy replies and the reference 
 is evaluated the same way. The report (bench/reproduce_convai2_report.py) adds best-of-K LoRA (K independent LoRA
 runs, the lowest validation loss kept), ComLoRA under each winner rule (selector, val_loss, soup), paired tests over
 the test examples, the paper's Table 10 view and the divergence over training. ``--train-only`` trains and stops
-(the other stages run on a later call), e.g. to keep both cores on training. A finished run keeps only what the report reads
-(validation.json, export/report.json, eval/) and its checkpoint; its merged models are deleted unless --keep-models.
+(the other stages run on a later call), e.g. to keep both cores on training. A finished run keeps only what the
+report reads (validation.json, export/report.json, eval/) and its checkpoint; its merged
+models are deleted unless --keep-models.
 
 Every stage is skipped when its output exists and training resumes from its last checkpoint, so the script can be
 stopped at any time and run again; several drivers may share one --out (each run folder is locked), e.g. one per
@@ -178,12 +179,13 @@ def train_command(args, variant: str, seed: int) -> list[str]:
 
 
 def consolidate_command(args, variant: str, seed: int, rule: str = "selector") -> list[str]:
-    """The selector's winner and every component (``export/``), or with ``rule = "soup"`` the soup of the K
-    components (``export_soup/``); the lowest-validation-loss component is one of the former."""
+    """The selector's winner and every component (``export/``; its report also scores the soup: every rule's
+    validation loss), or with ``rule = "soup"`` the merged soup of the K components (``export_soup/``, not scored
+    again); the lowest-validation-loss component is one of the former."""
     folder = run_dir(args, variant, seed)
     if rule == "soup":
         return [sys.executable, str(REPO / "launch" / "consolidate.py"), str(folder / "checkpoints"), "--out",
-                str(folder / "export_soup"), "--winner-rule", "soup", "--no-adapter"]
+                str(folder / "export_soup"), "--winner-rule", "soup", "--no-adapter", "--skip-validation"]
     return [sys.executable, str(REPO / "launch" / "consolidate.py"), str(folder / "checkpoints"), "--out",
             str(folder / "export"), "--all-components", "--no-adapter"]
 
@@ -208,8 +210,8 @@ def run_grid(args, budget: Budget) -> bool:
     logs = args.out / "logs"
     with claim(args.out / "base") as mine:
         out = args.out / "base" / "eval"
-        if mine and not args.train_only and not stage(evaluate_command(args, args.model, out), out / "results.json", budget,
-                              logs / "base.eval.log"):
+        if mine and not args.train_only and not stage(evaluate_command(args, args.model, out), out / "results.json",
+                                                      budget, logs / "base.eval.log"):
             return False
     for seed in args.seeds:
         for variant in args.variants:

@@ -71,9 +71,9 @@ def rule_results(folder: Path, validation: dict) -> dict[str, dict]:
     evals = {"selector": folder / "eval" / "winner",
              "val_loss": folder / "eval" / ("winner" if lowest == validation["winner"] else f"component_{lowest}"),
              "soup": folder / "eval" / "soup"}
-    soup_report = _load(folder / "export_soup" / "report.json") or {}
+    export = _load(folder / "export" / "report.json") or {}
     losses = {"selector": validation["mean_loss"][validation["winner"]], "val_loss": validation["mean_loss"][lowest],
-              "soup": ((soup_report.get("validation") or {}).get("rule_loss") or {}).get("soup")}
+              "soup": ((export.get("validation") or {}).get("rule_loss") or {}).get("soup")}
     out = {}
     for rule, where in evals.items():
         results = _load(where / "results.json")

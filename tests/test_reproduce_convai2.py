@@ -103,7 +103,7 @@ def test_grid_and_its_results_section(tmp_path):
     assert _cells(page, "| comlora_k2_r4 val_loss vs lora_r4 | NLL / token |")
 
     # each winner rule: selector = the winner's evaluation, val_loss = the lower-validation-loss component's, soup =
-    # the merged soup's (its validation loss from the soup consolidation's report)
+    # the merged soup's (its validation loss from the consolidation's report, which scores every rule)
     def rule_eval(seed: int, rule: str) -> Path:
         v, folder = validation[("comlora_k2_r4", seed)], runs[("comlora_k2_r4", seed)] / "eval"
         if rule == "soup":
@@ -115,7 +115,7 @@ def test_grid_and_its_results_section(tmp_path):
         cells = _cells(page, f"| comlora_k2_r4 {rule} |")
         nll = [json.loads((rule_eval(s, rule) / "results.json").read_text())["metrics"]["nll"] for s in (1, 2)]
         assert cells[1] == "2" and cells[8] == _mean_sd(nll, 3)
-    soup_val = [json.loads((runs[("comlora_k2_r4", s)] / "export_soup" / "report.json").read_text())
+    soup_val = [json.loads((runs[("comlora_k2_r4", s)] / "export" / "report.json").read_text())
                 ["validation"]["rule_loss"]["soup"] for s in (1, 2)]
     assert _cells(page, "| comlora_k2_r4 soup |")[10] == _mean_sd(soup_val, 4)
 

@@ -40,9 +40,9 @@ DOC = REPO / "docs" / "benchmarks.md"
 DOC_HEADER = ("# Benchmarks\n\nMeasured numbers of comlora_ds. Each section names its script, the exact command, "
               "the machine and the date; rerun the command to refresh it.\n")
 
+from comlora_ds.config import LLAMA_LINEAR_MODULES, RunConfig  # noqa: E402
 from comlora_ds.comlora.losses import ComLoRAObjective, response_nll_full_logits  # noqa: E402
 from comlora_ds.comlora.model import ComLoRAModel, build_model, build_objective  # noqa: E402
-from comlora_ds.config import LLAMA_LINEAR_MODULES, RunConfig  # noqa: E402
 from comlora_ds.training.step import forward_backward  # noqa: E402
 
 MODELS = {

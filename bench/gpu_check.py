@@ -36,30 +36,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import memory  # noqa: E402
 import torch  # noqa: E402
-from common import (  # noqa: E402
-    DOC,
-    REPO,
-    BaseModel,
-    Spec,
-    build_variant,
-    command_line,
-    device,
-    free_port,
-    interleaved,
-    machine,
-    make_batch,
-    memory_kind,
-    mib,
-    run_config,
-    run_training,
-    run_worker,
-    table,
-    today,
-    update_doc_section,
-    verdict,
-)
+
+import memory  # noqa: E402
+from common import (DOC, REPO, BaseModel, Spec, build_variant, command_line, device, free_port, interleaved,  # noqa: E402
+                    machine, make_batch, memory_kind, mib, run_config, today, run_training, run_worker, table,
+                    update_doc_section, verdict)
 from step_time import execution_specs, lora_specs, timing_rows  # noqa: E402
 
 from comlora_ds.comlora.inject import active_component  # noqa: E402

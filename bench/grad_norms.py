@@ -25,8 +25,8 @@ import common  # noqa: F401  (environment: CPU accelerator, offline hub)
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from comlora_ds.config import load_config  # noqa: E402
 from comlora_ds.training.clipping import clip_factor, full_grads, group_norms  # noqa: E402
+from comlora_ds.config import load_config  # noqa: E402
 from comlora_ds.training.engine import Trainer, TrainerCallback, exit_process  # noqa: E402
 
 

@@ -21,12 +21,13 @@ import tempfile
 from pathlib import Path
 
 import torch
+
 from common import command_line, interleaved, machine, resolve, table, today, update_doc_section
-from merge_memory import synthetic_adapters  # noqa: E402
 
 from comlora_ds.comlora.inject import adapter_layers, inject_adapters  # noqa: E402
 from comlora_ds.export.factors import ComponentExporter  # noqa: E402
 from comlora_ds.export.merge import stream_merge  # noqa: E402
+from merge_memory import synthetic_adapters  # noqa: E402
 
 SECTION = "Consolidation: inference latency of the merged winner"
 WINNER = 1

@@ -29,24 +29,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import (  # noqa: E402
-    BaseModel,
-    Spec,
-    device,
-    interleaved,
-    machine,
-    make_batch,
-    provenance,
-    publish,
-    run_config,
-    supervised_tokens,
-    table,
-)
+from common import (BaseModel, Spec, device, interleaved, machine, make_batch, provenance, run_config,  # noqa: E402
+                    supervised_tokens, table, publish)
 
-from comlora_ds.comlora.model import build_model, build_objective  # noqa: E402
 from comlora_ds.methods import get_method  # noqa: E402
 from comlora_ds.methods.lora_dash import dash_layers, switch_to_dash  # noqa: E402
 from comlora_ds.methods.lora_pro import lora_pairs, lorapro_adjust  # noqa: E402
+from comlora_ds.comlora.model import build_model, build_objective  # noqa: E402
 from comlora_ds.training.step import forward_backward  # noqa: E402
 
 SECTION = "Methods"

@@ -110,8 +110,8 @@ def worker(out: Path, ds_config: str, overrides: list[str]) -> None:
     memory.start()
     import torch.distributed as dist
 
-    from comlora_ds.config import load_config
     from comlora_ds.training import engine
+    from comlora_ds.config import load_config
 
     peaks = {}
 

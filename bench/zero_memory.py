@@ -37,8 +37,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from comlora_ds.comlora.inject import inject_adapters  # noqa: E402
-from comlora_ds.comlora.selector import Selector  # noqa: E402
 from comlora_ds.config import LLAMA_LINEAR_MODULES  # noqa: E402
+from comlora_ds.comlora.selector import Selector  # noqa: E402
 
 # The LlamaConfig values of meta-llama/Meta-Llama-3-8B and Meta-Llama-3-70B (their config.json files).
 LLAMA3 = {

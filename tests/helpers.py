@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -103,10 +103,10 @@ def assert_trajectories_match(got: dict, want: dict, tol: float) -> None:
 def comlora_model(num_components=2, seed=0, overrides=(), **llama_overrides):
     """A ComLoRA model on conftest's tiny LLaMA with random (non-zero) B factors, and its config."""
     import torch
-    from conftest import tiny_llama
 
-    from comlora_ds.comlora.model import build_model
     from comlora_ds.config import load_config
+    from comlora_ds.comlora.model import build_model
+    from conftest import tiny_llama
 
     cfg = load_config(overrides=[f"adapter.num_components={num_components}", "adapter.rank=4",
                                  "adapter.dropout=0.0", "train.ce_chunk_size=7", *overrides])

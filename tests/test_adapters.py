@@ -7,12 +7,13 @@ import math
 
 import pytest
 import torch
-from conftest import make_batch, tiny_llama
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from comlora_ds.comlora.inject import active_component, adapter_layers, inject_adapters, merge_component, unmerge_all
 from comlora_ds.comlora.layer import ComLoRALinear
+
+from conftest import make_batch, tiny_llama
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

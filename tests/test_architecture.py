@@ -9,20 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_batch, tiny_llama
 from peft import PeftModel
 from torch import nn
 from transformers import AutoModelForCausalLM
 
 from comlora_ds.comlora.inject import adapter_layers
 from comlora_ds.comlora.layer import ComLoRALinear, LoRAFactors
-from comlora_ds.comlora.model import build_model
 from comlora_ds.config import load_config
 from comlora_ds.export.factors import ComponentExporter
 from comlora_ds.export.merge import stream_merge
 from comlora_ds.export.peft_adapter import write_peft_adapter
-from comlora_ds.methods import _METHODS as REGISTERED
 from comlora_ds.methods import AdapterMethod, method_class, register_method
+from comlora_ds.methods import _METHODS as REGISTERED
+from comlora_ds.comlora.model import build_model
+from conftest import make_batch, tiny_llama
 
 PACKAGE = Path(__file__).resolve().parents[1] / "comlora_ds"
 
@@ -207,16 +207,16 @@ def test_a_toy_method_trains_merges_and_exports_through_its_layer_class(toy_meth
 
 # ------------------------------------------------------------------------------------------ one error style
 def test_every_user_error_is_an_input_error_and_keeps_its_builtin_base():
-    from comlora_ds import errors
     from comlora_ds.checkpointing import checkpoint, manifest, run_layout
+    from comlora_ds import errors
     from comlora_ds.config import ConfigError
     from comlora_ds.data.formats import DataError
+    from comlora_ds.training.ds_config import DeepSpeedConfigError
     from comlora_ds.evaluation.load import TrainingCheckpointError
     from comlora_ds.evaluation.report import ResultsConflict
     from comlora_ds.evaluation.wordnet import MetricUnavailable
     from comlora_ds.export.errors import ConsolidationError
     from comlora_ds.models.base_model import ModelError
-    from comlora_ds.training.ds_config import DeepSpeedConfigError
 
     kept = {ConfigError: ValueError, DataError: ValueError, DeepSpeedConfigError: ValueError,
             run_layout.CheckpointError: ValueError, checkpoint.OutputDirError: OSError,

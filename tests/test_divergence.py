@@ -1,5 +1,5 @@
-"""comlora_ds.comlora.divergence against dense references: the components' weight-space distance and their validation-loss
-difference."""
+"""comlora_ds.comlora.divergence against dense references: the components' weight-space distance and their
+validation-loss difference."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from comlora_ds.comlora.divergence import frobenius_inner, loss_difference, update_divergence, verdict
 from comlora_ds.comlora.layer import LoRAFactors
+from comlora_ds.comlora.divergence import frobenius_inner, loss_difference, update_divergence, verdict
 
 
 def _factors(seed: int, rank: int = 3, d_in: int = 7, d_out: int = 5, scaling: float = 2.0) -> LoRAFactors:

@@ -18,20 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import (
-    BF16_TOL,
-    FP32_TOL,
-    REPO,
-    assert_trajectories_match,
-    base_overrides,
-    ds_config,
-    free_port,
-    launch,
-    run_in_group,
-    step_losses,
-    subprocess_env,
-    tensorboard_scalars,
-)
+
+from helpers import (BF16_TOL, FP32_TOL, REPO, assert_trajectories_match, base_overrides, ds_config, free_port,
+                     launch, run_in_group, step_losses, subprocess_env, tensorboard_scalars)
 
 pytestmark = pytest.mark.distributed
 

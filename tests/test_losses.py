@@ -9,14 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from comlora_ds.comlora.losses import (
-    ComLoRAObjective,
-    annealing_eta,
-    reduce_losses,
-    response_nll,
-    response_nll_full_logits,
-    response_token_counts,
-)
+from comlora_ds.comlora.losses import (ComLoRAObjective, annealing_eta, reduce_losses, response_nll,
+                                response_nll_full_logits, response_token_counts)
 
 # L[k, b] (per-token means) for K = 3 components, B = 2 samples; sims [B, K]; response tokens per sample.
 LOSSES = torch.tensor([[1.0, 2.0], [3.0, 0.5], [2.0, 1.5]])

@@ -1,4 +1,5 @@
-"""comlora_ds.checkpointing.manifest by hand: file hashes, the base model's storage-independent fingerprint, resume changes."""
+"""comlora_ds.checkpointing.manifest by hand: file hashes, the base model's storage-independent fingerprint, resume
+changes."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import re
 
 import pytest
 import torch
-from conftest import tiny_llama
 
 from comlora_ds.checkpointing import manifest
+from conftest import tiny_llama
 
 
 def test_sha256_and_verify_name_the_changed_or_missing_file(tmp_path):

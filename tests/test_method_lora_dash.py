@@ -10,16 +10,18 @@ import copy
 
 import pytest
 import torch
-from conftest import make_batch, tiny_llama
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from comlora_ds.comlora.inject import adapter_layers, merge_component
-from comlora_ds.comlora.model import build_model, build_objective
 from comlora_ds.config import load_config
 from comlora_ds.methods import get_method
-from comlora_ds.methods.lora_dash import DashLinear, change_rates, dash_layers, select_directions, switch_to_dash
+from comlora_ds.methods.lora_dash import (DashLinear, change_rates, dash_layers,
+                                          select_directions, switch_to_dash)
+from comlora_ds.comlora.model import build_model, build_objective
 from comlora_ds.training.step import forward_backward
+
+from conftest import make_batch, tiny_llama
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

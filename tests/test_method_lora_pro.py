@@ -12,24 +12,16 @@ import math
 
 import pytest
 import torch
-from conftest import make_batch, tiny_llama
 from torch import nn
 
 from comlora_ds.comlora.inject import adapter_layers
-from comlora_ds.comlora.model import build_model
 from comlora_ds.config import load_config
 from comlora_ds.methods import get_method
-from comlora_ds.methods.lora_pro import (
-    LoRAPair,
-    LoRAProAdamW,
-    equivalent_gradient,
-    equivalent_parts,
-    equivalent_sqnorm,
-    factorize,
-    lora_pairs,
-    lorapro_adjust,
-    solve_x,
-)
+from comlora_ds.methods.lora_pro import (LoRAPair, LoRAProAdamW, equivalent_gradient, equivalent_parts,
+                                         equivalent_sqnorm, factorize, lora_pairs, lorapro_adjust, solve_x)
+from comlora_ds.comlora.model import build_model
+
+from conftest import make_batch, tiny_llama
 
 F64 = 1e-10
 

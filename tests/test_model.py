@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_batch
-from helpers import comlora_model
 
 from comlora_ds.comlora.inject import active_component, merge_component
+from comlora_ds.config import load_config
 from comlora_ds.comlora.model import build_model, build_objective
 from comlora_ds.comlora.selector import Selector
-from comlora_ds.config import load_config
 from comlora_ds.training.step import forward_backward
+
+from conftest import make_batch
+from helpers import comlora_model
 
 
 def _grads(model):
@@ -172,10 +173,10 @@ def test_short_training_run_lowers_the_loss():
 def test_smollm2_short_training_run_lowers_the_loss():
     """SmolLM2-135M (the built-in model, real weights) on 8 real ARC-Challenge training rows through the real data
     pipeline: 12 optimizer steps of ComLoRA K=2 r=8 lower the mean response loss of those rows."""
-    from assets import commonsense_file
-
     from comlora_ds.data import ResponseCollator, build_datasets
     from comlora_ds.models.base_model import load_base_model, load_tokenizer, resolve_model_path
+
+    from assets import commonsense_file
 
     train_file = commonsense_file("ARC-Challenge")
     cfg = load_config(overrides=["model.name_or_path=smollm2-135m", "adapter.num_components=2", "adapter.rank=8",

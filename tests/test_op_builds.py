@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from comlora_ds.errors import InputError
 from comlora_ds.training import op_builds
+from comlora_ds.errors import InputError
 
 
 def test_a_virtualenv_gets_its_own_extensions_folder_unless_the_user_chose_one(monkeypatch, tmp_path):

@@ -18,10 +18,11 @@ import shutil
 import site
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
+
 from assets import commonsense_dir
 from helpers import REPO, base_overrides, free_port, subprocess_env
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+
 from helpers import REPO, base_overrides, ds_config, free_port, subprocess_env
 
 pytestmark = pytest.mark.distributed

@@ -20,24 +20,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from assets import commonsense_file, tiny_model_dir
-from helpers import (
-    FP32_TOL,
-    REPO,
-    assert_trajectories_match,
-    base_overrides,
-    ds_config,
-    free_port,
-    launch,
-    run_in_group,
-    step_losses,
-    subprocess_env,
-)
 
 from comlora_ds.checkpointing import checkpoint as ckpt
 from comlora_ds.checkpointing import run_layout
 from comlora_ds.config import load_config
 from comlora_ds.training.ds_config import DeepSpeedConfigError, resolve_bf16
+
+from assets import commonsense_file, tiny_model_dir
+from helpers import (FP32_TOL, REPO, assert_trajectories_match, base_overrides, ds_config, free_port, launch,
+                     run_in_group, step_losses, subprocess_env)
 
 TRAIN_JSON = commonsense_file("ARC-Challenge")
 

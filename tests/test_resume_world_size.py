@@ -13,21 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import (
-    FP32_TOL,
-    assert_trajectories_match,
-    base_overrides,
-    ds_config,
-    free_port,
-    launch,
-    run_in_group,
-    step_losses,
-    subprocess_env,
-)
 
 from comlora_ds.checkpointing import manifest
 from comlora_ds.export.recover import locate_checkpoint, recover_optimizer_state, recover_tensors
 from comlora_ds.presets import run_config_path
+
+from helpers import FP32_TOL, assert_trajectories_match, base_overrides, ds_config, free_port, launch, step_losses, \
+    run_in_group, subprocess_env
 
 pytestmark = pytest.mark.distributed
 
@@ -136,8 +128,8 @@ def test_extending_a_finished_run_recomputes_the_schedule(reference, tmp_path):
     learning rate and eta an 8-step plan has there (what transformers' scheduler and the annealing give for T=8)."""
     from transformers import get_scheduler
 
-    from comlora_ds.comlora.losses import annealing_eta
     from comlora_ds.config import load_config
+    from comlora_ds.comlora.losses import annealing_eta
 
     out = tmp_path / "extended"
     launch(base_overrides(out, **{"train.max_steps": 8, "train.resume": reference / "checkpoints" / "step_00000006",
@@ -167,8 +159,8 @@ def test_the_epoch_position_is_counted_in_samples():
 
 
 def test_new_rank_streams_are_not_the_run_start_streams():
-    from comlora_ds.checkpointing.reshard import fresh_stream_seed
     from comlora_ds.training.engine import rank_stream_seed
+    from comlora_ds.checkpointing.reshard import fresh_stream_seed
 
     fresh = {fresh_stream_seed(42, rank, step) for rank in range(4) for step in (3, 6)}
     assert len(fresh) == 8 and not fresh & {rank_stream_seed(42, rank) for rank in range(4)}

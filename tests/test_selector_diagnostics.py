@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from comlora_ds.data import ResponseCollator
+from comlora_ds.comlora.losses import PairTarget
+from comlora_ds.training.tracking import DIAGNOSTICS, RunLogger, diagnostic_rates, selector_diagnostics
+from comlora_ds.comlora.validation import centred_rank_correlation, score_validation
 from conftest import make_batch
 from helpers import comlora_model
-
-from comlora_ds.comlora.losses import PairTarget
-from comlora_ds.comlora.validation import centred_rank_correlation, score_validation
-from comlora_ds.data import ResponseCollator
-from comlora_ds.training.tracking import DIAGNOSTICS, RunLogger, diagnostic_rates, selector_diagnostics
 
 
 def test_window_counts_by_hand():

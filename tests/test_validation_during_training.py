@@ -48,10 +48,11 @@ if __name__ == "__main__":
 
 # ------------------------------------------------------------------------------------------ pytest from here
 import pytest  # noqa: E402
-from helpers import FP32_TOL, base_overrides, ds_config, free_port, run_in_group, subprocess_env, tensorboard_scalars  # noqa: E402
 
 from comlora_ds.config import load_config  # noqa: E402
 from comlora_ds.training.validation_schedule import ValidationSchedule  # noqa: E402
+from helpers import (FP32_TOL, base_overrides, ds_config, free_port, run_in_group, subprocess_env,  # noqa: E402
+                     tensorboard_scalars)
 
 
 def _records(run) -> list[dict]:
@@ -173,8 +174,8 @@ def test_divergence_is_logged_at_every_validation_and_the_per_row_file_recompute
     order, gathered from both ranks) recomputes every aggregate of validation.json."""
     import torch
 
-    from comlora_ds.comlora.divergence import loss_difference
     from comlora_ds.config import LLAMA_LINEAR_MODULES
+    from comlora_ds.comlora.divergence import loss_difference
 
     for step, record in _validations(rising).items():
         pair = record["update_divergence"]["0-1"]

@@ -14,9 +14,9 @@ import sys
 
 import pytest
 import torch
+from safetensors import safe_open
 from assets import tiny_model_dir
 from helpers import base_overrides, ds_config, free_port, launch, run_in_group, step_losses, subprocess_env
-from safetensors import safe_open
 
 from comlora_ds.config import ConfigError, ModelConfig
 from comlora_ds.export.recover import locate_checkpoint, recover_tensors

@@ -1,4 +1,5 @@
-"""Training checkpoints: complete or invisible. The folder layout and the lookup are :mod:`comlora_ds.checkpointing.run_layout`'s.
+"""Training checkpoints: complete or invisible. The folder layout and the lookup are
+:mod:`comlora_ds.checkpointing.run_layout`'s.
 
 Every rank calls ``save_checkpoint``: DeepSpeed writes into ``tmp-<tag>/``; after a barrier rank 0
 renames it to ``<tag>/``, then replaces ``latest``, then deletes checkpoints beyond the last M. A run
@@ -23,20 +24,8 @@ from ..errors import InputError
 from ..fileio import atomic_write_text
 from . import reshard
 from .reshard import BatchLayout
-from .run_layout import (
-    BEST,
-    CHECKPOINTS,
-    LATEST,
-    METRICS,
-    RUN_CONFIG,
-    TAG_PATTERN,
-    TMP_PREFIX,
-    CheckpointError,
-    find_checkpoint,
-    read_latest,
-    read_trainer_state,
-    tag_for,
-)
+from .run_layout import (BEST, CHECKPOINTS, LATEST, METRICS, RUN_CONFIG, TAG_PATTERN, TMP_PREFIX, CheckpointError,
+                         find_checkpoint, read_latest, read_trainer_state, tag_for)
 
 
 def _rng_state() -> dict:
@@ -214,9 +203,9 @@ STEP_PLAN_CHANGES = ("train.max_steps", "train.num_epochs")
 
 def check_resume_compatible(folder: Path, cfg, world_size: int, total_steps: int | None) -> BatchLayout:
     """Before the model is loaded: the checkpoint's saved run config and trainer state must match. Another world
-    size or split is fine when the global batch is the same (:mod:`comlora_ds.checkpointing.reshard`); another step plan only with
-    ``train.resume_allow_changes=[train.max_steps]`` (or ``train.num_epochs``). ``total_steps=None``: the checks that
-    need no data (the trainer runs them before it reads any). Returns the saved split."""
+    size or split is fine when the global batch is the same (:mod:`comlora_ds.checkpointing.reshard`); another step
+    plan only with ``train.resume_allow_changes=[train.max_steps]`` (or ``train.num_epochs``). ``total_steps=None``:
+    the checks that need no data (the trainer runs them before it reads any). Returns the saved split."""
     from ..config import load_config
 
     saved = load_config(folder / RUN_CONFIG)

@@ -1,14 +1,14 @@
 """Tokenise once: the training and validation datasets of a run, built by one process and read by every rank.
 
-The cache folder is ``<data.cache_dir or $COMLORA_DS_CACHE or ~/.cache/comlora_ds>/tokenized/<key>``, the key a
-sha256 of the data's content (every file or folder, :func:`comlora_ds.checkpointing.manifest.data_fingerprint`), the tokenizer
-(its saved files, after :func:`~comlora_ds.data.tokenize.prepare_tokenizer`), every ``data.*`` setting that changes
-the rows, and :data:`FORMAT_VERSION`. Rank 0 computes the key and builds the folder when it is missing
-(:func:`~comlora_ds.data.dataset.build_datasets`, written to a temporary folder and renamed: complete or absent);
-on a node that does not see rank 0's folder (node-local disks), that node's local rank 0 builds it; every rank then
-reads it with ``load_from_disk`` (memory-mapped Arrow: the rows are not in each rank's Python heap). A second run
-with the same key reads the cache without tokenising. ``data.cache = false`` builds in every process and writes
-nothing. A bad row raises on the building rank and every rank stops with that error.
+The cache folder is ``<data.cache_dir or $COMLORA_DS_CACHE or ~/.cache/comlora_ds>/tokenized/<key>``, the key a sha256
+of the data's content (every file or folder, :func:`comlora_ds.checkpointing.manifest.data_fingerprint`), the tokenizer
+(its saved files, after :func:`~comlora_ds.data.tokenize.prepare_tokenizer`), every ``data.*`` setting that changes the
+rows, and :data:`FORMAT_VERSION`. Rank 0 computes the key and builds the folder when it is missing
+(:func:`~comlora_ds.data.dataset.build_datasets`, written to a temporary folder and renamed: complete or absent); on a
+node that does not see rank 0's folder (node-local disks), that node's local rank 0 builds it; every rank then reads it
+with ``load_from_disk`` (memory-mapped Arrow: the rows are not in each rank's Python heap). A second run with the same
+key reads the cache without tokenising. ``data.cache = false`` builds in every process and writes nothing. A bad row
+raises on the building rank and every rank stops with that error.
 
 An entry is used only when it verifies: its ``complete.json`` (written last) records the key it was built under and
 the name and size of every file; the key must be the folder's name and every file present at its size, and
@@ -80,8 +80,8 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def cache_key(cfg: DataConfig, tokenizer: Any, data_fingerprint: dict | None = None) -> str:
-    """``data_fingerprint``: :func:`comlora_ds.checkpointing.manifest.data_fingerprint` of ``cfg`` when the caller has it already
-    (hashing large files once); computed here otherwise."""
+    """``data_fingerprint``: :func:`comlora_ds.checkpointing.manifest.data_fingerprint` of ``cfg`` when the caller has
+    it already (hashing large files once); computed here otherwise."""
     if data_fingerprint is None:
         from ..checkpointing.manifest import data_fingerprint as fingerprint_of
 

@@ -109,8 +109,8 @@ def training_template(target: Target) -> str:
 def load_for_eval(model_or_adapter: str, base: Optional[str] = None, component: Optional[int] = None,
                   dtype: Optional[str] = None, device: Optional[str] = None) -> tuple[Any, Any, Target]:
     """(model in eval mode, tokenizer, :class:`Target`); device, dtype and attention from
-    :func:`~comlora_ds.models.base_model.choose_placement` (None: a GPU in bf16 with flash-attn where present, else CPU fp32
-    with sdpa)."""
+    :func:`~comlora_ds.models.base_model.choose_placement` (None: a GPU in bf16 with flash-attn where present, else CPU
+    fp32 with sdpa)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     placement = choose_placement(device, dtype)

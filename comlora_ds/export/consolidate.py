@@ -151,9 +151,10 @@ def rule_losses(scores: ValidationScores, soup_loss: float | None) -> dict[str, 
 
 
 def consolidate(checkpoint: str | Path, out: str | Path, *, pointer: str = "latest", winner: int | None = None,
-                winner_rule: str = "selector", base: str | None = None, all_components: bool = False, adapter: bool = True, merged: bool = True,
-                score: bool = True, overwrite: bool = False, batch_size: int | None = None, device: str | None = None,
-                score_dtype: str = "auto", log: Callable[[str], None] = lambda msg: None) -> dict:
+                winner_rule: str = "selector", base: str | None = None, all_components: bool = False,
+                adapter: bool = True, merged: bool = True, score: bool = True, overwrite: bool = False,
+                batch_size: int | None = None, device: str | None = None, score_dtype: str = "auto",
+                log: Callable[[str], None] = lambda msg: None) -> dict:
     """Consolidates ``checkpoint`` (a run or checkpoints folder: the checkpoint its ``pointer``, latest or best,
     names; or one step folder) into ``out``; returns the report (also written as report.json).
 
@@ -217,7 +218,8 @@ def consolidate(checkpoint: str | Path, out: str | Path, *, pointer: str = "late
             written["merge"] = stream_merge(base_dir, tmp / "merged", exporter.weight_deltas(chosen), shapes)
             copy_tokenizer(tokenizer_dir, tmp / "merged")
             outputs["merged"] = "merged"
-            log(f"merged {'the soup' if chosen == SOUP else f'component {chosen}'} into {len(written['merge']['shards'])} shard(s)")
+            what = "the soup" if chosen == SOUP else f"component {chosen}"
+            log(f"merged {what} into {len(written['merge']['shards'])} shard(s)")
             clock.lap("merge")
         for folder in [outputs.get("adapter"), outputs.get("merged"), *outputs.get("components", [])]:
             if folder:

@@ -3,6 +3,10 @@ a lock per run folder so several drivers can share one grid, and the chunked run
 
 A stage is a command whose output files say it is done; a driver skips finished stages, so it can be stopped at
 any time (Ctrl-C, or the budget: the trainer gets SIGTERM and writes a checkpoint) and run again to continue.
+
+A finished run can also be archived (:func:`archive_run`): the numbers its report reads, in the run folder's own
+layout, small enough to commit. A grid that takes several sessions keeps its finished rows that way even when the
+machine's run folders are lost, and the report reads the archive like the run folders.
 """
 
 from __future__ import annotations
@@ -10,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import numbers
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -107,3 +113,40 @@ def display(commands: list[list[str]]) -> list[str]:
     for long, short in shorten.items():
         texts = [t.replace(long, short) for t in texts]
     return texts
+
+
+def _numbers_only(row: dict) -> dict:
+    """A predictions row without its texts (prompt, reference, reply: the reference is dataset text, which is never
+    committed): what the paired tests read."""
+    return {key: value for key, value in row.items() if isinstance(value, numbers.Number)}
+
+
+def _copy_jsonl(source: Path, dest: Path, keep) -> None:
+    rows = [keep(json.loads(line)) for line in source.read_text().splitlines() if line.strip()]
+    dest.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows if row))
+
+
+def archive_run(folder: Path, dest: Path) -> None:
+    """Copy a finished run's numbers to ``dest`` in the run folder's layout: validation.json and the per-row
+    validation scores, the validations during training (metrics.jsonl), export/report.json and every evaluation's
+    results.json and predictions.jsonl (numbers only). Written to a temporary folder and renamed, so an archived
+    run is always complete."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in ("validation.json", "validation_scores.jsonl", "export/report.json", "data/data.json"):
+        if (folder / name).exists():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(folder / name, tmp / name)
+    if (folder / "metrics.jsonl").exists():
+        _copy_jsonl(folder / "metrics.jsonl", tmp / "metrics.jsonl",
+                    lambda r: {"step": r["step"], "validation": r["validation"]} if r.get("validation") else None)
+    for results in sorted(folder.glob("eval/**/results.json")):
+        out = tmp / results.parent.relative_to(folder)
+        out.mkdir(parents=True)
+        shutil.copyfile(results, out / "results.json")
+        if (results.parent / "predictions.jsonl").exists():
+            _copy_jsonl(results.parent / "predictions.jsonl", out / "predictions.jsonl", _numbers_only)
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)

@@ -37,7 +37,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from grid import REPO, Budget, claim, component_evaluations, display, run_chunk, stage
+from grid import REPO, Budget, archive_run, claim, component_evaluations, display, run_chunk, stage
 
 SHARED = REPO.parent / "shared" / "data" / "convai2"
 PARTS = ("valid_self_original_no_cands.dialogues_0000-0199.txt", "valid_self_original_no_cands.dialogues_0200-0799.txt")
@@ -91,6 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunk-minutes", type=float, default=0, help="stop (resumably) after this long; 0 = never")
     p.add_argument("--train-only", action="store_true",
                    help="only train (no consolidation or evaluation yet); a later run without it does the rest")
+    p.add_argument("--archive", type=Path,
+                   help="copy each finished run's numbers here (small, committable: e.g. docs/runs/<tag>); a run "
+                        "already archived is not run again, and the report reads the archive")
     p.add_argument("--report", type=Path, help="write the results section here (e.g. docs/results.md)")
     p.add_argument("--report-only", action="store_true")
     return p.parse_args(argv)
@@ -161,6 +164,36 @@ def prepare_data(args) -> dict[str, Path]:
     return paths
 
 
+GRID_SETTINGS = ("model", "max_steps", "eval_steps", "micro_batch", "lr", "max_length", "val_size", "extra",
+                 "max_history", "test_turns", "eval_batch", "max_new_tokens", "bertscore_model", "ds_config")
+
+
+def check_archive(args) -> None:
+    """An archive holds the runs of one grid: refuse to add runs made with other settings (or from other data)."""
+    settings = {key: getattr(args, key) for key in GRID_SETTINGS}
+    settings["ds_config"] = Path(settings["ds_config"]).name
+    path = args.archive / "grid.json"
+    if path.exists():
+        written = json.loads(path.read_text())
+        changed = {k: (written.get(k), v) for k, v in settings.items() if written.get(k) != v}
+        if changed:
+            raise SystemExit(f"{path}: this archive holds runs with other settings (archived, now: {changed}); "
+                             "use another --archive or --tag")
+    else:
+        args.archive.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=1) + "\n")
+    data = data_paths(args)["info"]
+    archived = args.archive / "data" / "data.json"
+    if archived.exists() and json.loads(archived.read_text()) != json.loads(data.read_text()):
+        raise SystemExit(f"{archived}: this archive's runs saw other data than {data}")
+    archived.parent.mkdir(exist_ok=True)
+    shutil.copyfile(data, archived)
+
+
+def archived(args, folder: Path) -> bool:
+    return bool(args.archive) and (args.archive / folder.name).is_dir()
+
+
 def run_dir(args, variant: str, seed: int) -> Path:
     return args.out / f"{variant}{'-' + args.tag if args.tag else ''}-seed{seed}"
 
@@ -207,17 +240,21 @@ def evaluate_command(args, model: str, out: Path) -> list[str]:
 def run_grid(args, budget: Budget) -> bool:
     """Every stage not done yet, in order; False when the time budget ran out."""
     prepare_data(args)
+    if args.archive:
+        check_archive(args)
     logs = args.out / "logs"
     with claim(args.out / "base") as mine:
         out = args.out / "base" / "eval"
-        if mine and not args.train_only and not stage(evaluate_command(args, args.model, out), out / "results.json",
-                                                      budget, logs / "base.eval.log"):
-            return False
+        if mine and not args.train_only and not archived(args, out.parent):
+            if not stage(evaluate_command(args, args.model, out), out / "results.json", budget, logs / "base.eval.log"):
+                return False
+            if args.archive:
+                archive_run(out.parent, args.archive / "base")
     for seed in args.seeds:
         for variant in args.variants:
             folder = run_dir(args, variant, seed)
             with claim(folder) as mine:
-                if not mine:
+                if not mine or archived(args, folder):
                     continue
                 if not stage(train_command(args, variant, seed), folder / "validation.json", budget,
                              logs / f"{folder.name}.train.log"):
@@ -240,6 +277,8 @@ def run_grid(args, budget: Budget) -> bool:
                         return False
                 if not args.keep_models:
                     prune_models(folder)
+                if args.archive:
+                    archive_run(folder, args.archive / folder.name)
     return True
 
 
@@ -250,6 +289,10 @@ def prune_models(folder: Path) -> None:
                   *(folder / "export" / "components").glob("component_*")]:
         if model.is_dir():
             shutil.rmtree(model)
+
+
+def archived_run_dir(args, variant: str, seed: int) -> Path:
+    return args.archive / run_dir(args, variant, seed).name
 
 
 def example_commands(args) -> list[str]:
@@ -273,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.report:
         from reproduce_convai2_report import write_report
 
-        write_report(args, run_dir, example_commands(args))
+        write_report(args, archived_run_dir if args.archive else run_dir, example_commands(args))
         print(f"wrote {args.report}")
 
 

@@ -1,7 +1,7 @@
 """The results section of bench/reproduce_convai2.py: paper Table 4 (with best-of-K LoRA), ComLoRA under each winner
 rule, paired tests, Table 10, and the components' divergence over training.
 
-Everything is read back from the runs' own files: validation.json (validation loss per component, the selector's
+Everything is read back from the runs' own files (or their numbers in ``--archive``, in the same layout): validation.json (validation loss per component, the selector's
 winner and diagnostics), metrics.jsonl (the validations during training: divergence and distinguishability),
 eval/<model>/results.json (corpus metrics) and eval/<model>/predictions.jsonl (per test example: the reference's
 summed NLL and token count, METEOR, ROUGE-L, BERTScore F1). The winner rules (``consolidate.py --winner-rule``):
@@ -217,7 +217,7 @@ def _intro(args) -> list[str]:
 
     device = (torch.cuda.get_device_name() + f" x {torch.cuda.device_count()}" if torch.cuda.is_available()
               else f"{cpu_model()}, {len(os.sched_getaffinity(0))} CPU cores, no GPU")
-    info = _load(args.out / "data" / "data.json") or {}
+    info = _load((args.archive or args.out) / "data" / "data.json") or {}
     span = {key: "{}-{}".format(start, end - 1) for key, (start, end) in
             (("train", args.train_dialogues), ("test", args.test_dialogues))}
     return [f"## ConvAI2 (paper Table 4 at small scale): ComLoRA vs LoRA vs best-of-K LoRA on {Path(args.model).name}",
@@ -253,7 +253,8 @@ PAIRED_LEGEND = ("Per test reply, the score averaged over the seeds of each side
 
 def write_report(args, run_dir, commands: list[str]) -> None:
     runs = finished_runs(args, run_dir)
-    base = _load(args.out / "base" / "eval" / "results.json")
+    root = args.archive or args.out      # where the base evaluation is (run_dir already points into the archive)
+    base = _load(root / "base" / "eval" / "results.json")
     header = ["method", "n", *[label for label, _ in METRICS], "validation loss"]
     lines = [*_intro(args), "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     if base:
@@ -272,7 +273,7 @@ def write_report(args, run_dir, commands: list[str]) -> None:
         lines += ["### ComLoRA under each winner rule (`consolidate.py --winner-rule`)", "",
                   "| method | n | " + " | ".join(label for label, _ in METRICS) + " | validation loss |",
                   "|" + "---|" * (len(METRICS) + 3), *rules, "", RULES_LEGEND, ""]
-    paired = comparisons(runs, _predictions(args.out / "base" / "eval"))
+    paired = comparisons(runs, _predictions(root / "base" / "eval"))
     if paired:
         lines += ["### Paired tests over the test replies", "",
                   "| comparison | score | first | second | difference | SE | better/worse | sign test p | "

@@ -145,6 +145,37 @@ def test_ranks_draw_independent_streams_from_identical_initial_weights(tmp_path)
     assert not torch.equal(r0["draws"], r1["draws"])
 
 
+SETUP_ORDER = """
+import json, sys
+from comlora_ds.config import load_config
+from comlora_ds.training import setup
+from comlora_ds.training.engine import Trainer, exit_process
+calls = []
+for name in setup.STAGES:
+    def recorded(*args, _stage=getattr(setup, name), _name=name):
+        calls.append(_name)
+        return _stage(*args)
+    setattr(setup, name, recorded)
+trainer = Trainer(load_config(overrides=sys.argv[3:]), sys.argv[1])
+json.dump(calls, open(sys.argv[2], "w"))
+trainer.close()
+exit_process(0)
+"""
+
+
+def test_trainer_runs_each_setup_stage_once_in_order(tmp_path):
+    """The set-up is the stages of training/setup.py, each called once and in the documented order."""
+    script = tmp_path / "order.py"
+    script.write_text(SETUP_ORDER)
+    proc = run_in_group([sys.executable, str(script), str(ds_config(tmp_path, 2)), str(tmp_path / "calls.json"),
+                         *base_overrides(tmp_path / "run")], 300, env=subprocess_env())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    from comlora_ds.training.setup import STAGES
+
+    assert json.loads((tmp_path / "calls.json").read_text()) == list(STAGES) == [
+        "plan_run", "build_data", "build_method", "plan_resume", "build_ds_config", "build_model", "build_engine"]
+
+
 def kill_after_first_checkpoint(overrides: list[str], out: Path, tmp_path: Path) -> Path:
     """Starts a 2-rank ZeRO-2 run and SIGKILLs it once its first checkpoint is published; returns ``latest``."""
     proc = launch(overrides, nproc=2, ds=ds_config(tmp_path, 2), wait=False)
@@ -242,7 +273,7 @@ def test_two_nodes_on_loopback(tmp_path):
 
 
 def test_rank_stream_seeds_are_distinct_and_reproducible():
-    from comlora_ds.training.engine import rank_stream_seed
+    from comlora_ds.training.setup import rank_stream_seed
 
     seeds = {(seed, rank): rank_stream_seed(seed, rank) for seed in range(4) for rank in range(8)}
     assert len(set(seeds.values())) == len(seeds)                   # seed + rank would collide: (1, 0) vs (0, 1)

@@ -28,7 +28,7 @@ OVERRIDES = [
 def _reference_first_step(cfg) -> dict:
     """Step 1 in plain torch: same seed, same first batch, the objective at eta(1), one backward."""
     from comlora_ds.data import ResponseCollator, build_datasets, prepare_tokenizer
-    from comlora_ds.training.engine import seed_everything
+    from comlora_ds.training.setup import seed_everything
     from comlora_ds.comlora.losses import annealing_eta
     from comlora_ds.comlora.model import build_model, build_objective
     from comlora_ds.models.base_model import load_base_model, load_tokenizer, resolve_model_path

@@ -159,7 +159,7 @@ def test_the_epoch_position_is_counted_in_samples():
 
 
 def test_new_rank_streams_are_not_the_run_start_streams():
-    from comlora_ds.training.engine import rank_stream_seed
+    from comlora_ds.training.setup import rank_stream_seed
     from comlora_ds.checkpointing.reshard import fresh_stream_seed
 
     fresh = {fresh_stream_seed(42, rank, step) for rank in range(4) for step in (3, 6)}

@@ -1,4 +1,4 @@
-"""The one object that owns the DeepSpeed engine: set-up, the training loop, checkpoints.
+"""The one object that owns the DeepSpeed engine: its staged set-up (:mod:`.setup`), the training loop, checkpoints.
 
 Read ``Trainer.train`` top to bottom: each optimizer step runs ``gradient_accumulation_steps``
 micro-batches of ``forward_backward`` (all K components, the ComLoRA objective with eta(t)), then
@@ -9,80 +9,37 @@ and, every ``save_steps``, a checkpoint written collectively by all ranks.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import math
 import os
-import random
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-import deepspeed
-import numpy as np
-import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler
-from transformers import AutoConfig, get_scheduler
 
 from ..checkpointing import checkpoint as ckpt
 from ..checkpointing import manifest, reshard
 from ..checkpointing import run_layout as layout
 from ..comlora.divergence import adapter_layers, update_divergence
 from ..comlora.losses import annealing_eta
-from ..comlora.model import build_model, build_objective
 from ..comlora.validation import score_validation
-from ..config import ConfigError, RunConfig
-from ..data import ResponseCollator, prepare_tokenizer
-from ..data.cache import tokenised_datasets
-from ..distributed import on_rank0, release_shm_names
+from ..config import RunConfig
 from ..errors import InputError
 from ..fileio import atomic_write_text
-from ..methods import get_method
-from ..models import zero3_init
-from ..models.base_model import load_base_model, load_tokenizer, resolve_dtype, resolve_model_path
+from . import setup
 from .clipping import clip_per_group
-from .ds_config import fill_ds_config, load_ds_config, resolve_bf16, zero_stage
-from .op_builds import check_build_locks, use_own_extensions_dir
+from .ds_config import zero_stage
+from .setup import seed_everything
 from .step import DeepSpeedStepper
 from .tracking import RunLogger, StepAccumulator
 from .validation_schedule import ValidationSchedule
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-
-
-def init_distributed() -> None:
-    """Initialise torch.distributed through DeepSpeed (nccl on GPUs, gloo on CPU). A plain
-    ``python launch/train.py`` without a launcher becomes a world of one."""
-    if dist.is_initialized():
-        return
-    use_own_extensions_dir()       # DeepSpeed builds its shm op here on CPU: never wait on a killed build's lock
-    check_build_locks()
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    deepspeed.init_distributed(dist_init_required=True)
-    release_shm_names()
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rank_stream_seed(seed: int, rank: int) -> int:
-    """The seed of rank ``rank``'s own stream for adapter dropout and the pairwise noise: derived from
-    (seed, rank) by numpy's SeedSequence, so ranks draw independent masks and noise on their different
-    batches, and no (seed, rank) pair reuses another run's stream (seed + rank would)."""
-    return int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0])
 
 
 @dataclass
@@ -139,100 +96,33 @@ class Trainer:
             raise
 
     def _setup(self, cfg: RunConfig, ds_config: str | Path | dict) -> None:
-        """Every build step, in the order that refuses bad input before the expensive work."""
+        """The stages of :mod:`comlora_ds.training.setup`, once each and in order (bad input is refused before the
+        expensive work); restoring a checkpoint is the first thing ``train`` does."""
         self.cfg = cfg
-        self.output_dir = Path(cfg.train.output_dir)
-        self.save_dir = self.output_dir / layout.CHECKPOINTS
-        raw_ds = load_ds_config(ds_config)                     # fail on a bad file before any model work
-        self.resume_from = ckpt.check_start(cfg, int(os.environ.get("WORLD_SIZE", 1)))   # before data or model
-        ckpt.check_output_dir(self.output_dir)
-        init_distributed()
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
-            else torch.device("cpu")
-        self.bf16 = resolve_bf16(cfg, raw_ds)
-        self.zero3_init = cfg.model.zero3_init and zero_stage(raw_ds) == 3
-        if self.zero3_init:
-            zero3_init.check_model_dtype(cfg.model, self.bf16)
-
-        model_path = resolve_model_path(cfg.model)
-        self.tokenizer = prepare_tokenizer(load_tokenizer(model_path, cfg.model))
-        data_fingerprint = on_rank0(lambda: manifest.data_fingerprint(cfg.data))     # every data file hashed once
-        self.train_rows, self.val_rows, self.data_report = tokenised_datasets(cfg.data, self.tokenizer, model_path,
-                                                                              data_fingerprint)
-        self.collate = ResponseCollator(self.tokenizer.pad_token_id)
-        self.sampler = DistributedSampler(self.train_rows, num_replicas=self.world, rank=self.rank, shuffle=True,
-                                          seed=cfg.data.seed, drop_last=True)
-        # Its own generator: creating an iterator draws a seed, which must not come from (and shift) the
-        # global stream of dropout and noise that a checkpoint restores.
-        self.loader = DataLoader(self.train_rows, batch_size=cfg.train.micro_batch_size, sampler=self.sampler,
-                                 collate_fn=self.collate, drop_last=True,
-                                 generator=torch.Generator().manual_seed(cfg.data.seed))
-        gas = cfg.train.gradient_accumulation_steps
-        self.steps_per_epoch = len(self.loader) // gas
-        if self.steps_per_epoch == 0:
-            raise ConfigError(f"{len(self.train_rows)} training rows give no full optimizer step of "
-                             f"{cfg.train.micro_batch_size} x {gas} x {self.world} ranks; lower train.micro_batch_size "
-                             f"or train.gradient_accumulation_steps")
-        self.total_steps = cfg.train.max_steps or math.ceil(cfg.train.num_epochs * self.steps_per_epoch)
-        warmup = int(cfg.train.warmup_ratio * self.total_steps)
-        self.method = get_method(cfg)
-        self.method.check_plan(self.total_steps)
-
-        self.fingerprints = (data_fingerprint, on_rank0(lambda: manifest.base_model_fingerprint(model_path)))
-        self.new_learning_rate = None
-        self.layout, self.saved_layout, self.universal_resume = reshard.layout_of(cfg, self.world), None, False
-        if self.resume_from is not None:
-            folder = self.resume_from[0] / self.resume_from[1]
-            self.saved_layout = ckpt.check_resume_compatible(folder, cfg, self.world, self.total_steps)
-            self.universal_resume = reshard.needs_universal(folder, self.saved_layout, self.world)
-            saved = on_rank0(lambda: manifest.verify(folder))
-            if saved is not None:
-                self.new_learning_rate = ckpt.check_resume_manifest(folder, saved, *self.fingerprints, cfg)
-            else:               # nothing proves its files whole: read each now, before the model is loaded
-                on_rank0(lambda: ckpt.screen_checkpoint(folder))
-
-        hidden_size = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code).hidden_size
-        self.ds_config = fill_ds_config(raw_ds, cfg, self.world, hidden_size, self.total_steps, warmup)
-        self.method.check_ds_config(self.ds_config)
-        if self.universal_resume:
-            self.ds_config["checkpoint"] = {**self.ds_config.get("checkpoint", {}), "load_universal": True}
-
-        seed_everything(cfg.train.seed)
-        if self.zero3_init:        # no rank ever holds the whole base
-            llm = zero3_init.load_partitioned_base(model_path, cfg.model, self.ds_config)
-            self.model = build_model(cfg, llm, self.method, on_create=zero3_init.Partitioner(llm, self.bf16))
-        else:
-            llm = load_base_model(model_path, cfg.model, resolve_dtype(cfg.model.dtype, self.bf16))
-            self.model = build_model(cfg, llm, self.method)
-        self.objective = build_objective(cfg)
-        optimizer = self.method.build_optimizer(self.model, self._param_groups())
-        scheduler = None
-        if optimizer is None and "optimizer" not in self.ds_config:
-            optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.train.learning_rate,
-                                          betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
-                                          eps=cfg.train.adam_epsilon, fused=torch.cuda.is_available())
-        if "scheduler" not in self.ds_config:      # DeepSpeed calls it with the optimizer it wraps
-            scheduler = functools.partial(get_scheduler, cfg.train.lr_scheduler, num_warmup_steps=warmup,
-                                          num_training_steps=self.total_steps)
-        self.engine, *_ = deepspeed.initialize(model=self.model, optimizer=optimizer, lr_scheduler=scheduler,
-                                               model_parameters=self._param_groups(), config=self.ds_config)
-        seed_everything(rank_stream_seed(cfg.train.seed, self.rank))     # initial weights identical on every rank
+        self.plan = setup.plan_run(cfg, ds_config)
+        self.data = setup.build_data(cfg, self.plan)
+        self.method = setup.build_method(cfg, self.data)
+        self.resume_plan = setup.plan_resume(cfg, self.plan, self.data)
+        self.ds_config = setup.build_ds_config(cfg, self.plan, self.data, self.method, self.resume_plan)
+        self.model, self.objective = setup.build_model(cfg, self.plan, self.method, self.ds_config)
+        self.engine = setup.build_engine(cfg, self.plan, self.data, self.method, self.model, self.ds_config)
         self.stepper = DeepSpeedStepper(self.engine, self.objective, cfg.comlora.execution)
         self.gradient_transforms = self._gradient_transforms()
         self.state = TrainState()
         self.schedule = ValidationSchedule(cfg.train)
         self._stop_requested = False
 
-    def _param_groups(self) -> list[dict]:
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:      # a ZeRO-3 partitioned parameter is an empty 1-D tensor: its shape is ds_shape
-                ndim = len(p.ds_shape) if hasattr(p, "ds_shape") else p.ndim
-                (no_decay if ndim < 2 or "norm" in name else decay).append(p)
-        groups = [{"params": decay, "weight_decay": self.cfg.train.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        return [g for g in groups if g["params"]]
+    # what callers and callbacks read most, by their old names
+    rank = property(lambda self: self.plan.rank)
+    world = property(lambda self: self.plan.world)
+    device = property(lambda self: self.plan.device)
+    bf16 = property(lambda self: self.plan.bf16)
+    output_dir = property(lambda self: self.plan.output_dir)
+    save_dir = property(lambda self: self.plan.output_dir / layout.CHECKPOINTS)
+    tokenizer = property(lambda self: self.data.tokenizer)
+    train_rows = property(lambda self: self.data.train_rows)
+    val_rows = property(lambda self: self.data.val_rows)
+    total_steps = property(lambda self: self.data.total_steps)
 
     # ----------------------------------------------------------------------------------- checkpoints
     def client_state(self, logger: RunLogger) -> dict:
@@ -242,13 +132,13 @@ class Trainer:
                 "num_components": self.cfg.adapter.num_components}
 
     def _write_manifest(self, folder: Path) -> None:
-        manifest.write(folder, *self.fingerprints, manifest.settings_of(self.cfg))
+        manifest.write(folder, *self.resume_plan.fingerprints, manifest.settings_of(self.cfg))
 
     def _write_extras(self, folder: Path, logger: RunLogger) -> None:
         self.cfg.save(folder / layout.RUN_CONFIG)
         ckpt.write_json(folder / layout.TRAINER_STATE, self.client_state(logger))
         ckpt.write_json(folder / layout.DS_CONFIG, self.ds_config)
-        ckpt.write_json(folder / layout.DATA_REPORT, self.data_report.to_dict())
+        ckpt.write_json(folder / layout.DATA_REPORT, self.data.report.to_dict())
         if len(self.val_rows):   # consolidation scores exactly these rows, even if the data files move
             self.val_rows.to_json(folder / layout.VALIDATION_ROWS, lines=True)
         self.tokenizer.save_pretrained(folder / layout.TOKENIZER)
@@ -269,21 +159,22 @@ class Trainer:
 
     def resume(self) -> dict | None:
         """Restores the engine and the loop state from train.resume; returns the checkpoint's client state."""
-        if self.resume_from is None:
+        plan = self.resume_plan
+        if self.plan.resume_from is None:
             return None
-        save_dir, tag = self.resume_from
-        work_dir = reshard.universal_work_dir(self.save_dir, tag) if self.universal_resume else None
-        same_ranks = self.saved_layout.world_size == self.world
+        save_dir, tag = self.plan.resume_from
+        work_dir = reshard.universal_work_dir(self.save_dir, tag) if plan.universal else None
+        same_ranks = plan.saved_layout.world_size == self.world
         state = ckpt.load_checkpoint(self.engine, save_dir, tag, universal_work_dir=work_dir, restore_rng=same_ranks)
         self.state = TrainState(state["global_step"], state["epoch"],
-                                reshard.batches_in_epoch(state["batches_in_epoch"], self.saved_layout, self.layout))
+                                reshard.batches_in_epoch(state["batches_in_epoch"], plan.saved_layout, plan.layout))
         self.schedule.load_state(state)
         if not same_ranks:
             seed_everything(reshard.fresh_stream_seed(self.cfg.train.seed, self.rank, self.state.global_step))
         if state["total_steps"] != self.total_steps:
             ckpt.apply_new_step_plan(self.engine)
-        if self.new_learning_rate is not None:
-            ckpt.apply_new_learning_rate(self.engine, self.new_learning_rate)
+        if plan.new_learning_rate is not None:
+            ckpt.apply_new_learning_rate(self.engine, plan.new_learning_rate)
         if self.rank == 0:
             print(f"resumed from {save_dir / tag} at step {self.state.global_step}", flush=True)
         return state
@@ -323,9 +214,9 @@ class Trainer:
 
     def _micro_batches(self):
         """This epoch's remaining micro-batches, cut to whole optimizer steps."""
-        self.sampler.set_epoch(self.state.epoch)
-        usable = self.steps_per_epoch * self.cfg.train.gradient_accumulation_steps
-        return itertools.islice(iter(self.loader), self.state.batches_in_epoch, usable)
+        self.data.sampler.set_epoch(self.state.epoch)
+        usable = self.data.steps_per_epoch * self.cfg.train.gradient_accumulation_steps
+        return itertools.islice(iter(self.data.loader), self.state.batches_in_epoch, usable)
 
     def train(self) -> TrainResult:
         cfg, engine = self.cfg, self.engine
@@ -334,9 +225,9 @@ class Trainer:
         if resumed is not None:
             logger.load_window_state(resumed)
         if self.rank == 0:
-            logger.message(f"{self.data_report.summary()}; {self.total_steps} optimizer steps, "
+            logger.message(f"{self.data.report.summary()}; {self.total_steps} optimizer steps, "
                            f"{self.world} rank(s), ZeRO stage {zero_stage(self.ds_config)}"
-                           f"{' (base built partitioned)' if self.zero3_init else ''}, "
+                           f"{' (base built partitioned)' if self.plan.zero3_init else ''}, "
                            f"{'bf16' if self.bf16 else 'fp32'}, output in {self.output_dir}")
         previous = {sig: signal.signal(sig, self._request_stop) for sig in STOP_SIGNALS}
         accumulator = StepAccumulator(cfg.adapter.num_components, self.device)
@@ -417,7 +308,7 @@ class Trainer:
             return None
         start = time.perf_counter()
         self.engine.eval()
-        scores = score_validation(self.engine, self.val_rows, self.collate, self.cfg.adapter.num_components,
+        scores = score_validation(self.engine, self.val_rows, self.data.collate, self.cfg.adapter.num_components,
                                   self.cfg.train.micro_batch_size, self.device)
         scores.update_divergence = update_divergence(adapter_layers(self.model))
         self.last_scores = scores

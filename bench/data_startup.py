@@ -26,7 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, SHARED_DATA, cpu_training_env, proc_memory, provenance, publish, table  # noqa: E402
+from environment import REPO, SHARED_DATA  # noqa: E402
+from launching import cpu_training_env  # noqa: E402
+from peak_memory import proc_memory  # noqa: E402
+from reports import provenance, publish, table  # noqa: E402
 
 SECTION = "Data start-up: tokenise once"
 INTRO = """\

@@ -30,7 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import REPO, SHARED_DATA, free_port, provenance, publish, run_training, table  # noqa: E402
+from environment import REPO, SHARED_DATA  # noqa: E402
+from launching import free_port, run_training  # noqa: E402
+from reports import provenance, publish, table  # noqa: E402
 
 SECTION = "DeepSpeed throughput"
 INTRO = """\

@@ -39,9 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import memory  # noqa: E402
-from common import (DOC, REPO, BaseModel, Spec, build_variant, command_line, device, free_port, interleaved,  # noqa: E402
-                    machine, make_batch, memory_kind, mib, run_config, today, run_training, run_worker, table,
-                    update_doc_section, verdict)
+from environment import REPO, device  # noqa: E402
+from launching import free_port, run_training, run_worker  # noqa: E402
+from peak_memory import memory_kind, mib  # noqa: E402
+from reports import DOC, command_line, machine, table, today, update_doc_section  # noqa: E402
+from timing import interleaved, verdict  # noqa: E402
+from variants import BaseModel, build_variant, make_batch, run_config, Spec  # noqa: E402
 from step_time import execution_specs, lora_specs, timing_rows  # noqa: E402
 
 from comlora_ds.comlora.inject import active_component  # noqa: E402

@@ -17,13 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
-import common  # noqa: F401  (environment: CPU accelerator, offline hub)
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from environment import REPO  # first: the CPU accelerator, the offline hub, the repository on sys.path
 
 from comlora_ds.training.clipping import clip_factor, full_grads, group_norms  # noqa: E402
 from comlora_ds.config import load_config  # noqa: E402

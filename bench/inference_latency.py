@@ -6,7 +6,7 @@ what evaluating straight from a training checkpoint would run) pays for the extr
 (default: the built-in SmolLM2-135M, fp32) gets K = 2, r = 8 adapters on all 7 projections with random values
 (latency does not depend on them); the merged model is written by ``stream_merge`` and loaded with stock
 ``AutoModelForCausalLM.from_pretrained``. The three are timed side by side in this process, interleaved in a
-fresh random order every round (bench/common.py ``interleaved``), on a prefill forward and on greedy decoding.
+fresh random order every round (bench/timing.py ``interleaved``), on a prefill forward and on greedy decoding.
 
     python bench/inference_latency.py                       # 4 x 128 forward, 1 x 32 + 32 new tokens decode
     python bench/inference_latency.py --rounds 7 --write-doc
@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 
-from common import command_line, interleaved, machine, resolve, table, today, update_doc_section
+from reports import command_line, machine, table, today, update_doc_section
+from timing import interleaved
+from variants import resolve
 
 from comlora_ds.comlora.inject import adapter_layers, inject_adapters  # noqa: E402
 from comlora_ds.export.factors import ComponentExporter  # noqa: E402

@@ -8,7 +8,7 @@ reset the peak (CPU: ``echo 5 > /proc/self/clear_refs`` resets VmHWM to the curr
 ``torch.cuda.max_memory_allocated``). Reported: the step's peak above the footprint before it (model,
 optimizer state), and the absolute peak. Variants run interleaved, ``--repeats`` times each.
 
-The naive CE (``common.NaiveCEModel``) materialises fp32 logits for the whole replicated batch,
+The naive CE (``variants.NaiveCEModel``) materialises fp32 logits for the whole replicated batch,
 K x B x L x V x 4 bytes, then takes the per-sample masked mean; the library's ``response_nll`` computes
 logits only at response positions, ``ce_chunk_size`` tokens at a time, each chunk freed before the next.
 
@@ -29,9 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import (BaseModel, Spec, build_variant, make_batch, memory_kind, mib, provenance,  # noqa: E402
-                    peak, reset_peak, run_worker, supervised_tokens, table, publish,
-                    worker_result)
+from launching import run_worker, worker_result  # noqa: E402
+from peak_memory import memory_kind, mib, peak, reset_peak  # noqa: E402
+from reports import provenance, publish, table  # noqa: E402
+from variants import BaseModel, build_variant, make_batch, Spec, supervised_tokens  # noqa: E402
 
 SECTION = "Peak memory"
 INTRO = """\

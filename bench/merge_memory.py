@@ -28,8 +28,10 @@ from pathlib import Path
 
 import torch
 
-from common import (REPO, command_line, machine, mib, peak, reset_peak, resolve, table, today,
-                    update_doc_subsection)
+from environment import REPO
+from peak_memory import mib, peak, reset_peak
+from reports import command_line, machine, table, today, update_doc_subsection
+from variants import resolve
 
 from comlora_ds.config import LLAMA_LINEAR_MODULES, RunConfig  # noqa: E402
 from comlora_ds.export.factors import ComponentExporter  # noqa: E402

@@ -29,8 +29,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import (BaseModel, Spec, device, interleaved, machine, make_batch, provenance, run_config,  # noqa: E402
-                    supervised_tokens, table, publish)
+from environment import device  # noqa: E402
+from reports import machine, provenance, publish, table  # noqa: E402
+from timing import interleaved  # noqa: E402
+from variants import BaseModel, make_batch, run_config, Spec, supervised_tokens  # noqa: E402
 
 from comlora_ds.methods import get_method  # noqa: E402
 from comlora_ds.methods.lora_dash import dash_layers, switch_to_dash  # noqa: E402
@@ -41,7 +43,7 @@ from comlora_ds.training.step import forward_backward  # noqa: E402
 SECTION = "Methods"
 INTRO = """\
 Script: `bench/methods.py`. LoRA-Pro and LoRA-Dash against plain LoRA on the same model, the same frozen base
-weights and the same batch, one process, variants timed interleaved (`bench/common.py`'s `interleaved`: warm-up,
+weights and the same batch, one process, variants timed interleaved (`bench/timing.py`'s `interleaved`: warm-up,
 then rounds in a fresh random order; on the shared CPU it waits for the cores to go quiet and redoes interrupted
 steps). One step = zero_grad + forward + backward + optimizer step; no DeepSpeed, so the numbers are the methods'
 own cost. "opt. state" is every tensor of the optimizer state after the warm-up (fp32); LoRA-Dash also keeps

@@ -20,7 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from common import BaseModel, Spec, build_variant, machine, make_batch, wait_quiet  # noqa: E402
+from reports import machine  # noqa: E402
+from timing import wait_quiet  # noqa: E402
+from variants import BaseModel, build_variant, make_batch, Spec  # noqa: E402
 
 VARIANTS = {
     "peft": lambda r: Spec(kind="peft", rank=r),

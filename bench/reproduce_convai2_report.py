@@ -213,7 +213,7 @@ def divergence_rows(runs: dict[str, list[dict]]) -> list[str]:
 
 
 def _intro(args) -> list[str]:
-    from common import cpu_model
+    from reports import cpu_model
 
     device = (torch.cuda.get_device_name() + f" x {torch.cuda.device_count()}" if torch.cuda.is_available()
               else f"{cpu_model()}, {len(os.sched_getaffinity(0))} CPU cores, no GPU")

@@ -110,7 +110,7 @@ def _plot_curves(args, variants, run_dir, path: Path) -> bool:
 
 def _intro(args, model: str) -> list[str]:
     """Heading, machine, command and training setup of this grid's section."""
-    from common import cpu_model
+    from reports import cpu_model
 
     device = (torch.cuda.get_device_name() + f" x {torch.cuda.device_count()}" if torch.cuda.is_available()
               else f"{cpu_model()}, {len(os.sched_getaffinity(0))} CPU cores, no GPU")

@@ -1,7 +1,7 @@
 """Step time and peak memory of ComLoRA as K, rank, sequence length and micro-batch grow (issue 8, item 3).
 
 One axis at a time around a base point (default K=2, r=8, seq 64, micro-batch 1). Time: every point of
-every axis in one process, interleaved (``common.interleaved``). Memory: each point in a fresh process
+every axis in one process, interleaved (``timing.interleaved``). Memory: each point in a fresh process
 (``bench/memory.py``'s worker: warm-up step, malloc_trim, reset the peak, one measured step).
 Writes a table and a PNG (time and memory against each axis, log-log, with the linear-growth line
 through the smallest point). Target: cost grows linearly in K and no worse.
@@ -19,8 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (REPO, BaseModel, add_timing_args, timing_setup, Spec, build_variant, interleaved, machine,  # noqa: E402
-                    make_batch, memory_kind, mib, provenance, run_worker, table, update_doc_subsection)
+from environment import REPO  # noqa: E402
+from launching import run_worker  # noqa: E402
+from peak_memory import memory_kind, mib  # noqa: E402
+from reports import machine, provenance, table, update_doc_subsection  # noqa: E402
+from timing import add_timing_args, interleaved, timing_setup  # noqa: E402
+from variants import BaseModel, build_variant, make_batch, Spec  # noqa: E402
 
 SECTION = "Scaling in K, rank, sequence length and micro-batch"
 INTRO = """\

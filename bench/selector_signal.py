@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import machine  # noqa: E402
+from reports import machine  # noqa: E402
 from grid import REPO, Budget, claim, run_chunk, stage  # noqa: E402
 from reproduce_report import compose_page  # noqa: E402
 

@@ -30,8 +30,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (BaseModel, add_timing_args, timing_setup, Spec, build_variant, device, interleaved, machine,  # noqa: E402
-                    make_batch, provenance, supervised_tokens, table, publish, verdict)
+from environment import device  # noqa: E402
+from reports import machine, provenance, publish, table  # noqa: E402
+from timing import add_timing_args, interleaved, timing_setup, verdict  # noqa: E402
+from variants import BaseModel, build_variant, make_batch, Spec, supervised_tokens  # noqa: E402
 
 SECTION = "Training step time"
 INTRO = """\

@@ -24,7 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, provenance, publish, run_training, table  # noqa: E402
+from environment import REPO  # noqa: E402
+from launching import run_training  # noqa: E402
+from reports import provenance, publish, table  # noqa: E402
 
 SECTION = "Validation during training"
 INTRO = """\

@@ -27,7 +27,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, cpu_training_env, free_port, proc_memory, provenance, publish, resolve, table  # noqa: E402
+from environment import REPO  # noqa: E402
+from launching import cpu_training_env, free_port  # noqa: E402
+from peak_memory import proc_memory  # noqa: E402
+from reports import provenance, publish, table  # noqa: E402
+from variants import resolve  # noqa: E402
 
 SECTION = "ZeRO-3 start-up: peak host memory per rank"
 INTRO = """\

@@ -17,7 +17,7 @@ from helpers import FP32_TOL, REPO, subprocess_env
 
 sys.path.insert(0, str(REPO / "bench"))
 import gpu_check  # noqa: E402
-from common import BaseModel  # noqa: E402
+from variants import BaseModel  # noqa: E402
 
 
 @pytest.fixture(scope="module")

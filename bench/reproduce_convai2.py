@@ -243,18 +243,23 @@ def run_grid(args, budget: Budget) -> bool:
     if args.archive:
         check_archive(args)
     logs = args.out / "logs"
-    with claim(args.out / "base") as mine:
-        out = args.out / "base" / "eval"
-        if mine and not args.train_only and not archived(args, out.parent):
-            if not stage(evaluate_command(args, args.model, out), out / "results.json", budget, logs / "base.eval.log"):
-                return False
-            if args.archive:
-                archive_run(out.parent, args.archive / "base")
+    base = args.out / "base"
+    if not args.train_only and not archived(args, base):
+        with claim(base) as mine:
+            out = base / "eval"
+            if mine:
+                if not stage(evaluate_command(args, args.model, out), out / "results.json", budget,
+                             logs / "base.eval.log"):
+                    return False
+                if args.archive:
+                    archive_run(base, args.archive / "base")
     for seed in args.seeds:
         for variant in args.variants:
             folder = run_dir(args, variant, seed)
+            if archived(args, folder):          # done, even where its run folder is gone: not made again
+                continue
             with claim(folder) as mine:
-                if not mine or archived(args, folder):
+                if not mine:
                     continue
                 if not stage(train_command(args, variant, seed), folder / "validation.json", budget,
                              logs / f"{folder.name}.train.log"):

@@ -1,8 +1,10 @@
 """bench/reproduce_convai2.py end to end on the tiny LLaMA and a tiny ConvAI2 slice: the data it writes, the grid
 (train -> consolidate -> evaluate, every ComLoRA component), and a results section whose numbers are checked
-against the runs' own files (validation.json, results.json, predictions.jsonl)."""
+against the runs' own files (validation.json, results.json, predictions.jsonl); the archive of the finished runs
+(--archive) gives the same tables and keeps a run from being run again."""
 
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -54,7 +56,7 @@ def test_grid_and_its_results_section(tmp_path):
            str(tiny_model_dir()), "--files", *files, "--train-dialogues", "0:6", "--test-dialogues", "6:8",
            "--test-turns", "2", "--variants", "lora_r4", "comlora_k2_r4", "--seeds", "1", "2", "--max-steps", "2",
            "--eval-steps", "1", "--max-length", "128", "--val-size", "4", "--eval-batch", "4", "--max-new-tokens", "4",
-           "--report", str(report)]
+           "--archive", str(tmp_path / "archive"), "--report", str(report)]
     proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -146,8 +148,22 @@ def test_grid_and_its_results_section(tmp_path):
         assert not (folder / "export" / "merged").exists() and not list(folder.glob("export/components/*"))
         assert not (folder / "export_soup" / "merged").exists()
 
+    # the archive keeps every number the report reads: the page written from it (above) has the tables of the page
+    # written from the run folders themselves
+    from_runs = tmp_path / "from_runs.md"
+    [arg_index] = [i for i, arg in enumerate(cmd) if arg == "--archive"]
+    runs_cmd = cmd[:arg_index] + cmd[arg_index + 2:-1] + [str(from_runs), "--report-only"]
+    proc = subprocess.run(runs_cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    tables = [[line for line in text.splitlines() if line.startswith("|")] for text in (page, from_runs.read_text())]
+    assert tables[0] == tables[1] and len(tables[0]) > 30
+    assert not list((tmp_path / "archive").rglob("*.safetensors")) and not list((tmp_path / "archive").rglob("*.pt"))
+
+    # an archived run is not run again, even when its run folder is gone
+    shutil.rmtree(runs[("lora_r4", 1)])
     rerun = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)   # everything is done
-    assert rerun.returncode == 0 and "$ " not in rerun.stdout
+    assert rerun.returncode == 0 and "$ " not in rerun.stdout, rerun.stdout[-3000:]
+    assert not runs[("lora_r4", 1)].exists() and report.read_text() == page
 
 
 def test_other_data_settings_in_the_same_out_are_refused(tmp_path):

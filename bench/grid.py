@@ -126,10 +126,34 @@ def _copy_jsonl(source: Path, dest: Path, keep) -> None:
     dest.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows if row))
 
 
+def check_archive_settings(archive: Path, settings: dict) -> None:
+    """An archive holds the runs of one grid: its grid.json records the settings of the first run archived, and
+    adding runs made with other settings is refused."""
+    path = archive / "grid.json"
+    if path.exists():
+        written = json.loads(path.read_text())
+        changed = {k: (written.get(k), v) for k, v in settings.items() if written.get(k) != v}
+        if changed:
+            raise SystemExit(f"{path}: this archive holds runs with other settings (archived, now: {changed}); "
+                             "use another --archive or --tag")
+    else:
+        archive.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=1) + "\n")
+
+
+def is_archived(archive: Path | None, folder: Path) -> bool:
+    return archive is not None and (archive / folder.name).is_dir()
+
+
+def _validation_and_diagnostics(record: dict) -> dict | None:
+    kept = {key: record[key] for key in ("validation", "selector_diagnostics") if record.get(key)}
+    return {"step": record["step"], **kept} if kept else None
+
+
 def archive_run(folder: Path, dest: Path) -> None:
     """Copy a finished run's numbers to ``dest`` in the run folder's layout: validation.json and the per-row
-    validation scores, the validations during training (metrics.jsonl), export/report.json and every evaluation's
-    results.json and predictions.jsonl (numbers only). Written to a temporary folder and renamed, so an archived
+    validation scores, the validations and selector diagnostics during training (metrics.jsonl), export/report.json
+    and every evaluation's results.json and predictions.jsonl (numbers only). Written to a temporary folder and renamed, so an archived
     run is always complete."""
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -139,8 +163,7 @@ def archive_run(folder: Path, dest: Path) -> None:
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(folder / name, tmp / name)
     if (folder / "metrics.jsonl").exists():
-        _copy_jsonl(folder / "metrics.jsonl", tmp / "metrics.jsonl",
-                    lambda r: {"step": r["step"], "validation": r["validation"]} if r.get("validation") else None)
+        _copy_jsonl(folder / "metrics.jsonl", tmp / "metrics.jsonl", _validation_and_diagnostics)
     for results in sorted(folder.glob("eval/**/results.json")):
         out = tmp / results.parent.relative_to(folder)
         out.mkdir(parents=True)

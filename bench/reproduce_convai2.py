@@ -37,7 +37,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from grid import REPO, Budget, archive_run, claim, component_evaluations, display, run_chunk, stage
+from grid import (REPO, Budget, archive_run, check_archive_settings, claim, component_evaluations, display,
+                  is_archived, run_chunk, stage)
 
 SHARED = REPO.parent / "shared" / "data" / "convai2"
 PARTS = ("valid_self_original_no_cands.dialogues_0000-0199.txt", "valid_self_original_no_cands.dialogues_0200-0799.txt")
@@ -172,26 +173,13 @@ def check_archive(args) -> None:
     """An archive holds the runs of one grid: refuse to add runs made with other settings (or from other data)."""
     settings = {key: getattr(args, key) for key in GRID_SETTINGS}
     settings["ds_config"] = Path(settings["ds_config"]).name
-    path = args.archive / "grid.json"
-    if path.exists():
-        written = json.loads(path.read_text())
-        changed = {k: (written.get(k), v) for k, v in settings.items() if written.get(k) != v}
-        if changed:
-            raise SystemExit(f"{path}: this archive holds runs with other settings (archived, now: {changed}); "
-                             "use another --archive or --tag")
-    else:
-        args.archive.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(settings, indent=1) + "\n")
+    check_archive_settings(args.archive, settings)
     data = data_paths(args)["info"]
     archived = args.archive / "data" / "data.json"
     if archived.exists() and json.loads(archived.read_text()) != json.loads(data.read_text()):
         raise SystemExit(f"{archived}: this archive's runs saw other data than {data}")
     archived.parent.mkdir(exist_ok=True)
     shutil.copyfile(data, archived)
-
-
-def archived(args, folder: Path) -> bool:
-    return bool(args.archive) and (args.archive / folder.name).is_dir()
 
 
 def run_dir(args, variant: str, seed: int) -> Path:
@@ -244,7 +232,7 @@ def run_grid(args, budget: Budget) -> bool:
         check_archive(args)
     logs = args.out / "logs"
     base = args.out / "base"
-    if not args.train_only and not archived(args, base):
+    if not args.train_only and not is_archived(args.archive, base):
         with claim(base) as mine:
             out = base / "eval"
             if mine:
@@ -256,7 +244,7 @@ def run_grid(args, budget: Budget) -> bool:
     for seed in args.seeds:
         for variant in args.variants:
             folder = run_dir(args, variant, seed)
-            if archived(args, folder):          # done, even where its run folder is gone: not made again
+            if is_archived(args.archive, folder):          # done, even where its run folder is gone: not made again
                 continue
             with claim(folder) as mine:
                 if not mine:

@@ -29,6 +29,7 @@ from .fileio import read_config_text
 from .data.olmo_eval import DEFAULT_TASKS, OLMO_EVAL_TASKS
 
 LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_INITS = ("kaiming", "gaussian", "orthogonal", "shared")
 ANNEALING_SCHEDULES = ("constant", "cosine", "exponential", "linear")
 EXECUTION_MODES = ("batched", "sequential")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -101,6 +102,12 @@ class AdapterConfig:
     use_rslora: bool = _help("Rank-stabilised scaling alpha / sqrt(r).", default=False)
     target_modules: list[str] = _help("Linear modules to adapt (last name component).",
                                       default_factory=lambda: list(LLAMA_LINEAR_MODULES))
+    init: str = _help("Initialisation of the K components' A factors (B starts at zero, so the model starts as the "
+                      "base with every choice): kaiming (PEFT's default, each component drawn independently), "
+                      "gaussian (PEFT's init_lora_weights='gaussian': N(0, 1/r)), orthogonal (the K*r rows of all "
+                      "components' A orthogonal to each other, kaiming's row norm: the components start in disjoint "
+                      "input subspaces), shared (component 0's kaiming draw copied to every component: twins at the "
+                      "start, a control for how much of their difference the draw makes).", default="kaiming")
 
     def validate(self, cfg: "RunConfig") -> None:
         """Raise ConfigError naming the first bad adapter.* field (the method name is the registry's:
@@ -112,6 +119,7 @@ class AdapterConfig:
         _positive("adapter.alpha", a.alpha)
         if not 0.0 <= a.dropout < 1.0:
             _fail("adapter.dropout", a.dropout, "must be in [0, 1)")
+        _choice("adapter.init", a.init, ADAPTER_INITS)
         if not a.target_modules:
             _fail("adapter.target_modules", a.target_modules, "must name at least one module")
         for name in a.target_modules:
@@ -145,6 +153,9 @@ class ComLoRAConfig:
     selector_ffn_size: Optional[int] = _help("FFN width of the selector layer; default 1.5 * d_sel, which "
                                              "gives the paper's 1.45% of LLaMA-3-8B.", default=None)
     selector_dropout: float = _help("Dropout inside the selector encoder layer.", default=0.0)
+    selector_learning_rate: Optional[float] = _help("Peak learning rate of the selector's parameters (same schedule "
+                                                    "as the rest); default train.learning_rate (paper).",
+                                                    default=None)
     execution: str = _help("batched: all K components in one replicated batch (fast); sequential: K passes, "
                            "each backward weighted (1/K of the activation memory, same gradients).",
                            default="batched")
@@ -173,6 +184,8 @@ class ComLoRAConfig:
                   f"must divide comlora.selector_hidden_size = {c.selector_hidden_size}")
         if not 0.0 <= c.selector_dropout < 1.0:
             _fail("comlora.selector_dropout", c.selector_dropout, "must be in [0, 1)")
+        if c.selector_learning_rate is not None:
+            _positive("comlora.selector_learning_rate", c.selector_learning_rate)
         _choice("comlora.execution", c.execution, EXECUTION_MODES)
         if cfg.is_comlora and c.no_lm and c.no_align:
             _fail("comlora.no_align", c.no_align, "with comlora.no_lm nothing would train the LoRA components")

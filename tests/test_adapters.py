@@ -70,6 +70,28 @@ def test_init_matches_peft_distribution():
     assert torch.count_nonzero(layer.lora_B) == 0
 
 
+def test_other_inits_start_at_the_base_with_the_promised_factors():
+    """adapter.init: gaussian N(0, 1/r) as PEFT's; orthogonal rows across all K components at kaiming's row norm;
+    shared: one kaiming draw in every component. B = 0 always, so every init starts as the base layer."""
+    torch.manual_seed(0)
+    base, x = nn.Linear(256, 32), torch.randn(6, 256)       # 2 rows per component
+    layers = {init: ComLoRALinear(base, num_components=3, rank=16, alpha=16, init=init)
+              for init in ("gaussian", "orthogonal", "shared")}
+    for layer in layers.values():
+        assert torch.count_nonzero(layer.lora_B) == 0
+        torch.testing.assert_close(layer(x), base(x), rtol=0, atol=0)
+    assert abs(layers["gaussian"].lora_A.std().item() - 1 / 16) < 0.02 / 16
+    rows = layers["orthogonal"].lora_A.reshape(48, 256)
+    torch.testing.assert_close(rows @ rows.T, torch.eye(48) / 3, atol=1e-6, rtol=0)
+    shared = layers["shared"].lora_A
+    assert torch.equal(shared[0], shared[1]) and torch.equal(shared[0], shared[2])
+    assert shared.abs().max() <= 1 / math.sqrt(256) and abs(shared.std().item() - 1 / math.sqrt(3 * 256)) < 2e-3
+    with pytest.raises(ValueError, match=r"K \* r = 288 <= d_in = 256"):
+        ComLoRALinear(base, num_components=3, rank=96, alpha=16, init="orthogonal")
+    with pytest.raises(ValueError, match="unknown"):
+        ComLoRALinear(base, num_components=2, rank=4, alpha=16, init="xavier")
+
+
 @pytest.mark.parametrize("num_components", [2, 3])
 def test_batched_components_equal_separate_forwards(num_components):
     """One forward over a component-major K*B batch == K forwards with one component each."""

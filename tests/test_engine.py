@@ -176,6 +176,27 @@ def test_trainer_runs_each_setup_stage_once_in_order(tmp_path):
         "plan_run", "build_data", "build_method", "plan_resume", "build_ds_config", "build_model", "build_engine"]
 
 
+def test_selector_learning_rate_sets_the_selectors_step_alone(tmp_path):
+    """comlora.selector_learning_rate: the selector's parameters are their own optimizer groups at that rate. Adam's
+    second step moves a parameter by at most ~1.002 lr (the bias-corrected m / sqrt(v) of two gradients), so between
+    the step-1 and step-2 checkpoints no selector entry moves more than that (plus fp32 rounding of weights near 1,
+    whose ulp is 1.2e-7: measured 1.013e-6 at most), while the adapters move at 5e-3."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    out, selector_lr = tmp_path / "run", 1e-6
+    launch(base_overrides(out, **{"train.max_steps": 2, "train.save_steps": 1, "train.lr_scheduler": "constant",
+                                  "train.warmup_ratio": 0.0, "train.weight_decay": 0.0,
+                                  "comlora.selector_learning_rate": selector_lr}), nproc=1, ds=ds_config(tmp_path, 2))
+    states = [get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag=f"step_{step:08d}")
+              for step in (1, 2)]
+    moved = {name: (states[1][name] - states[0][name]).abs().max().item() for name in states[0]}
+    selector = [v for name, v in moved.items() if name.startswith("selector.")]
+    adapters = [v for name, v in moved.items() if ".lora_" in name]
+    assert selector and adapters
+    assert 0.5 * selector_lr < max(selector) <= 1.1 * selector_lr
+    assert max(adapters) > 0.5 * 5e-3
+
+
 def kill_after_first_checkpoint(overrides: list[str], out: Path, tmp_path: Path) -> Path:
     """Starts a 2-rank ZeRO-2 run and SIGKILLs it once its first checkpoint is published; returns ``latest``."""
     proc = launch(overrides, nproc=2, ds=ds_config(tmp_path, 2), wait=False)

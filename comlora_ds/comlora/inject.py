@@ -14,7 +14,7 @@ from .layer import ComLoRALinear
 
 
 def inject_adapters(model: nn.Module, target_modules: list[str], num_components: int, rank: int,
-                    alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                    alpha: float, dropout: float = 0.0, use_rslora: bool = False, init: str = "kaiming",
                     layer_cls: type[ComLoRALinear] = ComLoRALinear,
                     on_create: Callable[[nn.Module], object] | None = None) -> dict[str, ComLoRALinear]:
     """Freeze every parameter of ``model`` and replace each ``nn.Linear`` whose last name component is
@@ -38,7 +38,7 @@ def inject_adapters(model: nn.Module, target_modules: list[str], num_components:
     matched: dict[str, ComLoRALinear] = {}
     for name, module in found.items():
         parent_name, _, leaf = name.rpartition(".")
-        matched[name] = layer_cls(module, num_components, rank, alpha, dropout, use_rslora)
+        matched[name] = layer_cls(module, num_components, rank, alpha, dropout, use_rslora, init)
         if on_create is not None:
             on_create(matched[name])
         setattr(model.get_submodule(parent_name), leaf, matched[name])

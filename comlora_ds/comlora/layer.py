@@ -68,10 +68,14 @@ class ComLoRALinear(nn.Module):
     """
 
     def __init__(self, base: nn.Linear, num_components: int, rank: int, alpha: float,
-                 dropout: float = 0.0, use_rslora: bool = False):
+                 dropout: float = 0.0, use_rslora: bool = False, init: str = "kaiming"):
         super().__init__()
         if num_components < 1 or rank < 1:
             raise ValueError(f"num_components and rank must be >= 1, got {num_components} and {rank}")
+        if init == "orthogonal" and num_components * rank > base.in_features:
+            raise ValueError(f"adapter.init = orthogonal needs K * r = {num_components * rank} <= d_in = "
+                             f"{base.in_features} (orthogonal rows of all components' A)")
+        self.init = init
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.num_components, self.rank, self.alpha = num_components, rank, alpha
@@ -86,10 +90,25 @@ class ComLoRALinear(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        # Each [r, d_in] slice like nn.Linear(d_in, r).weight (PEFT's init for lora_A); a 3-D tensor
-        # would give kaiming the wrong fan-in.
-        for k in range(self.num_components):
-            nn.init.kaiming_uniform_(self.lora_A[k], a=math.sqrt(5))
+        """B = 0 (the layer starts as its base); A by ``self.init`` (``adapter.init``)."""
+        A, K = self.lora_A, self.num_components
+        if self.init == "kaiming":
+            # Each [r, d_in] slice like nn.Linear(d_in, r).weight (PEFT's init for lora_A); a 3-D tensor
+            # would give kaiming the wrong fan-in.
+            for k in range(K):
+                nn.init.kaiming_uniform_(A[k], a=math.sqrt(5))
+        elif self.init == "shared":
+            nn.init.kaiming_uniform_(A[0], a=math.sqrt(5))
+            A[1:] = A[0]
+        elif self.init == "gaussian":                       # PEFT: nn.init.normal_(lora_A, std=1 / r)
+            nn.init.normal_(A, std=1 / self.rank)
+        elif self.init == "orthogonal":
+            # kaiming_uniform(a=sqrt 5) draws U(-1/sqrt(d_in), 1/sqrt(d_in)): rows of squared norm 1/3 on average
+            rows = torch.empty(K * self.rank, self.in_features, device=A.device)
+            nn.init.orthogonal_(rows, gain=1 / math.sqrt(3))
+            A.copy_(rows.view_as(A))
+        else:
+            raise ValueError(f"adapter.init = {self.init!r}: unknown (kaiming, gaussian, orthogonal, shared)")
         nn.init.zeros_(self.lora_B)
 
     def extra_repr(self) -> str:

@@ -83,7 +83,7 @@ def build_model(cfg: RunConfig, llm: PreTrainedModel, method=None, on_create=Non
 
     a, c = cfg.adapter, cfg.comlora
     method = method or get_method(cfg)
-    inject_adapters(llm, a.target_modules, a.num_components, a.rank, a.alpha, a.dropout, a.use_rslora,
+    inject_adapters(llm, a.target_modules, a.num_components, a.rank, a.alpha, a.dropout, a.use_rslora, a.init,
                     layer_cls=method.layer_cls, on_create=on_create)
     if cfg.model.gradient_checkpointing:
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -27,7 +27,7 @@ class AdapterMethod:
 
     @property
     def layer_cls(self):
-        """What injection calls as ``layer_cls(base, K, r, alpha, dropout, use_rslora)``: ``layer_type`` with the
+        """What injection calls as ``layer_cls(base, K, r, alpha, dropout, use_rslora, init)``: ``layer_type`` with the
         method's own settings bound."""
         return self.layer_type
 

@@ -43,8 +43,8 @@ class DashLinear(ComLoRALinear):
     """
 
     def __init__(self, base: nn.Linear, num_components: int, rank: int, alpha: float, dropout: float = 0.0,
-                 use_rslora: bool = False, num_directions: int = 8):
-        super().__init__(base, num_components, rank, alpha, dropout, use_rslora)
+                 use_rslora: bool = False, init: str = "kaiming", num_directions: int = 8):
+        super().__init__(base, num_components, rank, alpha, dropout, use_rslora, init)
         if not 1 <= num_directions <= min(self.in_features, self.out_features):
             raise ConfigError(f"lora_dash.num_directions = {num_directions} must be between 1 and min(d_in, d_out) = "
                              f"{min(self.in_features, self.out_features)} for a {self.out_features}x"

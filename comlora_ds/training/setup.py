@@ -201,22 +201,25 @@ def build_model(cfg: RunConfig, plan: RunPlan, method, ds_config: dict):
     return model, build_objective(cfg)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only (not on norms or 1-D tensors)."""
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float, selector_lr: float | None = None) -> list[dict]:
+    """Weight decay on matrices only (not on norms or 1-D tensors). With ``selector_lr`` the selector's parameters
+    are groups of their own at that learning rate (``comlora.selector_learning_rate``)."""
+    groups = {}
     for name, p in model.named_parameters():
         if p.requires_grad:      # a ZeRO-3 partitioned parameter is an empty 1-D tensor: its shape is ds_shape
             ndim = len(p.ds_shape) if hasattr(p, "ds_shape") else p.ndim
-            (no_decay if ndim < 2 or "norm" in name else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+            own_lr = selector_lr is not None and name.startswith("selector.")
+            groups.setdefault((own_lr, ndim >= 2 and "norm" not in name), []).append(p)
+    return [{"params": groups[key], "weight_decay": weight_decay if key[1] else 0.0,
+             **({"lr": selector_lr} if key[0] else {})}
+            for key in ((False, True), (False, False), (True, True), (True, False)) if key in groups]
 
 
 def build_engine(cfg: RunConfig, plan: RunPlan, data: TrainingData, method, model: torch.nn.Module,
                  ds_config: dict):
     """Stage 7: the method's optimizer (or AdamW, unless the DeepSpeed JSON names one), the scheduler (unless the
     JSON names one) and the DeepSpeed engine; then each rank's own random stream for dropout and noise."""
-    groups = functools.partial(param_groups, model, cfg.train.weight_decay)
+    groups = functools.partial(param_groups, model, cfg.train.weight_decay, cfg.comlora.selector_learning_rate)
     optimizer = method.build_optimizer(model, groups())
     scheduler = None
     if optimizer is None and "optimizer" not in ds_config:

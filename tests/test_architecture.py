@@ -133,8 +133,8 @@ class GainLinear(ComLoRALinear):
     delta_k = diag(g_k) s B_k A_k, exported as the LoRA pair (A_k, diag(g_k) B_k)."""
 
     def __init__(self, base: nn.Linear, num_components: int, rank: int, alpha: float, dropout: float = 0.0,
-                 use_rslora: bool = False):
-        super().__init__(base, num_components, rank, alpha, dropout, use_rslora)
+                 use_rslora: bool = False, init: str = "kaiming"):
+        super().__init__(base, num_components, rank, alpha, dropout, use_rslora, init)
         self.lora_gain = nn.Parameter(torch.ones(num_components, self.out_features, device=base.weight.device))
 
     def adapter_output(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,7 @@ STORAGE_KEYS = ("torch_dtype", "dtype", "transformers_version", "_name_or_path")
 # validation split, batch, optimisation); the shapes (adapter.*) are checked by checkpoint.RESUME_FIELDS.
 RESUME_SETTINGS = ("data.seed", "data.val_size", "data.max_length", "data.overlong", "data.train_on_prompt",
                    "data.max_train_samples", "data.format", "data.template", "data.assistant_turns", "data.sources",
+                   "data.group_by_length",
                    "train.seed", "train.micro_batch_size",
                    "train.gradient_accumulation_steps", "train.learning_rate", "train.lr_scheduler",
                    "train.warmup_ratio", "train.weight_decay", "comlora.loss_reduction", "comlora.lm_reduction")

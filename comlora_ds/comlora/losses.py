@@ -2,7 +2,8 @@
 
 Shapes: ``losses [K, B]`` is L[k, b], the mean response-token NLL of sample b under component k;
 ``num_tokens [B]`` counts sample b's response tokens, so ``losses * num_tokens`` is the summed NLL of the
-paper's eq. 4; ``sims [B, K]`` are the selector's scores.
+paper's eq. 4; ``sims [B, K]`` are the selector's scores. A packed batch (data/packing.py) has the same per-row
+L and counts: a supervised position's row is its segment.
 
 Reductions (``comlora.loss_reduction``, ``comlora.lm_reduction``): the pairwise target and its noise see
 the *summed* NLL by default, as in eqs. 4 and 6; on a per-token mean the components' gaps (~1e-3) drown in
@@ -46,16 +47,39 @@ def annealing_eta(schedule: str, step: int, total_steps: int, rate: float = 5.0)
     raise ValueError(f"unknown annealing schedule {schedule!r}")
 
 
-def _response_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(row, position, target) of every supervised next-token prediction; position t predicts t+1."""
+class ResponsePositions(NamedTuple):
+    """Every supervised next-token prediction: sequence ``seq``, position ``col`` (it predicts ``col + 1``), its
+    ``target`` and the ``row`` whose loss it belongs to, of ``num_rows``."""
+    seq: torch.Tensor
+    col: torch.Tensor
+    target: torch.Tensor
+    row: torch.Tensor
+    num_rows: int
+
+
+def _response_positions(labels: torch.Tensor, segment_ids: torch.Tensor | None = None) -> ResponsePositions:
+    """Padded: a row is a sequence of ``labels [R, L]``. Packed (``segment_ids [R, T]``, data/packing.py): sequence
+    s holds rows s*B .. s*B + B - 1, one per segment."""
     targets = labels[:, 1:]
-    rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
-    return rows, cols, targets[rows, cols]
+    seqs, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    if segment_ids is None:
+        return ResponsePositions(seqs, cols, targets[seqs, cols], seqs, labels.shape[0])
+    segments = segment_ids[seqs, cols]
+    if not torch.equal(segments, segment_ids[seqs, cols + 1]):
+        raise ValueError("a label of the packed batch predicts a row's first token from the row before; a row's "
+                         "first label must be -100 (data.packing.PackedCollator)")
+    rows_per_sequence = int(segment_ids.max()) + 1
+    return ResponsePositions(seqs, cols, targets[seqs, cols], seqs * rows_per_sequence + segments,
+                             labels.shape[0] * rows_per_sequence)
 
 
-def response_token_counts(labels: torch.Tensor) -> torch.Tensor:
-    """[B] number of supervised next-token predictions of each row (the tokens L[k, b] is a mean over)."""
-    return (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+def response_token_counts(labels: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """[B] number of supervised next-token predictions of each row (the tokens L[k, b] is a mean over); packed rows
+    (``segment_ids``) counted per segment."""
+    if segment_ids is None:
+        return (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+    positions = _response_positions(labels, segment_ids)
+    return torch.bincount(positions.row, minlength=positions.num_rows)
 
 
 def _per_row_mean(token_nll: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -92,8 +116,9 @@ class _ChunkNllWithGrad(torch.autograd.Function):
 
 
 def response_nll(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module,
-                 chunk_size: int = 1024) -> torch.Tensor:
-    """Mean response-token NLL per row, [R], fp32, from final hidden states [R, L, H].
+                 chunk_size: int = 1024, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean response-token NLL per row, [R], fp32, from final hidden states [R, L, H]; with ``segment_ids``
+    ([R, T], packed sequences) per row of each sequence, [R * B] (see ``_response_positions``).
 
     Logits are computed only at supervised positions, ``chunk_size`` tokens at a time, and freed before
     the next chunk, so the peak is one chunk's fp32 logits instead of the whole replicated batch's
@@ -103,8 +128,8 @@ def response_nll(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module,
     largest matmul of a small-hidden, large-vocabulary model (bench/profile_step.py). A trainable lm_head
     falls back to checkpointing each chunk.
     """
-    rows, cols, targets = _response_positions(labels)
-    selected = hidden[rows, cols]                                               # [N, H]
+    positions = _response_positions(labels, segment_ids)
+    selected, targets = hidden[positions.seq, positions.col], positions.target  # [N, H], [N]
     frozen_head = not any(p.requires_grad for p in lm_head.parameters())
     pieces = []
     for start in range(0, selected.shape[0], chunk_size):
@@ -115,14 +140,14 @@ def response_nll(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module,
             pieces.append(_ChunkNllWithGrad.apply(h, y, lm_head))
         else:
             pieces.append(checkpoint(_chunk_nll, h, y, lm_head, use_reentrant=False))
-    return _per_row_mean(torch.cat(pieces), rows, labels.shape[0])
+    return _per_row_mean(torch.cat(pieces), positions.row, positions.num_rows)
 
 
 def response_nll_full_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The naive reference: fp32 logits for every position [R, L, V]. Kept for tests and benchmarks."""
-    rows, cols, targets = _response_positions(labels)
-    token_nll = F.cross_entropy(logits[:, :-1].float()[rows, cols], targets, reduction="none")
-    return _per_row_mean(token_nll, rows, labels.shape[0])
+    p = _response_positions(labels)
+    token_nll = F.cross_entropy(logits[:, :-1].float()[p.seq, p.col], p.target, reduction="none")
+    return _per_row_mean(token_nll, p.row, p.num_rows)
 
 
 REDUCTIONS = ("sum", "mean")

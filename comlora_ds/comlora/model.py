@@ -16,6 +16,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..config import RunConfig
+from ..data.packing import check_packed_attention, flash_varlen_kwargs, unpack_rows
 from .inject import adapter_layers, inject_adapters
 from .losses import ComLoRAObjective, response_nll, response_token_counts
 from .selector import Selector
@@ -37,31 +38,46 @@ class ComLoRAModel(nn.Module):
         self.ce_chunk_size = ce_chunk_size
         self._adapter_layers = list(adapter_layers(llm).values())
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                component: int | None = None, use_selector: bool = True) -> ComponentForward:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                component: int | None = None, use_selector: bool = True, position_ids: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None) -> ComponentForward:
         """component=None: all K components on the batch replicated K times (component-major);
-        component=k: only component k. use_selector=False skips the selector (sims=None).
+        component=k: only component k. use_selector=False skips the selector (sims=None). A padded batch has
+        ``attention_mask``; a packed one (data/packing.py) ``position_ids`` and ``segment_ids`` instead, and its
+        losses are per row as well.
 
         The adapter layers are left in the mode this forward set, on purpose: activation checkpointing
         re-runs the decoder layers during the backward, which must see the same mode."""
+        packed = segment_ids is not None
+        if packed:
+            check_packed_attention(self.llm.config._attn_implementation)
         token_embeddings = self.llm.get_input_embeddings()(input_ids)
         sims = None
         if self.selector is not None and use_selector:
-            sims = self.selector(token_embeddings, attention_mask)
+            # Packed: the selector scores each row alone, on the row's own tokens, exactly as on a padded batch.
+            sims = self.selector(*unpack_rows(token_embeddings, segment_ids)) if packed \
+                else self.selector(token_embeddings, attention_mask)
         n = self.num_components if component is None else 1
         for layer in self._adapter_layers:
             layer.active_component = component
-        hidden = self.llm.get_decoder()(
-            inputs_embeds=_replicate(token_embeddings, n),
-            attention_mask=_replicate(attention_mask, n),
-            use_cache=False,
-        ).last_hidden_state
-        losses = self.row_losses(hidden, _replicate(labels, n))
-        return ComponentForward(losses.view(n, input_ids.shape[0]), sims, response_token_counts(labels))
+        if packed:
+            attention_inputs = {"position_ids": _replicate(position_ids, n)}
+            if self.llm.config._attn_implementation == "flash_attention_2":
+                attention_inputs.update(flash_varlen_kwargs(segment_ids, n))
+        else:
+            attention_inputs = {"attention_mask": _replicate(attention_mask, n)}
+        hidden = self.llm.get_decoder()(inputs_embeds=_replicate(token_embeddings, n), use_cache=False,
+                                        **attention_inputs).last_hidden_state
+        segments = _replicate(segment_ids, n) if packed else None
+        losses = self.row_losses(hidden, _replicate(labels, n), segments)
+        num_tokens = response_token_counts(labels, segment_ids)
+        return ComponentForward(losses.view(n, num_tokens.shape[0]), sims, num_tokens)
 
-    def row_losses(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean response-token NLL per row of the (replicated) batch, [R], from final hidden states."""
-        return response_nll(hidden, labels, self.llm.get_output_embeddings(), self.ce_chunk_size)
+    def row_losses(self, hidden: torch.Tensor, labels: torch.Tensor,
+                   segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean response-token NLL per row of the (replicated) batch, [R] (packed: [R * B]), from final hidden
+        states."""
+        return response_nll(hidden, labels, self.llm.get_output_embeddings(), self.ce_chunk_size, segment_ids)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

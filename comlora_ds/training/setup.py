@@ -38,6 +38,7 @@ from ..comlora.model import build_objective
 from ..config import ConfigError, RunConfig
 from ..data import ResponseCollator, prepare_tokenizer
 from ..data.cache import tokenised_datasets
+from ..data.packing import LengthGroupedSampler, PackedCollator
 from ..distributed import on_rank0, release_shm_names
 from ..methods import get_method
 from ..models import zero3_init
@@ -115,8 +116,8 @@ class TrainingData:
     val_rows: Any
     report: Any                    # data.dataset.DataReport: what was read, dropped and truncated
     fingerprint: str | None        # of every data file (rank 0 only; the manifest's data entry)
-    collate: ResponseCollator
-    sampler: DistributedSampler
+    collate: ResponseCollator      # padded batches of the validation rows
+    sampler: DistributedSampler    # this rank's training rows (LengthGroupedSampler with data.group_by_length)
     loader: DataLoader
     steps_per_epoch: int
     total_steps: int
@@ -128,13 +129,19 @@ def build_data(cfg: RunConfig, plan: RunPlan) -> TrainingData:
     fingerprint = on_rank0(lambda: manifest.data_fingerprint(cfg.data))     # every data file hashed once
     train_rows, val_rows, report = tokenised_datasets(cfg.data, tokenizer, plan.model_path, fingerprint)
     collate = ResponseCollator(tokenizer.pad_token_id)
-    sampler = DistributedSampler(train_rows, num_replicas=plan.world, rank=plan.rank, shuffle=True,
-                                 seed=cfg.data.seed, drop_last=True)
+    gas = cfg.train.gradient_accumulation_steps
+    if cfg.data.group_by_length:
+        lengths = [len(ids) for ids in train_rows["input_ids"]]
+        sampler = LengthGroupedSampler(lengths, cfg.train.micro_batch_size * gas * plan.world,
+                                       num_replicas=plan.world, rank=plan.rank, seed=cfg.data.seed)
+    else:
+        sampler = DistributedSampler(train_rows, num_replicas=plan.world, rank=plan.rank, shuffle=True,
+                                     seed=cfg.data.seed, drop_last=True)
     # Its own generator: creating an iterator draws a seed, which must not come from (and shift) the
     # global stream of dropout and noise that a checkpoint restores.
-    loader = DataLoader(train_rows, batch_size=cfg.train.micro_batch_size, sampler=sampler, collate_fn=collate,
+    loader = DataLoader(train_rows, batch_size=cfg.train.micro_batch_size, sampler=sampler,
+                        collate_fn=PackedCollator() if cfg.data.packing == "padding_free" else collate,
                         drop_last=True, generator=torch.Generator().manual_seed(cfg.data.seed))
-    gas = cfg.train.gradient_accumulation_steps
     steps_per_epoch = len(loader) // gas
     if steps_per_epoch == 0:
         raise ConfigError(f"{len(train_rows)} training rows give no full optimizer step of "

@@ -52,7 +52,7 @@ def forward_backward(model: Callable, batch: dict[str, torch.Tensor], objective:
         if k == 0:
             sims = _maybe_detach(out.sims)
             num_tokens = out.num_tokens
-            weights = objective.component_weights(sims, eta, batch["input_ids"].shape[0], num_tokens)
+            weights = objective.component_weights(sims, eta, num_tokens.shape[0], num_tokens)
         loss = (weights[k] * loss_k).sum()
         if _pairwise(objective, out.sims):
             if last:

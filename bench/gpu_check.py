@@ -10,8 +10,11 @@ SmolLM2-135M only. Side by side:
 4. peak memory of every variant of 2 and 3, each in a fresh process (``memory.py``'s worker).
 5. two optimizer steps of ``launch/train.py`` (the demo run config) under the ``deepspeed`` launcher with
    ``ds_configs/zero2.json`` and with ``zero3.json``; their losses must agree.
+6. packed rows (``data.packing = padding_free``) with flash-attention 2: the per-row losses of a ComLoRA K=2 forward on
+   a packed batch (varlen row boundaries for the K replicas) against the same rows padded, in bf16. Skipped, not
+   failed, as part 1.
 
-Correctness checks (1, 5) decide the exit code (1 when one fails or does not finish in the time budget); the
+Correctness checks (1, 5, 6) decide the exit code (1 when one fails or does not finish in the time budget); the
 performance targets (2, 3, 4) are reported as met / not met. Parts 4 and 5 run in subprocesses concurrently with
 each other (peak memory is per process), after the in-process timings.
 
@@ -49,6 +52,8 @@ from step_time import execution_specs, lora_specs, timing_rows  # noqa: E402
 
 from comlora_ds.comlora.inject import active_component  # noqa: E402
 from comlora_ds.comlora.model import build_model  # noqa: E402
+from comlora_ds.data.packing import PackedCollator  # noqa: E402
+from comlora_ds.data.tokenize import ResponseCollator  # noqa: E402
 
 SECTION = "GPU check"
 INTRO = """\
@@ -57,20 +62,23 @@ bf16 logits and lora_A / lora_B gradients of SmolLM2-135M with ComLoRA K=2 adapt
 unpadded, right-padded and left-padded batches, non-pad positions only; (2) step time of our K=1 vs PEFT LoRA;
 (3) ComLoRA K=2 batched vs the authors' K separate passes vs our component-sequential mode; (4) peak memory of
 each variant in a fresh process; (5) two steps of `launch/train.py` under the `deepspeed` launcher with ZeRO-2 and
-ZeRO-3 (demo run config). Timings are interleaved as in `bench/step_time.py`; memory as in `bench/memory.py`."""
+ZeRO-3 (demo run config); (6) packed rows with flash-attention 2: per-row ComLoRA K=2 losses packed vs padded. Timings
+are interleaved as in `bench/step_time.py`; memory as in `bench/memory.py`."""
 
 # bf16 tolerance of flash-attention: its error against the fp32 sdpa run may exceed sdpa-bf16's own error against
 # it by this factor plus the slack. A fixed bound would be a guess: on the CPU, eager vs sdpa in bf16 on SmolLM2 already
 # differ by 1.7e-2 (logits) and 0.18 (adapter gradients) in relative L2 error.
 NOISE_FACTOR, NOISE_SLACK = 1.5, 1e-3
 LOSS_TOL = 2e-2     # ZeRO-3 vs ZeRO-2 loss per step, relative
+PACKED_TOL = 5e-3   # packed vs padded per-row loss with flash-attention 2 (bf16), relative, beyond sdpa's difference
 MIN_PART_S = 20     # a part does not start with less of the time budget left
 NAMES = {1: "flash-attention 2 vs sdpa (bf16 logits, adapter gradients)",
          2: "step time: our K=1 vs PEFT LoRA",
          3: "step time: K=2 batched vs K separate passes vs component-sequential",
          4: "peak memory per variant",
-         5: "launch/train.py under deepspeed, ZeRO-2 and ZeRO-3, 2 steps"}
-CORRECTNESS = {1, 5}
+         5: "launch/train.py under deepspeed, ZeRO-2 and ZeRO-3, 2 steps",
+         6: "packed rows with flash-attention 2 (per-row losses vs padded, K=2)"}
+CORRECTNESS = {1, 5, 6}
 
 
 @dataclass(frozen=True)
@@ -154,15 +162,22 @@ def padded_batch(vocab: int, batch_size: int, seq_len: int, side: str, seed: int
     return {k: v.to(device()) for k, v in batch.items()}
 
 
-def adapter_outputs(base: BaseModel, batch: dict[str, torch.Tensor], k: int = 2, seed: int = 0) -> Outputs:
-    """Logits and adapter gradients (HF's token-mean loss) of ``base`` with K batched ComLoRA components, the same
-    adapter weights for the same seed whatever the attention; B is random so that lora_A gets a gradient too."""
+def adapted(base: BaseModel, k: int = 2, seed: int = 0):
+    """``base`` with K ComLoRA components (no dropout, no selector), the same adapter weights for the same seed whatever
+    the attention; B is random so that the adapters change the output and lora_A gets a gradient too."""
     torch.manual_seed(seed)
     model = build_model(run_config(Spec(k=k, dropout=0.0, selector=False)), base.fresh()).to(device())
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for layer in model.adapter_layers().values():
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.02)
+    return model
+
+
+def adapter_outputs(base: BaseModel, batch: dict[str, torch.Tensor], k: int = 2, seed: int = 0) -> Outputs:
+    """Logits and adapter gradients (HF's token-mean loss) of ``base`` with K batched ComLoRA components
+    (:func:`adapted`)."""
+    model = adapted(base, k, seed)
     replicated = {name: t.repeat(k, 1) for name, t in batch.items()}      # component-major, as the training step
     with active_component(model.llm, None):
         out = model.llm(**replicated, use_cache=False)
@@ -213,11 +228,18 @@ def within_noise(r: dict) -> bool:
                                for key in ("logits_rel", "grad_rel"))
 
 
-def part_attention(args, sizes: Sizes) -> Check:
+def flash_missing() -> str | None:
+    """Why flash-attention 2 cannot run here, or None."""
     if not torch.cuda.is_available():
-        return result(1, "SKIP", "skipped: flash-attention 2 needs CUDA (this run is on the CPU)")
+        return "skipped: flash-attention 2 needs CUDA (this run is on the CPU)"
     if importlib.util.find_spec("flash_attn") is None:
-        return result(1, "SKIP", "skipped: flash-attn is not installed (pip install -e \".[flash-attn]\")")
+        return "skipped: flash-attn is not installed (pip install -e \".[flash-attn]\")"
+    return None
+
+
+def part_attention(args, sizes: Sizes) -> Check:
+    if flash_missing():
+        return result(1, "SKIP", flash_missing())
     sdpa = BaseModel(args.model, "bfloat16", "sdpa")
     flash = BaseModel(args.model, "bfloat16", "flash_attention_2")
     exact = BaseModel(args.model, "float32", "sdpa")
@@ -241,6 +263,61 @@ def part_attention(args, sizes: Sizes) -> Check:
                   f"flash vs sdpa (bf16): logits {max(r['logits_rel'] for r in results.values()):.2e}, gradients "
                   f"{worst['grad_rel']:.2e}; {'within' if ok else 'NOT within'} {NOISE_FACTOR:g} x sdpa-bf16's error "
                   f"vs fp32 + {NOISE_SLACK:g}", body, results)
+
+
+# ------------------------------------------------------------- 6. packed rows with flash-attention 2
+def uneven_rows(vocab: int, batch_size: int, seq_len: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Random rows, each seq_len / (batch_size + 1) shorter than the one before (at least 4 tokens); the first half of
+    each row is prompt (label -100)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(batch_size):
+        n = max(4, seq_len - i * seq_len // (batch_size + 1))
+        ids = torch.randint(3, vocab, (n,), generator=g)
+        labels = ids.clone()
+        labels[:n // 2] = -100
+        rows.append({"input_ids": ids, "labels": labels})
+    return rows
+
+
+def packed_vs_padded(base: BaseModel, rows: list[dict[str, torch.Tensor]], k: int = 2) -> dict:
+    """Per-row ComLoRA losses [K, B] (fp32 from the model's dtype) of the same rows packed and right-padded, and their
+    largest difference relative to the padded loss."""
+    model = adapted(base, k)
+    losses = {}
+    with torch.no_grad():
+        for layout, collate in (("packed", PackedCollator()), ("padded", ResponseCollator(pad_token_id=0))):
+            batch = {name: t.to(device()) for name, t in collate(rows).items()}
+            losses[layout] = model(**batch, use_selector=False).losses.float().cpu()
+    diff = (losses["packed"] - losses["padded"]).abs() / losses["padded"].abs().clamp_min(1e-6)
+    return {"packed": losses["packed"].tolist(), "padded": losses["padded"].tolist(), "max_rel": float(diff.max()),
+            "finite": bool(torch.isfinite(losses["packed"]).all())}
+
+
+def part_packed(args, sizes: Sizes) -> Check:
+    if flash_missing():
+        return result(6, "SKIP", flash_missing())
+    rows, results = None, {}
+    for attn in ("flash_attention_2", "sdpa"):
+        base = BaseModel(args.model, "bfloat16", attn)
+        if rows is None:
+            rows = uneven_rows(base.vocab, sizes.attn_batch, sizes.attn_seq_len)
+        results[attn] = packed_vs_padded(base, rows)
+        del base
+    torch.cuda.empty_cache()
+    flash, sdpa = results["flash_attention_2"], results["sdpa"]
+    ok = flash["finite"] and flash["max_rel"] <= NOISE_FACTOR * sdpa["max_rel"] + PACKED_TOL
+    lengths = [len(r["input_ids"]) for r in rows]
+    body = (f"bf16 base, ComLoRA K=2 r=8 (random non-zero B), {len(rows)} rows of {lengths} tokens (half prompt), "
+            f"packed into one sequence (`PackedCollator`, varlen boundaries for the K replicas) and right-padded; the "
+            f"largest relative difference of a per-row response loss L[k, b]. Tolerance: flash's <= {NOISE_FACTOR:g} x "
+            f"sdpa's own packed-vs-padded difference in bf16 + {PACKED_TOL:g} (rows attending across a boundary "
+            f"change a loss by far more).\n\n"
+            + table(["attention", "max relative difference", "finite"],
+                    [[attn, f"{r['max_rel']:.2e}", r["finite"]] for attn, r in results.items()]))
+    return result(6, "PASS" if ok else "FAIL",
+                  f"packed vs padded per-row losses, flash {flash['max_rel']:.2e}, sdpa {sdpa['max_rel']:.2e} (bf16); "
+                  f"{'within' if ok else 'NOT within'} {NOISE_FACTOR:g} x sdpa's + {PACKED_TOL:g}", body, results)
 
 
 # ------------------------------------------------------------------------------ 2, 3. step time
@@ -381,7 +458,7 @@ def parse_args(argv=None):
                    help="total time guard: a part that would start with less than 20 s left is reported TIMEOUT, "
                         "subprocesses are stopped when it runs out")
     p.add_argument("--parts", type=int, nargs="+", choices=sorted(NAMES), default=sorted(NAMES),
-                   help="the parts to run (default: all five)")
+                   help="the parts to run (default: all six)")
     p.add_argument("--jobs", type=int, default=4, help="concurrent processes of parts 4 and 5")
     p.add_argument("--json", type=Path, help="write every check and its numbers here")
     p.add_argument("--doc", type=Path, nargs="?", const=DOC,
@@ -420,7 +497,8 @@ def main(argv=None) -> int:
     sizes = SIZES["tiny" if args.tiny else "gpu"]
     print(f"{machine()}; model {args.model}; sizes {asdict(sizes)}; budget {args.budget_s:.0f} s", flush=True)
 
-    checks = [part_attention(args, sizes)] if 1 in args.parts else []
+    checks = [timed_out(part) if budget.exhausted() else run(args, sizes)
+              for part, run in ((1, part_attention), (6, part_packed)) if part in args.parts]
     lora, execution = variant_specs(args, sizes)
     timings = [(part, run, specs) for part, run, specs in ((2, part_lora, lora), (3, part_execution, execution))
                if part in args.parts]
@@ -430,6 +508,7 @@ def main(argv=None) -> int:
         print(f"[{part}] {checks[-1].status}: {checks[-1].summary}", flush=True)
     del base
     checks += parts_subprocess(lora + execution, args, sizes, budget)
+    checks.sort(key=lambda c: c.part)
 
     text = report(checks, sizes, time.monotonic() - start)
     print("\n" + summary_table(checks))

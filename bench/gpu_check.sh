@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check on one GPU (bench/gpu_check.py): flash-attention 2 vs sdpa, step times, peak memory, ZeRO-2/3 runs,
-# under 10 minutes; writes the "GPU check" section of docs/benchmarks.md. Exit code 1 when a correctness check fails.
+# packed rows with flash-attention 2 (per-row losses vs padded), under 10 minutes; writes the "GPU check" section of
+# docs/benchmarks.md. Exit code 1 when a correctness check fails.
 #   bash bench/gpu_check.sh [more bench/gpu_check.py options]
 set -euo pipefail
 cd "$(dirname "$0")/.."

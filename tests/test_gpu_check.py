@@ -85,6 +85,27 @@ def test_the_comparison_sees_non_pad_differences_only(bases):
     assert not gpu_check.compare_outputs(dataclasses.replace(ref, logits=nan), ref)["finite"]
 
 
+def test_packed_rows_give_the_padded_per_row_losses_and_a_leak_would_show(bases):
+    """Part 6's comparison on the CPU with sdpa (flash-attention 2's place): exact in fp32; rows that see each other
+    (one causal sequence: positions not restarting) move the losses far beyond the tolerance."""
+    rows = gpu_check.uneven_rows(bases["sdpa"].vocab, 3, 16)
+    assert [len(r["input_ids"]) for r in rows] == [16, 12, 8]
+    r = gpu_check.packed_vs_padded(bases["sdpa"], rows)
+    assert r["finite"] and len(r["packed"]) == 2 and len(r["packed"][0]) == 3 and r["max_rel"] < FP32_TOL, r
+
+    class Leaky(gpu_check.PackedCollator):
+        def __call__(self, rows):
+            batch = super().__call__(rows)
+            return {**batch, "position_ids": torch.arange(batch["input_ids"].shape[1])[None]}
+    original = gpu_check.PackedCollator
+    gpu_check.PackedCollator = Leaky
+    try:
+        leak = gpu_check.packed_vs_padded(bases["sdpa"], rows)
+    finally:
+        gpu_check.PackedCollator = original
+    assert leak["max_rel"] > 2 * gpu_check.PACKED_TOL, leak
+
+
 def test_refuses_a_missing_gpu_and_cpu_numbers_in_the_repository_doc(capsys):
     if torch.cuda.is_available():
         pytest.skip("a machine with CUDA")
@@ -119,8 +140,9 @@ def smoke_run(tmp_path, parts: list[int]) -> tuple[dict, str, str]:
 
 
 def test_cpu_smoke_run_times_variants_and_trains_under_zero2_and_zero3(tmp_path):
-    checks, section, _ = smoke_run(tmp_path, [1, 2, 3, 5])
-    assert checks[1]["status"] == "SKIP" and "needs CUDA" in checks[1]["summary"] and checks[1]["correctness"]
+    checks, section, _ = smoke_run(tmp_path, [1, 2, 3, 5, 6])
+    for skipped in (checks[1], checks[6]):
+        assert skipped["status"] == "SKIP" and "needs CUDA" in skipped["summary"] and skipped["correctness"]
     for part, names in VARIANTS.items():
         assert checks[part]["status"] in ("met", "NOT met") and list(checks[part]["data"]) == names
         for timing in checks[part]["data"].values():

@@ -77,9 +77,10 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory) -> Path:
-    """One process, global batch 4, ZeRO-2 fp32, 6 steps with checkpoints at 3 and 6."""
+    """One process, global batch 4, ZeRO-2 fp32, 6 steps with checkpoints at 3 and 6. Shared by every module that
+    compares with it (read only: a test that changes a run copies it first)."""
     out = tmp_path_factory.mktemp("ref") / "run"
     launch(base_overrides(out, **{"logging.wandb_mode": "offline"}), nproc=1, ds=ds_config(out.parent, 2))
     return out

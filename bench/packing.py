@@ -16,7 +16,7 @@ the same real tokens per step. Reported: real (non-pad) tokens per second, the p
 these rows and over a whole epoch of the sampler), the speed-up over padded and the ceiling 1 / (1 - pad fraction).
 Peak RSS of one micro-batch per layout, the step's largest, in a fresh process each (``launching.run_worker``).
 
-    python bench/packing.py                                      # ~10 minutes on 2 shared cores
+    python bench/packing.py                                      # ~12 minutes on 2 shared cores
     python bench/packing.py --settings commonsense:8:2 --memory none --rounds 1     # a quick look
     python bench/packing.py --doc                                # writes the section "Padding-free packing"
 """
@@ -96,7 +96,7 @@ LAYOUTS = ("padded", "grouped", "packed")
 ETA = 0.5                      # the selector's mixing weight in the objective, as build_variant's default
 TARGET_SHARE = 0.9             # packed >= 90% of the ceiling
 TARGET_SPEEDUP = 1.3           # ... and >= 1.3 x padded at micro-batch 8 on the commonsense rows (the issue's)
-# Sized for ~10 minutes on 2 shared cores (~7.5 ms of CPU per token and component): K=1 and K=2 at the issue's
+# Sized for ~10-12 minutes on 2 shared cores (~7.5 ms of CPU per token and component): K=1 and K=2 at the issue's
 # micro-batch 8 on commonsense, K=2 at 4; ConvAI2 at 8 with K=1 (its pad fraction does not depend on K).
 DEFAULT_SETTINGS = ["commonsense:4:2", "commonsense:8:1", "commonsense:8:2", "convai2:8:1"]
 

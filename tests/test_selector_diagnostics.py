@@ -85,3 +85,18 @@ def test_validation_agreement_counts_rows_whose_top_component_has_the_lowest_los
     assert result["selector_agreement_rate"] == pytest.approx(agree / 5)
     assert result["selector_rank_correlation"] == pytest.approx(centred_rank_correlation(out.sims, out.losses.t()),
                                                                 abs=1e-6)
+
+
+def test_scoring_longest_rows_first_gives_the_scores_of_the_split_order():
+    """score_validation's length ordering: the same per-row losses and sims in the split's order, the same counts,
+    totals within fp32 rounding, on rows of different lengths."""
+    model, _ = comlora_model(num_components=2)
+    batch = make_batch(batch_size=6, seq_len=24, seed=4)
+    rows = [{key: batch[key][i][:keep].tolist() for key in ("input_ids", "attention_mask", "labels")}
+            for i, keep in enumerate((9, 20, 12, 24, 7, 16))]     # rows of different lengths, unsorted    model.eval()
+    plain, ordered = (score_validation(model, rows, ResponseCollator(pad_token_id=0), num_components=2, batch_size=2,
+                                       by_length=by_length) for by_length in (False, True))
+    torch.testing.assert_close(ordered.row_losses, plain.row_losses, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(ordered.row_sims, plain.row_sims, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(ordered.loss_sum, plain.loss_sum, atol=1e-5, rtol=1e-6)
+    assert torch.equal(ordered.selector_argmax, plain.selector_argmax) and ordered.num_samples == plain.num_samples
